@@ -1,0 +1,27 @@
+# `make demo` and `make test` work on a fresh clone: each creates .venv on first use.
+# torch goes in first, pinned to the CPU build this project is developed on; a GPU user can
+# create .venv with their own CUDA torch first and the pin below is then skipped.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test info clean
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH)"
+	$(BIN)/pip install -e ".[test]"
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/nanoseek demo
+
+info: $(BIN)/.installed
+	for p in tiny small deepseek-v2-lite deepseek-v3; do $(BIN)/nanoseek info --preset $$p; done
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest tests
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,32 @@
+"""`nanoseek <command> [args]`: each command is one module in nanoseek/commands with `main(argv)`."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+
+import nanoseek.commands as _commands
+
+
+def available() -> list[str]:
+    return sorted(m.name for m in pkgutil.iter_modules(_commands.__path__) if not m.name.startswith("_"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    names = available()
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: nanoseek <command> [options]\n\ncommands:")
+        for name in names:
+            doc = (importlib.import_module(f"nanoseek.commands.{name}").__doc__ or "").strip().splitlines()
+            print(f"  {name:<10} {doc[0] if doc else ''}")
+        raise SystemExit(0 if argv else 2)
+    cmd = argv[0].replace("-", "_")
+    if cmd not in names:
+        raise SystemExit(f"nanoseek: unknown command {argv[0]!r}; choose one of: {', '.join(names)}")
+    importlib.import_module(f"nanoseek.commands.{cmd}").main(argv[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Small shared helpers: device/dtype choice, seeding, distributed init, rank-0 printing.
+
+Imports nothing else from nanoseek, so every layer of the package may use it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """`--device` default: cuda when present, else cpu."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str | torch.dtype | None, device: torch.device | None = None) -> torch.dtype:
+    """`--dtype` parser. None means float32 (CPU) / bfloat16 (CUDA)."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "", "auto"):
+        return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: torch.device | None = None) -> DistInfo:
+    """Initialise torch.distributed when launched by torchrun (RANK/WORLD_SIZE set).
+
+    gloo on CPU, nccl on CUDA. Returns a DistInfo with world_size 1 otherwise.
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DistInfo()
+    import torch.distributed as dist
+
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)),
+                    int(os.environ["WORLD_SIZE"]))
+    if not dist.is_initialized():
+        use_cuda = device is not None and device.type == "cuda"
+        if use_cuda:
+            torch.cuda.set_device(info.local_rank)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return info
+
+
+def print0(*args, **kwargs) -> None:
+    """print on rank 0 only."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kwargs, flush=True)
