@@ -1,0 +1,343 @@
+"""Hugging Face model directories <-> nanoseek Transformer.
+
+One explicit name-mapping table (HF name suffix <-> nanoseek parameter), applied in both directions
+and covered by a round-trip test. Sharded safetensors with model.safetensors.index.json; per-expert
+HF tensors <-> nanoseek's stacked experts; the MTP layers at model.layers.{num_hidden_layers + k}
+are kept; FP8 (e4m3) weights with 128x128 `weight_scale_inv` block scales are dequantized on load.
+Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from nanoseek.model.config import ModelConfig
+from nanoseek.model.transformer import Transformer
+
+# --- the mapping table: (HF suffix inside model.layers.{i}., nanoseek suffix inside the block)
+BLOCK_MAP: list[tuple[str, str]] = [
+    ("input_layernorm.weight", "attn_norm.weight"),
+    ("post_attention_layernorm.weight", "ffn_norm.weight"),
+    ("self_attn.q_proj.weight", "attn.wq.weight"),
+    ("self_attn.q_a_proj.weight", "attn.wq_a.weight"),
+    ("self_attn.q_a_proj.bias", "attn.wq_a.bias"),
+    ("self_attn.q_a_layernorm.weight", "attn.q_norm.weight"),
+    ("self_attn.q_b_proj.weight", "attn.wq_b.weight"),
+    ("self_attn.kv_a_proj_with_mqa.weight", "attn.wkv_a.weight"),
+    ("self_attn.kv_a_proj_with_mqa.bias", "attn.wkv_a.bias"),
+    ("self_attn.kv_a_layernorm.weight", "attn.kv_norm.weight"),
+    ("self_attn.kv_b_proj.weight", "attn.wkv_b.weight"),
+    ("self_attn.o_proj.weight", "attn.wo.weight"),
+    ("self_attn.o_proj.bias", "attn.wo.bias"),
+    ("mlp.gate_proj.weight", "ffn.w1.weight"),
+    ("mlp.up_proj.weight", "ffn.w3.weight"),
+    ("mlp.down_proj.weight", "ffn.w2.weight"),
+    ("mlp.gate.weight", "ffn.gate.weight"),
+    ("mlp.gate.e_score_correction_bias", "ffn.gate.bias"),
+    ("mlp.shared_experts.gate_proj.weight", "ffn.shared.w1.weight"),
+    ("mlp.shared_experts.up_proj.weight", "ffn.shared.w3.weight"),
+    ("mlp.shared_experts.down_proj.weight", "ffn.shared.w2.weight"),
+    # routed experts: HF keeps one tensor per expert, nanoseek stacks them (index j)
+    ("mlp.experts.{j}.gate_proj.weight", "ffn.experts.w1"),
+    ("mlp.experts.{j}.up_proj.weight", "ffn.experts.w3"),
+    ("mlp.experts.{j}.down_proj.weight", "ffn.experts.w2"),
+]
+# MTP module k lives at HF model.layers.{L+k}; its block parts use BLOCK_MAP under mtp.{k}.block.
+MTP_MAP: list[tuple[str, str]] = [
+    ("enorm.weight", "enorm.weight"),
+    ("hnorm.weight", "hnorm.weight"),
+    ("eh_proj.weight", "eh_proj.weight"),
+    ("shared_head.norm.weight", "norm.weight"),
+]
+# The official checkpoints repeat the shared embedding and head inside each MTP layer.
+MTP_SHARED = {"embed_tokens.weight": "embed.weight", "shared_head.head.weight": "head.weight"}
+TOP_MAP: list[tuple[str, str]] = [
+    ("model.embed_tokens.weight", "embed.weight"),
+    ("model.norm.weight", "norm.weight"),
+    ("lm_head.weight", "head.weight"),
+]
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(.+)$")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def hf_to_nanoseek(name: str, cfg: ModelConfig) -> tuple[str, int | None] | None:
+    """HF tensor name -> (nanoseek parameter name, expert index or None); None = shared copy to skip.
+
+    Raises CheckpointError for a name the table does not know.
+    """
+    for hf, ours in TOP_MAP:
+        if name == hf:
+            return ours, None
+    m = _LAYER.match(name)
+    if m:
+        i, rest = int(m.group(1)), m.group(2)
+        L = cfg.num_hidden_layers
+        if i < L:
+            prefix = f"layers.{i}."
+        elif i < L + cfg.num_nextn_predict_layers:
+            k = i - L
+            if rest in MTP_SHARED:
+                return None
+            for hf, ours in MTP_MAP:
+                if rest == hf:
+                    return f"mtp.{k}.{ours}", None
+            prefix = f"mtp.{k}.block."
+        else:
+            raise CheckpointError(f"unexpected tensor {name!r}: layer {i} is beyond num_hidden_layers={L} "
+                                  f"+ num_nextn_predict_layers={cfg.num_nextn_predict_layers}")
+        e = _EXPERT.match(rest)
+        if e:
+            j, tail = int(e.group(1)), e.group(2)
+            for hf, ours in BLOCK_MAP:
+                if hf == "mlp.experts.{j}." + tail:
+                    return prefix + ours, j
+        for hf, ours in BLOCK_MAP:
+            if rest == hf:
+                return prefix + ours, None
+    raise CheckpointError(f"unexpected tensor {name!r}: not in nanoseek's name-mapping table")
+
+
+def nanoseek_to_hf(name: str, cfg: ModelConfig, n_experts: int = 0) -> list[str]:
+    """nanoseek parameter name -> HF tensor names (one per expert for stacked experts)."""
+    for hf, ours in TOP_MAP:
+        if name == ours:
+            return [hf]
+    m = re.match(r"^(layers\.(\d+)|mtp\.(\d+)\.block)\.(.+)$", name)
+    if m:
+        i = int(m.group(2)) if m.group(2) is not None else cfg.num_hidden_layers + int(m.group(3))
+        rest = m.group(4)
+        for hf, ours in BLOCK_MAP:
+            if rest == ours:
+                if "{j}" in hf:
+                    return [f"model.layers.{i}." + hf.format(j=j) for j in range(n_experts)]
+                return [f"model.layers.{i}." + hf]
+    m = re.match(r"^mtp\.(\d+)\.(.+)$", name)
+    if m:
+        i = cfg.num_hidden_layers + int(m.group(1))
+        for hf, ours in MTP_MAP:
+            if m.group(2) == ours:
+                return [f"model.layers.{i}." + hf]
+    raise CheckpointError(f"nanoseek parameter {name!r} has no entry in the mapping table")
+
+
+# --- FP8 block dequantization (DeepSeek-V3 official layout)
+def dequant_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] = (128, 128),
+                dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """W = fp8 block * its scale: scale_inv[r, c] multiplies weight[r*128:(r+1)*128, c*128:(c+1)*128]."""
+    M, N = weight.shape
+    br, bc = block
+    if scale_inv.shape != ((M + br - 1) // br, (N + bc - 1) // bc):
+        raise CheckpointError(f"weight_scale_inv shape {tuple(scale_inv.shape)} does not tile a "
+                              f"{(M, N)} weight in {block} blocks")
+    s = scale_inv.float().repeat_interleave(br, 0)[:M].repeat_interleave(bc, 1)[:, :N]
+    return (weight.float() * s).to(dtype)
+
+
+# --- loading
+def _shard_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: malformed index ({e})") from None
+        files = sorted(set(weight_map.values()))
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    out = []
+    for f in files:
+        p = path / f
+        if not p.exists():
+            raise CheckpointError(f"{p}: shard listed in the index is missing")
+        out.append(p)
+    return out
+
+
+def _all_keys(shards: list[Path]) -> list[str]:
+    keys: list[str] = []
+    for shard in shards:
+        try:
+            with safe_open(str(shard), framework="pt", device="cpu") as f:
+                keys.extend(f.keys())
+        except Exception as e:
+            raise CheckpointError(f"{shard}: cannot read safetensors file ({e})") from None
+    return keys
+
+
+def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
+                    device: torch.device | str | None = None, strict: bool = True) -> Transformer:
+    """Build a Transformer from a HF directory. dtype None: the config's torch_dtype (fp32 if absent)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: not a model directory")
+    raw = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else None
+    if raw is None:
+        raise CheckpointError(f"{path}: config.json is missing")
+    cfg = ModelConfig.from_dict(raw)
+    quant = raw.get("quantization_config") or {}
+    block = tuple(quant.get("weight_block_size", (128, 128)))
+    if dtype is None:
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(raw.get("torch_dtype") or raw.get("dtype"),
+                                                                          torch.float32)
+    device = torch.device(device or "cpu")
+    shards = _shard_files(path)
+    if cfg.num_nextn_predict_layers:
+        # transformers saves DeepseekV3 without its MTP layer (it drops model.layers.61.*): load such a
+        # directory as a model without MTP rather than failing. A partly present MTP layer still fails below.
+        first_mtp = f"model.layers.{cfg.num_hidden_layers}."
+        if not any(k.startswith(first_mtp) for k in _all_keys(shards)):
+            warnings.warn(f"{path}: config has num_nextn_predict_layers={cfg.num_nextn_predict_layers} but the "
+                          "checkpoint has no MTP weights; loading without MTP")
+            cfg = cfg.replace(num_nextn_predict_layers=0)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    params = dict(model.named_parameters())
+    params.update({n: b for n, b in model.named_buffers() if n.endswith("gate.bias")})
+    filled: dict[str, int] = {}   # name -> number of expert slices (or 1) written
+    for shard in shards:
+        try:
+            f = safe_open(str(shard), framework="pt", device="cpu")
+        except Exception as e:  # truncated or corrupt file: safetensors raises its own error type
+            raise CheckpointError(f"{shard}: cannot read safetensors file ({e})") from None
+        with f:
+            keys = set(f.keys())
+            for key in sorted(keys):
+                if key.endswith("weight_scale_inv"):
+                    continue
+                if key.endswith("rotary_emb.inv_freq"):
+                    continue
+                target = hf_to_nanoseek(key, cfg)
+                if target is None:
+                    continue
+                name, j = target
+                if name not in params:
+                    if strict:
+                        raise CheckpointError(f"unexpected tensor {key!r} (maps to {name!r}, which this config lacks)")
+                    continue
+                try:
+                    t = f.get_tensor(key)
+                except Exception as e:
+                    raise CheckpointError(f"{shard}: tensor {key!r} cannot be read ({e})") from None
+                if t.dtype == torch.float8_e4m3fn:
+                    sk = key + "_scale_inv"
+                    if sk not in keys:
+                        raise CheckpointError(f"{shard}: FP8 tensor {key!r} has no {sk!r}")
+                    t = dequant_fp8(t, f.get_tensor(sk), block, torch.float32)
+                dst = params[name]
+                dst_slice = dst[j] if j is not None else dst
+                if tuple(t.shape) != tuple(dst_slice.shape):
+                    raise CheckpointError(f"tensor {key!r} has shape {tuple(t.shape)}, expected "
+                                          f"{tuple(dst_slice.shape)} for {name!r}")
+                with torch.no_grad():
+                    dst_slice.copy_(t.to(dst_slice.dtype))
+                filled[name] = filled.get(name, 0) + 1
+    missing = []
+    for name, p in params.items():
+        need = p.shape[0] if name.endswith(("experts.w1", "experts.w2", "experts.w3")) else 1
+        if filled.get(name, 0) < need:
+            if name == "head.weight" and cfg.tie_word_embeddings:
+                continue
+            missing.append(name)
+    if missing:
+        hf = [nanoseek_to_hf(n, cfg, 1)[0] for n in missing[:5]]
+        raise CheckpointError(f"{path}: {len(missing)} tensors missing, e.g. {hf}")
+    if cfg.tie_word_embeddings:
+        model.head.weight = model.embed.weight
+    return model.eval()
+
+
+# --- saving
+def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
+    cfg = model.config
+    out: dict[str, torch.Tensor] = {}
+    tensors = dict(model.named_parameters())
+    tensors.update({n: b for n, b in model.named_buffers() if n.endswith("gate.bias")})
+    for name, t in tensors.items():
+        if name == "head.weight" and cfg.tie_word_embeddings:
+            continue
+        t = t.detach()
+        hf_names = nanoseek_to_hf(name, cfg, t.shape[0])
+        if len(hf_names) > 1 or name.endswith(("experts.w1", "experts.w2", "experts.w3")):
+            for j, hf in enumerate(hf_names):
+                out[hf] = t[j].contiguous()
+        else:
+            out[hf_names[0]] = t.contiguous()
+    for k in range(cfg.num_nextn_predict_layers):
+        i = cfg.num_hidden_layers + k
+        for hf, ours in MTP_SHARED.items():
+            out[f"model.layers.{i}.{hf}"] = tensors[ours].detach().clone()
+    return out
+
+
+def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int = 2 * 1024**3,
+                    generation_config: dict | None = None) -> None:
+    """Write config.json, generation_config.json and sharded safetensors (+ index) to `path`.
+
+    Written into a temporary sibling directory first and renamed, so an interrupted save never
+    leaves a half-written model where a good one was.
+    """
+    path = Path(path)
+    cfg = model.config
+    sd = hf_state_dict(model)
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, t in sd.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += nbytes
+    weight_map = {}
+    total = 0
+    for n, shard in enumerate(shards):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{n + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: v.cpu() for k, v in shard.items()}, str(tmp / fname), metadata={"format": "pt"})
+        for k, v in shard.items():
+            weight_map[k] = fname
+            total += v.numel() * v.element_size()
+    if len(shards) > 1:
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    dtype = next(model.parameters()).dtype
+    hf_cfg = cfg.to_hf_dict()
+    hf_cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": False}
+    gen.update(generation_config or {})
+    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    # keep files that are not ours (tokenizer.json, trainer state, ...) already in the target
+    if path.exists():
+        for p in path.iterdir():
+            if not (tmp / p.name).exists() and not p.name.startswith("model") and p.name != "config.json":
+                if p.is_dir():
+                    shutil.copytree(p, tmp / p.name)
+                else:
+                    shutil.copy2(p, tmp / p.name)
+        old = path.with_name(path.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)

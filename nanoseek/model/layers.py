@@ -1,0 +1,91 @@
+"""RMSNorm, rotary embedding on adjacent pairs (+ YaRN), SwiGLU MLP."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.model.config import ModelConfig, yarn_get_mscale
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, cast back before the weight (the HF / reference order).
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies of the qk_rope_head_dim/2 pairs, with YaRN when configured.
+
+    Returns (inv_freq, attention_factor). attention_factor scales cos/sin:
+    mscale(s, mscale) / mscale(s, mscale_all_dim), 1.0 for V3 and V2-Lite.
+    """
+    dim, base = cfg.qk_rope_head_dim, cfg.rope_theta
+    # fp32 exactly as the reference and HF compute it, so angles agree bit for bit
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim))
+    yarn = cfg.yarn
+    if yarn is None:
+        return inv_freq, 1.0
+    factor, orig = yarn["factor"], yarn["original_max_position_embeddings"]
+
+    def correction_dim(num_rotations: float) -> float:
+        # d(r) = dim * ln(L_orig / (2 pi r)) / (2 ln base)
+        return dim * math.log(orig / (num_rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(yarn["beta_fast"])), 0)
+    high = min(math.ceil(correction_dim(yarn["beta_slow"])), dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    # pairs below `low` keep their frequency (extrapolate), above `high` are divided by s (interpolate)
+    inv_freq = inv_freq / factor * ramp + inv_freq * (1 - ramp)
+    if yarn.get("mscale") and yarn.get("mscale_all_dim"):
+        att = yarn_get_mscale(factor, yarn["mscale"]) / yarn_get_mscale(factor, yarn["mscale_all_dim"])
+    else:  # HF's rule when either mscale is absent
+        att = yarn_get_mscale(factor)
+    return inv_freq, att
+
+
+def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, attention_factor: float = 1.0,
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for integer positions (..., T) -> (..., T, rope/2) each, in fp32."""
+    angles = positions.to(torch.float32)[..., None] * inv_freq.to(positions.device)  # (..., T, rope/2)
+    return angles.cos() * attention_factor, angles.sin() * attention_factor
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) as complex numbers: DeepSeek's released layout.
+
+    x: (B, T, H, rope) or (B, T, rope); cos/sin: (B or 1, T, rope/2). Output keeps the
+    interleaved layout (a plain rotate_half RoPE on these weights is silently wrong).
+    """
+    if x.dim() == 4:
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    xf = x.float().unflatten(-1, (-1, 2))        # (..., rope/2, 2)
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: w2(silu(w1 x) * w3 x). Used dense and as the shared expert."""
+
+    def __init__(self, dim: int, inter: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter, bias=False)
+        self.w2 = nn.Linear(inter, dim, bias=False)
+        self.w3 = nn.Linear(dim, inter, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))

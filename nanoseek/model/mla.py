@@ -1,0 +1,124 @@
+"""Multi-head latent attention (DeepSeek-V2 section 2.1; V3 inference/model.py class MLA).
+
+Two paths, tested equal:
+- clear: up-project the latent into per-head K (nope | rope) and V, then scaled_dot_product_attention.
+  Used for training and prefill.
+- absorbed: fold W_UK into the query and W_UV after the attention, so attention runs directly on
+  the cached latent (kv_lora_rank) and the shared rope key (qk_rope_head_dim). Used for decoding;
+  the cache holds only those two tensors per token per layer.
+
+The cache is an object passed in (see `LatentCache` below); the module owns no cache buffers.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.model.config import ModelConfig
+from nanoseek.model.layers import RMSNorm, apply_rope
+
+
+class LatentCache(Protocol):
+    """What attention needs from a cache (the engine implements it; the model only calls it).
+
+    `update` stores this step's latent (B, T, kv_lora_rank) and rotated rope key (B, T, rope)
+    for `layer` and returns everything cached so far for those rows: (B, S, kv_lora_rank), (B, S, rope).
+    """
+
+    def update(self, layer: int, kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.num_attention_heads
+        self.q_lora_rank = cfg.q_lora_rank
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.nope = cfg.qk_nope_head_dim
+        self.rope = cfg.qk_rope_head_dim
+        self.v_dim = cfg.v_head_dim
+        self.qk_dim = cfg.qk_head_dim
+        self.softmax_scale = cfg.softmax_scale
+        dim, H = cfg.hidden_size, self.n_heads
+        if self.q_lora_rank is None:
+            self.wq = nn.Linear(dim, H * self.qk_dim, bias=False)
+        else:
+            self.wq_a = nn.Linear(dim, self.q_lora_rank, bias=cfg.attention_bias)
+            self.q_norm = RMSNorm(self.q_lora_rank, cfg.rms_norm_eps)
+            self.wq_b = nn.Linear(self.q_lora_rank, H * self.qk_dim, bias=False)
+        # wkv_a output is ordered [latent | k_pe]; k_pe is one rope key shared by all heads.
+        self.wkv_a = nn.Linear(dim, self.kv_lora_rank + self.rope, bias=cfg.attention_bias)
+        self.kv_norm = RMSNorm(self.kv_lora_rank, cfg.rms_norm_eps)
+        # wkv_b rows are grouped per head as [k_nope | v].
+        self.wkv_b = nn.Linear(self.kv_lora_rank, H * (self.nope + self.v_dim), bias=False)
+        self.wo = nn.Linear(H * self.v_dim, dim, bias=cfg.attention_bias)
+
+    def absorb_is_cheaper(self, T: int) -> bool:
+        """Per head, absorbed attention costs ~T*S*(2*kv_lora+rope); the clear path pays
+        S*kv_lora*(nope+v) to expand the cache plus T*S*(qk+v). Pick the cheaper one."""
+        absorbed = T * (2 * self.kv_lora_rank + self.rope)
+        clear = self.kv_lora_rank * (self.nope + self.v_dim) + T * (self.qk_dim + self.v_dim)
+        return absorbed < clear
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+                cache: LatentCache | None = None, layer: int = 0, mask: torch.Tensor | None = None,
+                absorb: bool | None = None) -> torch.Tensor:
+        """x: (B, T, dim); cos/sin: (B|1, T, rope/2) for the positions of x.
+
+        mask: bool (B, T, S), True = may attend; None means plain causal over x (no cache).
+        With a cache, `mask` must cover all S cached positions (the engine builds it).
+        """
+        B, T, _ = x.shape
+        H = self.n_heads
+        q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
+        q = q.view(B, T, H, self.qk_dim)                                   # (B, T, H, nope+rope)
+        q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin)                                 # (B, T, H, rope)
+        kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)
+        kv = self.kv_norm(kv)                                             # (B, T, kv_lora)
+        k_pe = apply_rope(k_pe, cos, sin)                                 # (B, T, rope)
+        if cache is not None:
+            kv, k_pe = cache.update(layer, kv, k_pe)                      # (B, S, kv_lora), (B, S, rope)
+            if absorb is None:
+                absorb = self.absorb_is_cheaper(T)
+        if absorb:
+            o = self._absorbed(q_nope, q_pe, kv, k_pe, mask)
+        else:
+            o = self._clear(q_nope, q_pe, kv, k_pe, mask)
+        return self.wo(o.flatten(2))                                      # (B, T, dim)
+
+    def _clear(self, q_nope, q_pe, kv, k_pe, mask):
+        B, T, H, _ = q_nope.shape
+        S = kv.shape[1]
+        kv = self.wkv_b(kv).view(B, S, H, self.nope + self.v_dim)         # (B, S, H, nope+v)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, S, H, self.rope)], dim=-1)  # (B, S, H, qk)
+        q = torch.cat([q_nope, q_pe], dim=-1)                             # (B, T, H, qk)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, ·, ·)
+        if mask is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.softmax_scale)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.softmax_scale)
+        return o.transpose(1, 2)                                          # (B, T, H, v)
+
+    def _absorbed(self, q_nope, q_pe, kv, k_pe, mask):
+        B, T, H, _ = q_nope.shape
+        S = kv.shape[1]
+        wkv_b = self.wkv_b.weight.view(H, self.nope + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = wkv_b[:, : self.nope], wkv_b[:, self.nope:]          # (H, nope, c), (H, v, c)
+        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)              # (B, T, H, c)
+        # every head shares one key [latent | k_pe]: attention is MQA over a (c + rope)-d key.
+        # The scale stays qk_head_dim^-0.5 (not (c+rope)^-0.5): the dot products are the same numbers.
+        q_cat = torch.cat([q_lat, q_pe], dim=-1).reshape(B, T * H, -1)    # (B, T*H, c+rope)
+        k_cat = torch.cat([kv, k_pe], dim=-1)                             # (B, S, c+rope)
+        scores = torch.bmm(q_cat, k_cat.transpose(1, 2)).view(B, T, H, S) * self.softmax_scale
+        if mask is None:
+            mask = torch.ones(T, S, dtype=torch.bool, device=kv.device).tril(S - T)[None]
+        scores = scores.float().masked_fill(~mask[:, :, None, :], float("-inf"))
+        p = scores.softmax(dim=-1).to(kv.dtype).view(B, T * H, S)         # (B, T*H, S)
+        o_lat = torch.bmm(p, kv).view(B, T, H, self.kv_lora_rank)         # (B, T, H, c)
+        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)                # (B, T, H, v)

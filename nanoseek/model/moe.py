@@ -1,0 +1,127 @@
+"""DeepSeekMoE: gate (scoring, group-limited top-k, selection bias), routed + shared experts, dispatch.
+
+V3 inference/model.py `Gate` and `MoE`; V2 for softmax scoring and greedy / group_limited_greedy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.model.config import ModelConfig
+from nanoseek.model.layers import MLP
+
+
+@dataclass
+class Routing:
+    weights: torch.Tensor   # (N, K) gate weights of the chosen experts (scaled)
+    indices: torch.Tensor   # (N, K) chosen experts
+    scores: torch.Tensor    # (N, E) unbiased scores (sigmoid or softmax), fp32: for the balance loss
+
+
+class Gate(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.E = cfg.n_routed_experts
+        self.topk = cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.topk_method = cfg.topk_method
+        self.scoring_func = cfg.scoring_func
+        self.norm_topk_prob = cfg.norm_topk_prob
+        self.route_scale = cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.E, cfg.hidden_size))
+        # V3's aux-loss-free selection bias: chooses experts, never weights them; fp32, no gradient
+        # (updated by the trainer: b_i += gamma * sign(mean load - load_i)).
+        if cfg.use_selection_bias:
+            self.register_buffer("bias", torch.zeros(self.E, dtype=torch.float32))
+        else:
+            self.bias = None
+
+    def _apply(self, fn, recurse=True):
+        # Keep the selection bias fp32 through .to(bfloat16): gamma=1e-3 updates vanish in bf16.
+        super()._apply(fn, recurse)
+        if self.bias is not None and self.bias.dtype != torch.float32:
+            self.bias = self.bias.float()
+        return self
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        """x: (N, dim) -> Routing. Logits and scores in fp32 (as V3.2 and HF do)."""
+        logits = F.linear(x.float(), self.weight.float())                 # (N, E)
+        scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores if self.bias is None else scores + self.bias      # biased: selection only
+        if self.n_group > 1 and self.topk_method != "greedy":
+            grouped = choice.view(-1, self.n_group, self.E // self.n_group)   # (N, G, E/G)
+            if self.topk_method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)     # sum of each group's top-2
+            else:  # group_limited_greedy (V2): the group's best expert
+                group_scores = grouped.amax(dim=-1)
+            keep = group_scores.topk(self.topk_group, dim=-1).indices          # (N, topk_group)
+            lose = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+            # -inf as DeepSeek's reference does; HF's 0.0 lets a losing group win when scores are < 0.
+            choice = grouped.masked_fill(lose[..., None], float("-inf")).flatten(1)
+        indices = choice.topk(self.topk, dim=-1).indices                  # (N, K)
+        weights = scores.gather(1, indices)                               # unbiased scores weight
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return Routing(weights * self.route_scale, indices, scores)
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stored stacked: w1/w3 (E, inter, dim), w2 (E, dim, inter)."""
+
+    def __init__(self, n: int, dim: int, inter: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n, inter, dim))
+        self.w2 = nn.Parameter(torch.empty(n, dim, inter))
+        self.w3 = nn.Parameter(torch.empty(n, inter, dim))
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.silu(F.linear(x, self.w1[e])) * F.linear(x, self.w3[e]), self.w2[e])
+
+    def forward(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
+        """Grouped dispatch: sort the (token, slot) pairs by expert, run each active expert once
+        on its contiguous slice, scatter-add the weighted results back. x: (N, dim)."""
+        N, K = r.indices.shape
+        flat = r.indices.flatten()                                        # (N*K,)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.w1.shape[0]).tolist()  # one host sync per layer
+        token = order // K                                                # source token of each sorted slot
+        xs = x[token]                                                     # (N*K, dim), grouped by expert
+        ys = torch.empty_like(xs)
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                ys[start:start + c] = self.expert(e, xs[start:start + c])
+                start += c
+        ys = ys * r.weights.flatten()[order, None].to(ys.dtype)
+        return torch.zeros_like(x).index_add_(0, token, ys)
+
+    def forward_reference(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
+        """The plain loop over every expert (the reference's shape): tests compare against it."""
+        out = torch.zeros_like(x)
+        for e in range(self.w1.shape[0]):
+            tok, slot = (r.indices == e).nonzero(as_tuple=True)
+            if tok.numel():
+                out[tok] += self.expert(e, x[tok]) * r.weights[tok, slot, None].to(x.dtype)
+        return out
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Gate(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared = (MLP(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size)
+                       if cfg.n_shared_experts else None)
+
+    def forward(self, x: torch.Tensor, reference: bool = False) -> tuple[torch.Tensor, Routing]:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])                                      # (N, dim)
+        r = self.gate(x)
+        y = (self.experts.forward_reference if reference else self.experts)(x, r)
+        if self.shared is not None:
+            y = y + self.shared(x)
+        return y.view(shape), r
