@@ -1,0 +1,183 @@
+"""Model core: internal equivalences (clear vs absorbed MLA, cached decode vs full forward, grouped vs
+loop MoE), config validation, RoPE/YaRN numbers from the papers, MTP wiring."""
+
+import math
+
+import pytest
+import torch
+
+from nanoseek.infer.kv_cache import ContiguousCache
+from nanoseek.model import ModelConfig, Transformer, preset
+from nanoseek.model.layers import apply_rope, rope_inv_freq
+from nanoseek.model.moe import Gate
+
+
+def make(seed=0, std=0.1, **kw) -> Transformer:
+    torch.manual_seed(seed)
+    m = Transformer(ModelConfig(**kw))
+    m.init_weights(std)
+    for mod in m.modules():
+        if isinstance(mod, Gate) and mod.bias is not None:
+            mod.bias.normal_(0, 0.05)
+    return m.eval()
+
+
+VARIANTS = {
+    "v3": {},
+    "no_q_lora": dict(q_lora_rank=None),
+    "groups": dict(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=3),
+    "yarn": dict(rope_scaling={"type": "yarn", "factor": 4.0, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
+                               "mscale_all_dim": 1.0, "original_max_position_embeddings": 512},
+                 max_position_embeddings=2048),
+    "v2": dict(model_type="deepseek_v2", scoring_func="softmax", topk_method="group_limited_greedy",
+               norm_topk_prob=False, routed_scaling_factor=1.0, num_nextn_predict_layers=0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_absorbed_equals_clear(name):
+    m = make(**VARIANTS[name])
+    ids = torch.randint(0, 512, (2, 16))
+    with torch.no_grad():
+        clear, absorbed = m(ids, absorb=False), m(ids, absorb=True)
+    assert (clear - absorbed).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_cached_decode_equals_full_forward(name):
+    m = make(**VARIANTS[name])
+    ids = torch.randint(0, 512, (3, 14))
+    with torch.no_grad():
+        full = m(ids)
+        cache = ContiguousCache(m.config, 3, 32)
+        steps = [m(ids[:, :6], cache=cache)]            # prefill (clear path)
+        steps += [m(ids[:, t:t + 1], cache=cache) for t in range(6, 14)]  # decode (absorbed path)
+    assert (full - torch.cat(steps, 1)).abs().max() < 1e-5
+
+
+def test_cache_rows_of_different_lengths():
+    """Row 1 is prefilled with padding, then its length is cut back: later decode steps must only
+    see its real tokens, and both rows must match their own full forwards."""
+    m = make()
+    a, b = torch.randint(0, 512, (12,)), torch.randint(0, 512, (8,))
+    with torch.no_grad():
+        cache = ContiguousCache(m.config, 2, 16)
+        m(torch.stack([a[:9], torch.cat([b[:5], torch.zeros(4, dtype=torch.long)])]), cache=cache)
+        cache.lengths = torch.tensor([9, 5])
+        for t in range(3):
+            out = m(torch.stack([a[9 + t:10 + t], b[5 + t:6 + t]]), cache=cache)
+        assert (out[0, -1] - m(a[None])[0, -1]).abs().max() < 1e-5
+        assert (out[1, -1] - m(b[None])[0, -1]).abs().max() < 1e-5
+
+
+def test_grouped_moe_equals_loop():
+    m = make(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
+    ids = torch.randint(0, 512, (4, 32))
+    fast = m(ids)
+    slow = m(ids, moe_reference=True)
+    assert (fast - slow).abs().max() < 1e-5
+    # gradients agree too
+    g1 = torch.autograd.grad(fast.square().mean(), m.layers[1].ffn.experts.w1)[0]
+    g2 = torch.autograd.grad(m(ids, moe_reference=True).square().mean(), m.layers[1].ffn.experts.w1)[0]
+    assert (g1 - g2).abs().max() < 1e-6
+
+
+def test_selection_bias_chooses_but_does_not_weight():
+    torch.manual_seed(0)
+    g = Gate(ModelConfig(n_group=1, topk_group=1))
+    torch.nn.init.normal_(g.weight, 0, 0.5)
+    x = torch.randn(64, 64)
+    base = g(x)
+    g.bias[3] = 10.0  # expert 3 now always chosen
+    r = g(x)
+    assert (r.indices == 3).any(dim=1).all()
+    # its weight is its unbiased score (renormalized), never score + bias
+    w3 = r.weights[r.indices == 3]
+    assert (w3 <= g.route_scale + 1e-6).all()
+    expected = base.scores.gather(1, r.indices)
+    expected = expected / expected.sum(1, keepdim=True) * g.route_scale
+    assert torch.allclose(r.weights, expected)
+
+
+def test_group_limited_routing_masks_losing_groups():
+    cfg = ModelConfig(n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=2)
+    g = Gate(cfg)
+    torch.nn.init.normal_(g.weight, 0, 1.0)
+    r = g(torch.randn(256, 64))
+    # sum-of-top-2 group scores: chosen experts all lie in the two best groups
+    s = r.scores.view(256, 4, 2).topk(2, -1).values.sum(-1)
+    best = s.topk(2, -1).indices
+    groups = r.indices // 2
+    assert all(set(groups[i].tolist()) <= set(best[i].tolist()) for i in range(256))
+
+
+def test_mtp_outputs_and_order():
+    m = make()
+    ids = torch.randint(0, 512, (2, 10))
+    out = m(ids, return_mtp=True, return_routing=True)
+    assert out["logits"].shape == (2, 10, 512)
+    assert [t.shape for t in out["mtp_logits"]] == [(2, 9, 512)]
+    # [enorm(emb); hnorm(h)]: zeroing the first half of eh_proj removes the embedding's influence
+    with torch.no_grad():
+        m.mtp[0].eh_proj.weight[:, :64] = 0
+    a = m(ids, return_mtp=True)["mtp_logits"][0]
+    ids2 = ids.clone()
+    ids2[:, -1] = (ids2[:, -1] + 1) % 512  # changes only the embedding fed at the last MTP position
+    b = m(ids2, return_mtp=True)["mtp_logits"][0]
+    assert (a[:, -1] - b[:, -1]).abs().max() < 1e-6
+    # while with the embedding half live, the same change moves the MTP output
+    with torch.no_grad():
+        m.mtp[0].eh_proj.weight[:, :64].normal_(0, 0.1)
+    a, b = m(ids, return_mtp=True)["mtp_logits"][0], m(ids2, return_mtp=True)["mtp_logits"][0]
+    assert (a[:, -1] - b[:, -1]).abs().max() > 1e-3
+
+
+def test_rope_rotates_adjacent_pairs():
+    x = torch.zeros(1, 1, 4)
+    x[..., 0] = 1.0  # pair (0, 1)
+    cos, sin = torch.tensor([[[math.cos(0.5), 1.0]]]), torch.tensor([[[math.sin(0.5), 0.0]]])
+    y = apply_rope(x, cos, sin)
+    assert torch.allclose(y[0, 0], torch.tensor([math.cos(0.5), math.sin(0.5), 0.0, 0.0]))
+
+
+def test_yarn_matches_papers():
+    cfg = preset("deepseek-v3")
+    inv, att = rope_inv_freq(cfg)
+    base = 1.0 / (10000 ** (torch.arange(0, 64, 2).float() / 64))
+    # pairs i <= 10 keep their frequency, i >= 23 are divided by the factor 40 (low=10, high=23)
+    assert torch.allclose(inv[:11], base[:11]) and torch.allclose(inv[23:], base[23:] / 40)
+    assert att == 1.0
+    assert math.isclose(cfg.softmax_scale, 192 ** -0.5 * (0.1 * math.log(40) + 1) ** 2, rel_tol=1e-9)
+    assert math.isclose(cfg.softmax_scale, 0.13523, abs_tol=1e-4)
+
+
+@pytest.mark.parametrize("kw, field", [
+    (dict(n_routed_experts=10, n_group=4), "n_group"),
+    (dict(num_experts_per_tok=9), "num_experts_per_tok"),
+    (dict(topk_group=3, n_group=2), "topk_group"),
+    (dict(scoring_func="relu"), "scoring_func"),
+    (dict(qk_rope_head_dim=7), "qk_rope_head_dim"),
+    (dict(topk_method="magic"), "topk_method"),
+    (dict(num_key_value_heads=2), "num_key_value_heads"),
+    (dict(hidden_size=0), "hidden_size"),
+])
+def test_config_errors_name_the_field(kw, field):
+    with pytest.raises(ValueError, match=field):
+        ModelConfig(**kw)
+
+
+def test_config_reads_both_rope_shapes_and_v2():
+    ds = {"model_type": "deepseek_v3", "rope_theta": 10000,
+          "rope_scaling": {"type": "yarn", "factor": 40, "beta_fast": 32, "beta_slow": 1, "mscale": 1.0,
+                           "mscale_all_dim": 1.0, "original_max_position_embeddings": 4096}}
+    hf5 = {"model_type": "deepseek_v3",
+           "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000, "factor": 40, "beta_fast": 32,
+                               "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0,
+                               "original_max_position_embeddings": 4096}}
+    a, b = ModelConfig.from_dict(ds), ModelConfig.from_dict(hf5)
+    assert a.rope_scaling == b.rope_scaling and a.softmax_scale == b.softmax_scale
+    v2 = ModelConfig.from_dict({"model_type": "deepseek_v2", "n_group": None, "topk_group": None,
+                                "q_lora_rank": None})
+    assert (v2.scoring_func, v2.topk_method, v2.use_selection_bias, v2.q_lora_rank) == ("softmax", "greedy", False, None)
+    # the written config.json round-trips
+    assert ModelConfig.from_dict(a.to_hf_dict()) == a
