@@ -186,9 +186,15 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a model directory")
-    raw = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else None
-    if raw is None:
+    cfg_path = path / "config.json"
+    if not cfg_path.exists():
         raise CheckpointError(f"{path}: config.json is missing")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg_path}: expected a JSON object")
     cfg = ModelConfig.from_dict(raw)
     quant = raw.get("quantization_config") or {}
     block = tuple(quant.get("weight_block_size", (128, 128)))

@@ -1,0 +1,171 @@
+"""HF directory round trips, the name-mapping table, FP8 block dequantization and clear load errors."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from nanoseek.checkpoint import CheckpointError, dequant_fp8, hf_to_nanoseek, nanoseek_to_hf
+from nanoseek.model import ModelConfig, Transformer
+
+
+def tiny(seed=0, **kw) -> Transformer:
+    torch.manual_seed(seed)
+    m = Transformer(ModelConfig(**kw))
+    m.init_weights(0.05)
+    return m.eval()
+
+
+def test_mapping_table_round_trip():
+    for kw in ({}, dict(q_lora_rank=None), dict(num_nextn_predict_layers=2, first_k_dense_replace=2)):
+        m = tiny(**kw)
+        names = [n for n, _ in m.named_parameters()] + [n for n, _ in m.named_buffers() if n.endswith("gate.bias")]
+        for name in names:
+            n_exp = m.config.n_routed_experts if ".experts." in name else 0
+            hf_names = nanoseek_to_hf(name, m.config, n_exp)
+            for j, hf in enumerate(hf_names):
+                back, idx = hf_to_nanoseek(hf, m.config)
+                assert back == name and idx == (j if n_exp else None), (name, hf)
+
+
+def test_hf_names_are_the_official_ones(tmp_path):
+    m = tiny()
+    m.save_pretrained(tmp_path)
+    keys = set(load_file(tmp_path / "model.safetensors"))
+    assert "model.layers.1.mlp.experts.7.down_proj.weight" in keys
+    assert "model.layers.1.mlp.gate.e_score_correction_bias" in keys
+    assert "model.layers.0.self_attn.kv_a_proj_with_mqa.weight" in keys
+    # MTP at model.layers.{num_hidden_layers}, with the official shared copies
+    assert {"model.layers.3.eh_proj.weight", "model.layers.3.enorm.weight", "model.layers.3.hnorm.weight",
+            "model.layers.3.shared_head.norm.weight", "model.layers.3.shared_head.head.weight",
+            "model.layers.3.embed_tokens.weight"} <= keys
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["rope_scaling"] is None and cfg["rope_parameters"]["rope_type"] == "default"
+    assert cfg["architectures"] == ["DeepseekV3ForCausalLM"] and cfg["num_nextn_predict_layers"] == 1
+
+
+def test_sharded_round_trip_keeps_mtp_and_other_files(tmp_path):
+    m = tiny()
+    (tmp_path / "tokenizer.json").parent.mkdir(exist_ok=True)
+    m.save_pretrained(tmp_path, max_shard_bytes=200_000)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    m.save_pretrained(tmp_path, max_shard_bytes=200_000)          # overwrite in place
+    assert (tmp_path / "tokenizer.json").read_text() == "{}"
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    again = Transformer.from_pretrained(tmp_path)
+    ids = torch.randint(0, 512, (2, 9))
+    with torch.no_grad():
+        a, b = m(ids, return_mtp=True), again(ids, return_mtp=True)
+    assert torch.equal(a["logits"], b["logits"]) and torch.equal(a["mtp_logits"][0], b["mtp_logits"][0])
+
+
+def test_bf16_load_keeps_selection_bias_fp32(tmp_path):
+    tiny().save_pretrained(tmp_path)
+    m = Transformer.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert m.embed.weight.dtype == torch.bfloat16
+    assert m.layers[1].ffn.gate.bias.dtype == torch.float32
+
+
+# --- FP8
+def quantize_fp8(w: torch.Tensor, block: int = 128):
+    M, N = w.shape
+    R, C = -(-M // block), -(-N // block)
+    scale = torch.empty(R, C)
+    q = torch.empty(M, N, dtype=torch.float8_e4m3fn)
+    for r in range(R):
+        for c in range(C):
+            blk = w[r * block:(r + 1) * block, c * block:(c + 1) * block]
+            s = blk.abs().max().clamp(min=1e-12) / 448.0
+            scale[r, c] = s
+            q[r * block:(r + 1) * block, c * block:(c + 1) * block] = (blk / s).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def test_fp8_dequant_matches_block_rule():
+    torch.manual_seed(0)
+    w = torch.randn(300, 200) * 3
+    q, s = quantize_fp8(w)
+    got = dequant_fp8(q, s, (128, 128), torch.float32)
+    # direct reimplementation: element (i, j) times scale_inv[i // 128, j // 128]
+    i = torch.arange(300)[:, None] // 128
+    j = torch.arange(200)[None, :] // 128
+    want = q.float() * s[i, j]
+    assert torch.equal(got, want)
+    assert (got - w).abs().max() < 0.1 * w.abs().max()  # e4m3 keeps ~2 significant digits
+    with pytest.raises(CheckpointError, match="scale_inv"):
+        dequant_fp8(q, s[:1], (128, 128))
+
+
+def test_fp8_checkpoint_loads_dequantized(tmp_path):
+    m = tiny(hidden_size=128, q_lora_rank=128, kv_lora_rank=128)
+    m.save_pretrained(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    name = "model.layers.0.self_attn.q_b_proj.weight"
+    q, s = quantize_fp8(sd[name])
+    sd[name], sd[name + "_scale_inv"] = q, s
+    save_file(sd, tmp_path / "model.safetensors")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                  "weight_block_size": [128, 128]}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    loaded = Transformer.from_pretrained(tmp_path)
+    assert torch.equal(loaded.layers[0].attn.wq_b.weight, dequant_fp8(q, s, (128, 128), torch.float32))
+
+
+# --- errors name the tensor or file
+def test_missing_unexpected_misshaped_truncated(tmp_path):
+    m = tiny()
+    m.save_pretrained(tmp_path)
+    f = tmp_path / "model.safetensors"
+    good = load_file(f)
+
+    sd = dict(good)
+    del sd["model.layers.2.self_attn.kv_b_proj.weight"]
+    save_file(sd, f)
+    with pytest.raises(CheckpointError, match="kv_b_proj"):
+        Transformer.from_pretrained(tmp_path)
+
+    sd = dict(good)
+    sd["model.layers.0.mlp.mystery.weight"] = torch.zeros(2)
+    save_file(sd, f)
+    with pytest.raises(CheckpointError, match="mystery"):
+        Transformer.from_pretrained(tmp_path)
+
+    sd = dict(good)
+    sd["model.norm.weight"] = torch.ones(65)
+    save_file(sd, f)
+    with pytest.raises(CheckpointError, match=r"model\.norm\.weight.*\(65,\)"):
+        Transformer.from_pretrained(tmp_path)
+
+    save_file(good, f)
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_bad_config_and_missing_shard(tmp_path):
+    m = tiny()
+    m.save_pretrained(tmp_path, max_shard_bytes=200_000)
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    shards[-1].unlink()
+    with pytest.raises(CheckpointError, match=shards[-1].name):
+        Transformer.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json"):
+        Transformer.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({"n_routed_experts": 6, "n_group": 4}))
+    with pytest.raises(ValueError, match="n_group"):
+        Transformer.from_pretrained(tmp_path)
+
+
+def test_nothing_is_unpickled(tmp_path):
+    """A pickle-based checkpoint is refused rather than loaded."""
+    m = tiny()
+    m.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(m.state_dict(), tmp_path / "pytorch_model.bin")
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        Transformer.from_pretrained(tmp_path)
