@@ -256,8 +256,8 @@ def _normalize_rope_scaling(rs: dict) -> dict:
 # --- presets: a plain dict. `tiny` is the dataclass default.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {},
-    # ~50M total / ~17M active: MoE in 7 of 8 layers; benchmarks use it.
-    "small": dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, moe_intermediate_size=256,
+    # ~53M total / ~24M active: MoE in 7 of 8 layers; benchmarks use it.
+    "small": dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, moe_intermediate_size=192,
                   num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=8, q_lora_rank=256,
                   kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
                   n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=2, n_group=4, topk_group=2,
