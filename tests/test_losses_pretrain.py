@@ -1,0 +1,77 @@
+"""Pretraining losses against small cases computed by hand."""
+
+import math
+
+import torch
+
+from nanoseek.train.losses import bias_update, cross_entropy, expert_counts, mtp_loss, sequence_balance_loss
+
+
+def peaked(targets: torch.Tensor, V: int, margin: float) -> torch.Tensor:
+    """Logits (..., V) with `margin` on the target and 0 elsewhere: CE = log(1 + (V-1) e^-margin)."""
+    return torch.nn.functional.one_hot(targets, V).float() * margin
+
+
+def test_cross_entropy_ignore_index_by_hand():
+    V = 5
+    labels = torch.tensor([[1, -100, 3, -100]])
+    logits = torch.zeros(1, 4, V)
+    logits[0, 0, 1] = 2.0          # position 0: peaked on its label
+    logits[0, 1] = 100.0           # ignored positions may hold anything
+    ce = cross_entropy(logits, labels)
+    want = (math.log(1 + (V - 1) * math.exp(-2.0)) + math.log(V)) / 2
+    assert abs(ce.item() - want) < 1e-6
+    assert cross_entropy(logits, torch.full((1, 4), -100)).item() == 0.0   # all ignored: 0, not NaN
+
+
+def test_mtp_loss_shifts_labels_by_depth():
+    V, T, lam = 11, 6, 0.3
+    tokens = torch.arange(T + 1)[None]              # distinct tokens 0..T
+    y = tokens[:, 1:]                               # main targets: y[i] = token i+1
+    m = 3.0
+    # depth 1 at position i must predict token i+2 = y[i+1]; depth 2 is left uniform
+    d1 = peaked(tokens[:, 2:], V, m)                # (1, T-1, V)
+    d2 = torch.zeros(1, T - 2, V)
+    got = mtp_loss([d1, d2], y, lam)
+    want = lam / 2 * (math.log(1 + (V - 1) * math.exp(-m)) + math.log(V))
+    assert abs(got.item() - want) < 1e-6
+    # the same logits scored against unshifted labels would be far worse: the shift matters
+    wrong = cross_entropy(d1, y[:, :-1]).item()
+    assert wrong > math.log(1 + (V - 1) * math.exp(-m)) + 1.0
+    assert mtp_loss([], y, lam).item() == 0.0
+
+
+def test_sequence_balance_loss_by_hand():
+    alpha = 0.01
+    # one sequence, T=2 tokens, E=4 experts, K=1
+    s = torch.tensor([[0.5, 0.3, 0.1, 0.1],
+                      [0.2, 0.2, 0.4, 0.2]])
+    idx = torch.tensor([[0], [2]])
+    # f = E/(K T) * counts = 2 * [1, 0, 1, 0]; P = column means of row-normalized s = [.35, .25, .25, .15]
+    want = alpha * (2 * 0.35 + 2 * 0.25)
+    assert abs(sequence_balance_loss(s, idx, 1, alpha).item() - want) < 1e-7
+    # sigmoid scores do not sum to 1: the loss normalizes over all experts, so scaling a row changes nothing
+    s2 = s.clone()
+    s2[1] *= 1.7
+    assert abs(sequence_balance_loss(s2, idx, 1, alpha).item() - want) < 1e-7
+    # two sequences: the mean of the per-sequence losses (uniform scores, balanced routing gives alpha)
+    s_b = torch.cat([s, torch.full((2, 4), 0.25)])
+    idx_b = torch.cat([idx, torch.tensor([[1], [3]])])
+    got = sequence_balance_loss(s_b, idx_b, 2, alpha).item()
+    assert abs(got - (want + alpha * (2 * 0.25 + 2 * 0.25)) / 2) < 1e-7
+
+
+def test_balance_loss_gradient_lowers_the_overloaded_expert():
+    logits = torch.zeros(8, 4, requires_grad=True)
+    idx = torch.zeros(8, 1, dtype=torch.long)       # every token on expert 0
+    sequence_balance_loss(logits.sigmoid(), idx, 2, 1.0).backward()
+    assert (logits.grad[:, 0] > 0).all()             # descent lowers expert 0's score
+    assert (logits.grad[:, 1:] < 0).all()
+
+
+def test_bias_update_sign_rule():
+    counts = expert_counts(torch.tensor([[0, 0], [0, 1], [2, 3], [0, 2], [3, 0]]), 4)
+    assert counts.tolist() == [5.0, 1.0, 2.0, 2.0]   # mean 2.5
+    delta = bias_update(counts, 1e-3)
+    assert torch.allclose(delta, torch.tensor([-1e-3, 1e-3, 1e-3, 1e-3]))
+    assert bias_update(torch.full((4,), 3.0), 1e-3).abs().sum() == 0   # balanced: nothing moves
