@@ -69,3 +69,150 @@ def bias_update(counts: torch.Tensor, gamma: float) -> torch.Tensor:
     """
     counts = counts.float()
     return gamma * torch.sign(counts.mean() - counts)
+
+
+# --- RL losses (GRPO and its variants; notation and equations in shared/reference/r1-recipes.md §7)
+# Shapes: logp, old_logp, ref_logp, mask are (B, T) per completion token, B = num_groups * G
+# completions, mask 1 on the completion tokens that count; advantages are (B,) per completion.
+RL_VARIANTS = ("grpo", "dr_grpo", "dapo", "gspo")
+# Paper clip ranges (eps_low, eps_high) used when policy_loss is not given them: PPO/GRPO 0.2;
+# DAPO clip-higher 0.2/0.28; GSPO clips the length-normalized sequence ratio, so its range is tiny.
+DEFAULT_EPS = {"grpo": (0.2, 0.2), "dr_grpo": (0.2, 0.2), "dapo": (0.2, 0.28), "gspo": (3e-4, 4e-4)}
+
+
+def group_advantages(rewards: torch.Tensor, scale: str = "std", eps: float = 1e-4) -> torch.Tensor:
+    """Group-relative advantages, one per completion: rewards (num_groups, G) -> (num_groups, G).
+
+    scale="std":  A_i = (r_i - mean(r)) / (std(r) + eps)   GRPO (DeepSeekMath eq. 3, outcome reward)
+    scale="none": A_i = r_i - mean(r)                       Dr. GRPO (no std: it up-weights easy and
+                                                            hard groups, a difficulty bias)
+    std is the unbiased (Bessel) one, as TRL computes it. A group whose rewards are all equal gets
+    A = 0 exactly (r - mean = 0), so it adds nothing to the loss; G = 1 gives 0 as well.
+    """
+    r = rewards.float()
+    centered = r - r.mean(dim=1, keepdim=True)
+    if scale == "none":
+        return centered
+    if scale != "std":
+        raise ValueError(f"scale must be 'std' or 'none', got {scale!r}")
+    if r.shape[1] < 2:                       # std of one sample is NaN; the centered value is 0 anyway
+        return centered
+    return centered / (r.std(dim=1, keepdim=True) + eps)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimator of KL(pi_theta || pi_ref) = exp(ref - logp) - (ref - logp) - 1 (GRPO eq. 4).
+
+    Unbiased for samples from pi_theta, always >= 0, and exactly 0 where logp == ref_logp.
+    """
+    d = ref_logp.float() - logp.float()
+    return torch.exp(d) - d - 1
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, *,
+                variant: str = "grpo", eps_low: float | None = None, eps_high: float | None = None,
+                ref_logp: torch.Tensor | None = None, beta: float = 0.0,
+                max_len: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped policy-ratio loss (to minimize) and logging stats, for the variants as their papers write them.
+
+    Per token, r_t = exp(logp - old_logp) and L_t = -min(r_t A, clip(r_t, 1 - eps_low, 1 + eps_high) A),
+    plus beta * k3 KL to `ref_logp` when given. Then, by variant:
+      grpo:    mean over each sequence's tokens, then mean over sequences (GRPO eq. 3: 1/G sum_i 1/|o_i| sum_t)
+      dr_grpo: sum over all tokens / (B * max_len), a constant (Dr. GRPO; max_len defaults to T)
+      dapo:    sum over all tokens / total tokens in the batch (DAPO eq. 8, token-level), clip-higher
+      gspo:    sequence ratio s_i = exp(mean_t(logp - old_logp)) (GSPO eq. 7), clipped per sequence,
+               L_i = -min(s_i A_i, clip(s_i) A_i), mean over sequences; the KL term is averaged as in grpo.
+    eps_low/eps_high default to DEFAULT_EPS[variant] (GSPO: 3e-4/4e-4, DAPO: 0.2/0.28).
+
+    Stats are detached 0-dim tensors (no device sync here; call .item() when logging):
+      clip_frac  fraction of tokens (gspo: sequences) where the clipped term is the active one
+      kl         mean k3 KL per valid token (0 without ref_logp)
+      ratio_mean mean ratio over valid tokens (gspo: mean s_i)
+    A sequence with no valid tokens contributes 0 (denominators are clamped to 1).
+    """
+    if variant not in RL_VARIANTS:
+        raise ValueError(f"variant must be one of {RL_VARIANTS}, got {variant!r}")
+    d_low, d_high = DEFAULT_EPS[variant]
+    eps_low = d_low if eps_low is None else eps_low
+    eps_high = d_high if eps_high is None else eps_high
+    valid = mask.bool()                                                # (B, T)
+    mask = mask.to(torch.float32)
+    adv = advantages.float().unsqueeze(1)                              # (B, 1)
+    # where, not multiply: padding may hold -inf log-probs, and -inf * 0 is NaN.
+    log_ratio = torch.where(valid, logp.float() - old_logp.float(), 0.0)      # (B, T)
+    n_tok = mask.sum(dim=1).clamp(min=1)                               # (B,)
+    n_all = mask.sum().clamp(min=1)
+
+    if variant == "gspo":
+        s = torch.exp(log_ratio.sum(dim=1, keepdim=True) / n_tok.unsqueeze(1))     # (B, 1) sequence ratio
+        s_clip = s.clamp(1 - eps_low, 1 + eps_high)
+        seq_loss = -torch.min(s * adv, s_clip * adv).squeeze(1)        # (B,)
+        clipped = ((s_clip * adv) < (s * adv)).float().squeeze(1)      # (B,) the clipped term won the min
+        loss = seq_loss.mean()
+        clip_frac, ratio_mean = clipped.mean(), s.mean()
+        kl_agg = "seq_mean"
+    else:
+        ratio = torch.exp(log_ratio)                                   # (B, T)
+        ratio_clip = ratio.clamp(1 - eps_low, 1 + eps_high)
+        tok_loss = -torch.min(ratio * adv, ratio_clip * adv)           # (B, T)
+        clipped = ((ratio_clip * adv) < (ratio * adv)).float()         # (B, T)
+        clip_frac = (clipped * mask).sum() / n_all
+        ratio_mean = (ratio * mask).sum() / n_all
+        loss = _aggregate(tok_loss, mask, variant, max_len)
+        kl_agg = variant
+
+    if ref_logp is not None:
+        # Mask the inputs, not the output: exp() of padding garbage would put inf * 0 = NaN in backward.
+        kl = k3_kl(torch.where(valid, logp.float(), 0.0), torch.where(valid, ref_logp.float(), 0.0))  # (B, T)
+        kl_mean = kl.sum() / n_all
+        if beta != 0.0:
+            loss = loss + beta * _aggregate(kl, mask, "grpo" if kl_agg == "seq_mean" else kl_agg, max_len)
+    else:
+        kl_mean = loss.new_zeros(())
+    stats = {"clip_frac": clip_frac.detach(), "kl": kl_mean.detach(), "ratio_mean": ratio_mean.detach()}
+    return loss, stats
+
+
+def _aggregate(tok: torch.Tensor, mask: torch.Tensor, variant: str, max_len: int | None) -> torch.Tensor:
+    """Token values (B, T) -> scalar, with each variant's normalizer (see policy_loss)."""
+    tok = torch.where(mask.bool(), tok, 0.0)
+    if variant == "grpo":
+        return (tok.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
+    if variant == "dr_grpo":
+        L = tok.shape[1] if max_len is None else max_len
+        return tok.sum() / (tok.shape[0] * L)
+    return tok.sum() / mask.sum().clamp(min=1)                        # dapo: token level
+
+
+def dynamic_sampling_mask(rewards: torch.Tensor) -> torch.Tensor:
+    """DAPO dynamic sampling: rewards (num_groups, G) -> bool (num_groups,), True for groups whose
+    rewards are not all equal (0 < #correct < G). The others have zero advantage and only dilute
+    the batch; the trainer drops them and samples more prompts."""
+    return rewards.amax(dim=1) != rewards.amin(dim=1)
+
+
+def overlong_filter_mask(truncated: torch.Tensor) -> torch.Tensor:
+    """DAPO overlong filtering: truncated (B,) bool -> keep (B,) bool. A completion cut at the length
+    limit has no real ending to reward, so it is left out of the loss (multiply into the token mask)."""
+    return ~truncated.bool()
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log pi(target_t) per position: logits (B, T, V), targets (B, T) -> (B, T), in fp32.
+
+    gather - logsumexp, so the (B, T, V) log-softmax is never materialized.
+    """
+    logits = logits.float()
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)     # (B, T)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+@torch.no_grad()
+def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean policy entropy over the valid tokens, for logging: logits (B, T, V), mask (B, T) -> 0-dim.
+    H_t = logsumexp(z) - sum_v softmax(z)_v z_v; a collapse toward 0 warns of lost exploration."""
+    z = logits.float()
+    p = torch.softmax(z, dim=-1)
+    h = torch.logsumexp(z, dim=-1) - (p * z).sum(dim=-1)              # (B, T)
+    m = mask.float()
+    return (h * m).sum() / m.sum().clamp(min=1)
