@@ -18,6 +18,7 @@ import torch
 from nanoseek.commands.export import main as export_main
 from nanoseek.export import check_representable, export_gguf
 from nanoseek.model import Transformer, preset
+from nanoseek.tokenizer import Tokenizer
 
 try:
     import llama_cpp
@@ -27,22 +28,13 @@ needs_llama = pytest.mark.skipif(llama_cpp is None, reason="llama-cpp-python is 
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs! "
         "How vexingly quick daft zebras jump; 12 + 34 = 46, and 1,000 is a thousand.\n") * 30
-SPECIALS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"]
 PROMPTS = [[5, 17, 200, 33, 90], [260, 4, 4, 411, 77, 13, 350, 12, 98, 101, 6, 500], [42]]
 NEW_TOKENS = 8
 
 
-def save_tokenizer(path: Path, vocab_size: int = 320):
-    """A byte-level BPE tokenizer.json trained on a few KB; returns it (tokenizers.Tokenizer)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([TEXT], trainer)
-    tok.save(str(path / "tokenizer.json"))
+def save_tokenizer(path: Path) -> Tokenizer:
+    tok = Tokenizer.train([TEXT], vocab_size=320)                      # embedding rows 320..511 stay unused
+    tok.save(path)
     return tok
 
 
@@ -131,18 +123,26 @@ def test_llama_cpp_matches_nanoseek(tmp_path, name):
 
 
 @needs_llama
-def test_cli_export_and_tokenizer_match(tmp_path):
+def test_cli_export_tokenizer_and_chat_template(tmp_path):
     make_model_dir(tmp_path / "hf")
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))
+    tok = Tokenizer.from_dir(tmp_path / "hf")
     out = tmp_path / "cli.gguf"
     export_main(["--model", str(tmp_path / "hf"), "--format", "gguf", "--out", str(out)])
     llm = open_llama(out)
     try:
         for text in ("The quick brown fox jumps over the lazy dog.", "How vexingly quick daft zebras jump; 12 + 34 = 46"):
-            assert llm.tokenize(text.encode(), add_bos=False) == tok.encode(text).ids
-        assert llm.token_bos() == 0 and llm.token_eos() == 1
+            assert llm.tokenize(text.encode(), add_bos=False) == tok.encode(text)
+        assert (llm.token_bos(), llm.token_eos()) == (tok.bos_id, tok.eos_id)
+        # the chat template travels in the file: llama.cpp's Jinja rendering gives render_chat's ids
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "12 + 34?"},
+                    {"role": "assistant", "content": "46"}, {"role": "user", "content": "and 1,000?"}]
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = llm.metadata["tokenizer.chat_template"]
+        prompt = Jinja2ChatFormatter(template, eos_token=tok.decode([tok.eos_id]),
+                                     bos_token=tok.decode([tok.bos_id]))(messages=messages).prompt
+        ids, _ = tok.render_chat(messages, add_generation_prompt=True)
+        assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids
     finally:
         llm.close()
 
