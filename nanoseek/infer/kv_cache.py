@@ -3,10 +3,17 @@
 
 `ContiguousCache` is the simple one: one preallocated (layers, batch, max_len, .) buffer; rows may hold
 different lengths. It implements what the model calls: `prepare(T)` and `update(layer, kv, k_pe)`.
+
+`PagedCache` is the engine's: one pool of fixed-size blocks per layer, a free list, and a block table
+per sequence (vLLM's PagedAttention layout, on the latent). Long and short sequences share the pool
+without copying; a finished sequence hands its blocks back at once. The engine `bind`s the rows of
+each forward (block tables, cached lengths, new lengths) and passes the positions and mask it returns
+to the model, which calls `update` per layer.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from nanoseek.model.config import ModelConfig
@@ -51,3 +58,99 @@ class ContiguousCache:
         self.kv[layer][rows, self._write] = kv.to(self.kv.dtype)
         self.pe[layer][rows, self._write] = k_pe.to(self.pe.dtype)
         return self.kv[layer, :, : self._S], self.pe[layer, :, : self._S]
+
+
+class PagedCache:
+    """Latent cache in blocks: kv (layers, num_blocks * block_size, kv_lora_rank) and pe (..., rope).
+
+    Slot s of the pool is token s % block_size of block s // block_size. Block 0 is never handed out:
+    the padding tokens of a ragged batch write there, and nothing reads it unmasked.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int = 16, *,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", layers: int | None = None):
+        if num_blocks < 2:
+            raise ValueError(f"num_blocks {num_blocks} < 2 (block 0 is reserved)")
+        n = cfg.num_hidden_layers + cfg.num_nextn_predict_layers if layers is None else layers
+        self.block_size, self.num_blocks, self.num_layers = block_size, num_blocks, n
+        self.device = torch.device(device)
+        # zeros, not empty: masked keys still enter the weighted sum with weight 0, and 0 * NaN = NaN
+        self.kv = torch.zeros(n, num_blocks * block_size, cfg.kv_lora_rank, dtype=dtype, device=device)
+        self.pe = torch.zeros(n, num_blocks * block_size, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+        self._free = list(range(num_blocks - 1, 0, -1))     # pop() hands out low ids first
+        self._write: torch.Tensor | None = None               # (B*T,) slots written by the bound forward
+        self._read: torch.Tensor | None = None                # (B*S,) slots read back
+        self._span: tuple[int, int, int] | None = None        # one row in consecutive slots: (first, write, S)
+        self._shape = (0, 0)
+
+    # --- blocks
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def blocks_for(self, n_tokens: int) -> int:
+        return -(-n_tokens // self.block_size)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise RuntimeError(f"cache has {len(self._free)} free blocks, {n} asked")
+        return [self._free.pop() for _ in range(n)]
+
+    def release(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+
+    def bytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size() + self.pe.numel() * self.pe.element_size()
+
+    # --- one forward
+    def bind(self, tables: list[list[int]], starts: list[int], lengths: list[int], T: int,
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows of the next forward: row b has starts[b] cached tokens and lengths[b] (<= T) new ones,
+        padded to T. Returns positions (B, T) and mask (B, T, S) (True = attend), S = max(start + length).
+        Padding queries repeat their row's last position (so their mask row is never empty) and write
+        into block 0."""
+        bs = self.block_size
+        B = len(tables)
+        start = np.asarray(starts, dtype=np.int64)
+        length = np.asarray(lengths, dtype=np.int64)
+        S = int((start + length).max())
+        t = np.arange(T)
+        pos = start[:, None] + np.minimum(t[None, :], length[:, None] - 1)          # (B, T)
+        keys = np.arange(S)
+        nblk = -(-S // bs)
+        table = np.zeros((B, nblk), dtype=np.int64)
+        for b, tab in enumerate(tables):
+            k = min(len(tab), nblk)
+            table[b, :k] = tab[:k]
+        slots = table[:, keys // bs] * bs + keys % bs                               # (B, S)
+        write = np.take_along_axis(slots, pos, axis=1)                              # (B, T)
+        padded = t[None, :] >= length[:, None]
+        write[padded] = 0
+        mask = keys[None, None, :] <= pos[:, :, None]                               # (B, T, S)
+        self._shape = (B, S)
+        self._span = None
+        if B == 1 and not padded.any() and slots[0, -1] - slots[0, 0] == S - 1 and (
+                nblk == 1 or (np.diff(table[0]) == 1).all()):
+            # one sequence in consecutive blocks (the usual case at batch 1): read and write in place
+            self._span = (int(slots[0, 0]), int(write[0, 0]), S)
+        dev = self.device
+        self._write = torch.from_numpy(write.reshape(-1)).to(dev, non_blocking=True)
+        self._read = torch.from_numpy(slots.reshape(-1)).to(dev, non_blocking=True)
+        return (torch.from_numpy(pos).to(dev, non_blocking=True),
+                torch.from_numpy(mask).to(dev, non_blocking=True))
+
+    def update(self, layer: int, kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this forward's latent (B, T, c) and rope key (B, T, rope) for `layer`; return the
+        bound rows' whole context (B, S, c), (B, S, rope)."""
+        B, T, _ = kv.shape
+        kvl, pel = self.kv[layer], self.pe[layer]
+        if self._span is not None:
+            first, w, S = self._span
+            kvl[w:w + T] = kv[0]
+            pel[w:w + T] = k_pe[0]
+            return kvl[first:first + S][None], pel[first:first + S][None]
+        kvl.index_copy_(0, self._write, kv.reshape(B * T, -1).to(kvl.dtype))
+        pel.index_copy_(0, self._write, k_pe.reshape(B * T, -1).to(pel.dtype))
+        B, S = self._shape
+        return (kvl.index_select(0, self._read).view(B, S, -1),
+                pel.index_select(0, self._read).view(B, S, -1))

@@ -1,0 +1,778 @@
+"""Inference engine: paged latent KV cache, continuous batching, sampling, streaming, MTP speculation.
+
+    engine = Engine(model, tokenizer)
+    [c] = engine.generate([prompt_ids], SamplingParams(max_tokens=64, temperature=0))   # blocking batch
+    for ev in engine.add_request(prompt_ids, params): print(ev.text, end="")             # streaming
+    async for ev in engine.stream(prompt_ids, params): ...                                # FastAPI
+
+One scheduler iteration (`step`):
+  1. cancelled requests leave (their cache blocks go back to the pool at once);
+  2. waiting requests join while a batch row and cache blocks for their prompt are free, and are
+     prefilled: prompts of different lengths padded into one forward on the clear MLA path, long
+     ones in chunks of `max_prefill_tokens`;
+  3. every running request decodes one token together on the absorbed MLA path; with `speculative`
+     the MTP module's draft is verified instead (two positions per row, up to two tokens per step).
+When a running request needs a block and none is free, the most recently admitted one is preempted
+(blocks freed, recomputed from its tokens later), so a full cache queues work and never crashes.
+
+Sampled tokens go through the stop checks and an incremental detokenizer and out as StreamEvents.
+One host sync per decode step (the sampled ids); the cache indices and mask are built on the host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import random
+import threading
+import traceback
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from nanoseek.infer import sampling as smp
+from nanoseek.infer.kv_cache import PagedCache
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0          # 0 = greedy
+    top_k: int = 0                    # 0 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None           # per-request generator: same seed -> same output, whatever the batch
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    stop: list[str] = field(default_factory=list)          # stop strings (not included in the output text)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None       # None: no logprobs; n >= 0: chosen-token logprob plus top-n
+
+    def validate(self) -> None:
+        def bad(name: str, why: str):
+            raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r}: {why}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            bad("max_tokens", "must be an integer >= 1")
+        if not self.temperature >= 0:
+            bad("temperature", "must be >= 0")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            bad("top_k", "must be an integer >= 0 (0 = off)")
+        if not 0 < self.top_p <= 1:
+            bad("top_p", "must be in (0, 1]")
+        if not 0 <= self.min_p <= 1:
+            bad("min_p", "must be in [0, 1]")
+        if not self.repetition_penalty > 0:
+            bad("repetition_penalty", "must be > 0 (1 = off)")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                bad(name, "must be in [-2, 2] (OpenAI's range)")
+        if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) and s for s in self.stop):
+            bad("stop", "must be a list of non-empty strings")
+        if not all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids):
+            bad("stop_token_ids", "must be a list of token ids")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
+            bad("logprobs", "must be None or an integer >= 0")
+        if self.seed is not None and not isinstance(self.seed, int):
+            bad("seed", "must be an integer or None")
+
+
+@dataclass
+class StreamEvent:
+    text: str                         # new text since the previous event (whole UTF-8 characters; a tail
+                                      # that could still become a stop string is held back)
+    token_ids: list[int]              # tokens this event covers
+    logprobs: list[float] | None
+    top_logprobs: list[dict[str, float]] | None
+    finished: bool
+    finish_reason: str | None         # "stop" (eos, stop token or stop string), "length", "abort"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]
+    token_ids: list[int]              # every sampled token, a final eos / stop token included
+    text: str                         # without the stop string or the eos / stop token's text
+    finish_reason: str
+    logprobs: list[float] | None
+
+
+class Request:
+    """Handle returned by `Engine.add_request`. Iterating blocks until the next event (and drives the
+    engine itself when no background thread runs); it ends after the finished event."""
+
+    def __init__(self, engine: Engine, prompt_ids: list[int], params: SamplingParams, sink=None,
+                 keep_events: bool = True):
+        self.id = uuid.uuid4().hex[:16]
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.completion: Completion | None = None
+        self.error: BaseException | None = None
+        self._engine = engine
+        self._events: queue.SimpleQueue[StreamEvent] = queue.SimpleQueue()
+        self._sink = sink
+        self._keep = keep_events
+        self._cancelled = False
+        self._done = threading.Event()
+
+    @property
+    def finished(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        """Stop generating; the slot and its cache blocks are freed at the next step."""
+        self._cancelled = True
+        self._engine._wake()
+
+    def __iter__(self) -> Iterator[StreamEvent]:
+        while True:
+            ev = self._next_event()
+            yield ev
+            if ev.finished:
+                return
+
+    def result(self) -> Completion:
+        """Block until the request is done."""
+        while not self._done.is_set():
+            self._wait_or_drive(lambda: self._done.is_set())
+        if self.error is not None:
+            raise RuntimeError(f"request {self.id} failed in the engine") from self.error
+        return self.completion
+
+    def _next_event(self) -> StreamEvent:
+        while True:
+            try:
+                return self._events.get_nowait()
+            except queue.Empty:
+                pass
+            if self._done.is_set() and self._events.empty():
+                raise RuntimeError(f"request {self.id}: no more events (consumed elsewhere)")
+            self._wait_or_drive(lambda: not self._events.empty())
+
+    def _wait_or_drive(self, ready) -> None:
+        eng = self._engine
+        if eng.running_in_background:
+            with eng._cv:
+                eng._cv.wait_for(lambda: ready() or not eng.running_in_background, timeout=0.5)
+        elif not eng.step() and not ready():
+            raise RuntimeError(f"request {self.id}: the engine has no work left but the request is not done")
+
+    def _emit(self, ev: StreamEvent) -> None:
+        if self._keep:
+            self._events.put(ev)
+        if self._sink is not None:
+            self._sink(ev)
+        if ev.finished:
+            self._done.set()
+
+
+class _Detokenizer:
+    """Incremental detokenization (the window scheme of HF TGI / vLLM): decode a short window of ids
+    before and after the new token and take the difference, holding back text that ends in an
+    incomplete UTF-8 character (byte-level BPE decodes a partial character to U+FFFD)."""
+
+    def __init__(self, tokenizer, context: list[int]):
+        self.tok = tokenizer
+        self.ids = list(context)
+        self.prefix = 0
+        self.read = len(self.ids)
+
+    def step(self, token: int) -> str:
+        self.ids.append(token)
+        before = self.tok.decode(self.ids[self.prefix:self.read])
+        after = self.tok.decode(self.ids[self.prefix:])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return after[len(before):]
+        return ""
+
+    def flush(self) -> str:
+        before = self.tok.decode(self.ids[self.prefix:self.read])
+        after = self.tok.decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return after[len(before):]
+
+
+class _Seq:
+    """Engine-side state of one request."""
+
+    def __init__(self, req: Request, eng: Engine):
+        p = req.params
+        self.req, self.params = req, p
+        self.prompt_len = len(req.prompt_ids)
+        self.tokens = list(req.prompt_ids)            # prompt + generated; tokens[-1] is fed next
+        self.blocks: list[int] = []
+        self.cached = 0                               # tokens whose latent is in the cache
+        self.prefilled = False
+        self.slot = -1                                # batch row slot (penalty counts, draft distribution)
+        self.order = 0                                # admission order: the newest is preempted first
+        self.draft: int | None = None
+        self.gen = torch.Generator(device=eng.device)
+        self.gen.manual_seed(p.seed if p.seed is not None else random.getrandbits(63))
+        self.penalized = p.repetition_penalty != 1 or p.frequency_penalty != 0 or p.presence_penalty != 0
+        self.detok = _Detokenizer(eng.tokenizer, req.prompt_ids[-4:]) if eng.tokenizer is not None else None
+        self.text = ""                                # output text so far (stop string cut off)
+        self.sent = 0                                 # characters of `text` already emitted
+        self.logprobs: list[float] | None = [] if p.logprobs is not None else None
+        self.finish_reason: str | None = None
+        # what the next event covers
+        self.new_ids: list[int] = []
+        self.new_lps: list[float] = []
+        self.new_tops: list[dict[str, float]] = []
+
+    @property
+    def out(self) -> list[int]:
+        return self.tokens[self.prompt_len:]
+
+    @property
+    def n_out(self) -> int:
+        return len(self.tokens) - self.prompt_len
+
+
+class Engine:
+    def __init__(self, model, tokenizer=None, *, max_batch: int = 32, max_seq_len: int | None = None,
+                 block_size: int = 16, num_blocks: int | None = None, speculative: bool = False,
+                 device=None, dtype=None, max_prefill_tokens: int = 2048, cache_bytes: int = 1 << 30):
+        """model: a nanoseek Transformer (moved to device/dtype when given). num_blocks defaults to room
+        for max_batch sequences of max_seq_len, capped at `cache_bytes`, never below one full sequence."""
+        if device is not None or dtype is not None:
+            model.to(device=device, dtype=dtype)
+        param = next(model.parameters())
+        self.model, self.tokenizer = model, tokenizer
+        self.device, self.dtype = param.device, param.dtype
+        cfg = self.config = model.config
+        if speculative and cfg.num_nextn_predict_layers < 1:
+            raise ValueError("speculative=True needs a model with an MTP module (num_nextn_predict_layers >= 1)")
+        self.speculative = speculative
+        self.max_batch = max_batch
+        self.max_seq_len = int(max_seq_len or cfg.max_position_embeddings)
+        self.max_prefill_tokens = max(max_prefill_tokens, 1)
+        self.vocab_size = cfg.vocab_size
+        eos = tokenizer.eos_id if tokenizer is not None and tokenizer.eos_id is not None else cfg.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
+        layers = cfg.num_hidden_layers + (1 if speculative else 0)     # MTP depth 1 keeps its own latents
+        if num_blocks is None:
+            per_block = layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * block_size * param.element_size()
+            one_seq = -(-self.max_seq_len // block_size)
+            num_blocks = max(min(max_batch * one_seq, cache_bytes // per_block), one_seq) + 1
+        self.cache = PagedCache(cfg, num_blocks, block_size, dtype=self.dtype, device=self.device, layers=layers)
+        self.stats = dict(drafted=0, accepted=0, steps=0, prefill_tokens=0, generated_tokens=0, preempted=0)
+
+        self._inbox: list[_Seq] = []
+        self._finished: list[_Seq] = []
+        self.waiting: deque[_Seq] = deque()
+        self.running: list[_Seq] = []
+        self._free_slots = list(range(max_batch - 1, -1, -1))
+        self._admitted = itertools.count()
+        self._counts: torch.Tensor | None = None       # (max_batch, V) output-token counts for penalties
+        self._prompt_seen: torch.Tensor | None = None  # (max_batch, V) bool
+        self._draft_q: torch.Tensor | None = None      # (max_batch, V) draft distributions (speculative sampling)
+        self._step_lock = threading.RLock()
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # --- public API
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError naming what is wrong with a request (the server turns it into a 400)."""
+        params.validate()
+        if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
+            raise ValueError("prompt_ids must be a non-empty list of token ids")
+        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) and 0 <= t < self.vocab_size
+                   for t in prompt_ids):
+            raise ValueError(f"prompt_ids must be integers in [0, {self.vocab_size})")
+        n = len(prompt_ids)
+        if n > self.max_seq_len:
+            raise ValueError(f"prompt is {n} tokens, longer than the context window of {self.max_seq_len}")
+        if n + params.max_tokens > self.max_seq_len:
+            raise ValueError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) = {n + params.max_tokens} "
+                             f"exceeds the context window of {self.max_seq_len}")
+        if self.cache.blocks_for(n + params.max_tokens) > self.cache.num_blocks - 1:
+            raise ValueError(f"prompt + max_tokens = {n + params.max_tokens} tokens exceeds the KV cache "
+                             f"({(self.cache.num_blocks - 1) * self.cache.block_size} tokens)")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need an engine with a tokenizer; use stop_token_ids")
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Request:
+        """Queue a request (thread-safe); it joins the running batch at the next step."""
+        return self._add(prompt_ids, params or SamplingParams())
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Completion]:
+        """Run a batch to completion through the same continuous-batching scheduler."""
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
+        for p, sp in zip(prompts, plist):
+            self.validate(p, sp)
+        reqs = [self._add(p, sp, keep_events=False) for p, sp in zip(prompts, plist)]
+        return [r.result() for r in reqs]
+
+    async def stream(self, prompt_ids: list[int], params: SamplingParams | None = None) -> AsyncIterator[StreamEvent]:
+        """Async events of one request (starts the background thread). Closing or cancelling the
+        generator cancels the request. A bad request raises ValueError at the first iteration."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[StreamEvent] = asyncio.Queue()
+
+        def sink(ev: StreamEvent) -> None:
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, ev)
+            except RuntimeError:      # the event loop is gone; the request is cancelled below
+                pass
+
+        req = self._add(prompt_ids, params or SamplingParams(), sink=sink, keep_events=False)
+        self.start()
+        try:
+            while True:
+                ev = await events.get()
+                yield ev
+                if ev.finished:
+                    return
+        finally:
+            if not req.finished:
+                req.cancel()
+
+    @property
+    def running_in_background(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def start(self) -> None:
+        """Run step() in a background thread while work exists (idempotent)."""
+        with self._cv:
+            if self.running_in_background:
+                return
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="nanoseek-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        self._thread = None
+
+    def has_work(self) -> bool:
+        return bool(self._inbox or self.waiting or self.running)
+
+    def step(self) -> bool:
+        """One scheduler iteration; returns whether work remains."""
+        with self._step_lock, torch.inference_mode():
+            self._take_inbox()
+            self._reap_cancelled()
+            self._admit()
+            prefill = [s for s in self.running if not s.prefilled]
+            if prefill:
+                self._prefill(prefill)
+            decode = [s for s in self.running if s.prefilled and s.finish_reason is None]
+            if decode:
+                (self._verify if self.speculative else self._decode)(decode)
+            self._flush()
+            with self._cv:
+                self._cv.notify_all()
+            return self.has_work()
+
+    # --- queueing
+    def _add(self, prompt_ids, params, sink=None, keep_events=True) -> Request:
+        if isinstance(prompt_ids, torch.Tensor):
+            prompt_ids = prompt_ids.tolist()
+        self.validate(prompt_ids, params)
+        req = Request(self, [int(t) for t in prompt_ids], params, sink=sink, keep_events=keep_events)
+        seq = _Seq(req, self)
+        with self._cv:
+            self._inbox.append(seq)
+            self._cv.notify_all()
+        return req
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._stopping or self.has_work())
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as e:  # never die silently: fail the requests in flight, keep serving
+                traceback.print_exc()
+                self._abort_all(e)
+
+    def _abort_all(self, error: BaseException) -> None:
+        with self._step_lock:
+            self._take_inbox()
+            for s in list(self.running) + list(self.waiting):
+                s.req.error = error
+                self._finish(s, "abort")
+            self._flush()
+
+    def _take_inbox(self) -> None:
+        with self._cv:
+            new, self._inbox = self._inbox, []
+        self.waiting.extend(new)
+
+    def _reap_cancelled(self) -> None:
+        for s in [s for s in self.running if s.req._cancelled] + [s for s in self.waiting if s.req._cancelled]:
+            self._finish(s, "abort")
+
+    def _admit(self) -> None:
+        while self.waiting and self._free_slots:
+            s = self.waiting[0]
+            need = self.cache.blocks_for(len(s.tokens))
+            if need > self.cache.num_free:
+                break
+            self.waiting.popleft()
+            s.blocks = self.cache.allocate(need)
+            s.slot = self._free_slots.pop()
+            s.order = next(self._admitted)
+            s.cached, s.prefilled, s.draft = 0, False, None
+            if s.penalized:
+                self._init_penalty_row(s)
+            self.running.append(s)
+
+    def _release(self, s: _Seq) -> None:
+        self.cache.release(s.blocks)
+        s.blocks = []
+        if s.slot >= 0:
+            self._free_slots.append(s.slot)
+            s.slot = -1
+        if s in self.running:
+            self.running.remove(s)
+
+    def _preempt(self, s: _Seq) -> None:
+        """Give back s's blocks; it is recomputed from its tokens (prompt + output) when readmitted."""
+        self._release(s)
+        s.cached, s.prefilled, s.draft = 0, False, None
+        self.waiting.appendleft(s)
+        self.stats["preempted"] += 1
+
+    def _reserve(self, rows: list[_Seq], ahead: int) -> list[_Seq]:
+        """Make sure every row has blocks for `ahead` more positions, preempting the newest
+        requests when the pool runs dry. Returns the rows still running, in order."""
+        rows = sorted(rows, key=lambda s: s.order)
+        kept: list[_Seq] = []
+        while rows:
+            s = rows.pop(0)
+            need = self.cache.blocks_for(s.cached + ahead) - len(s.blocks)
+            while need > self.cache.num_free:
+                victims = [v for v in self.running if v is not s and v.order > s.order]
+                victim = max(victims, key=lambda v: v.order) if victims else s
+                if victim in rows:
+                    rows.remove(victim)
+                self._preempt(victim)
+                if victim is s:
+                    break
+            else:
+                if need > 0:
+                    s.blocks += self.cache.allocate(need)
+                kept.append(s)
+        return kept
+
+    # --- forwards
+    def _bind(self, rows: list[_Seq], lengths: list[int], T: int):
+        return self.cache.bind([s.blocks for s in rows], [s.cached for s in rows], lengths, T)
+
+    def _prefill(self, seqs: list[_Seq]) -> None:
+        budget = self.max_prefill_tokens
+        rows, lens, T = [], [], 0
+        for s in sorted(seqs, key=lambda s: s.order):
+            n = min(len(s.tokens) - s.cached, budget)
+            if rows and (len(rows) + 1) * max(T, n) > budget:
+                break
+            rows.append(s)
+            lens.append(n)
+            T = max(T, n)
+        B = len(rows)
+        ids = torch.zeros(B, T, dtype=torch.long)
+        for b, (s, n) in enumerate(zip(rows, lens)):
+            ids[b, :n] = torch.tensor(s.tokens[s.cached:s.cached + n])
+        ids = ids.to(self.device)
+        positions, mask = self._bind(rows, lens, T)
+        out = self.model(ids, cache=self.cache, positions=positions, mask=mask, absorb=False,
+                         return_hidden=self.speculative)
+        logits, hidden = (out["logits"], out["hidden"]) if self.speculative else (out, None)
+        self.stats["prefill_tokens"] += sum(lens)
+        starts = [s.cached for s in rows]
+        for s, n in zip(rows, lens):
+            s.cached += n
+        done = [b for b, s in enumerate(rows) if s.cached == len(s.tokens)]
+        if done:
+            idx = torch.tensor(done, device=self.device)
+            last = logits[idx, torch.tensor([lens[b] - 1 for b in done], device=self.device)]  # (D, V)
+            done_rows = [rows[b] for b in done]
+            tokens, lps, tops = self._sample(done_rows, last)
+            for s, t, lp, top in zip(done_rows, tokens, lps, tops):
+                s.prefilled = True
+                self._append(s, t, lp, top)
+        if self.speculative:
+            # the MTP module keeps its own latents for the same positions: run it over the chunk with
+            # the tokens one step ahead (the just-sampled one last) and draft from the last position
+            alive = [b for b, s in enumerate(rows) if s.finish_reason is None]
+            if alive:
+                nxt = torch.zeros(len(alive), T, dtype=torch.long)
+                for i, b in enumerate(alive):
+                    s, n, st = rows[b], lens[b], starts[b]
+                    nxt[i, :n] = torch.tensor(s.tokens[st + 1:st + n + 1])
+                self._mtp([rows[b] for b in alive], hidden[alive], nxt, starts=[starts[b] for b in alive],
+                          lengths=[lens[b] for b in alive], draft_at=[lens[b] - 1 for b in alive], absorb=False)
+
+    def _decode(self, seqs: list[_Seq]) -> None:
+        rows = self._reserve(seqs, 1)
+        if not rows:
+            return
+        ids = torch.tensor([[s.tokens[-1]] for s in rows], device=self.device)     # (B, 1)
+        positions, mask = self._bind(rows, [1] * len(rows), 1)
+        logits = self.model(ids, cache=self.cache, positions=positions, mask=mask, absorb=True)[:, 0]
+        tokens, lps, tops = self._sample(rows, logits)
+        self.stats["steps"] += 1
+        for s, t, lp, top in zip(rows, tokens, lps, tops):
+            s.cached += 1
+            self._append(s, t, lp, top)
+
+    def _verify(self, seqs: list[_Seq]) -> None:
+        """Speculative step: feed [last token, MTP draft] at positions L, L+1. The logits at L decide the
+        draft (accept with min(1, p/q), else resample from norm(max(0, p - q)); greedy: accept iff it is
+        the argmax); if accepted, the logits at L+1 give a bonus token. Then the MTP module drafts again."""
+        rows = self._reserve(seqs, 2)
+        if not rows:
+            return
+        B = len(rows)
+        dev = self.device
+        drafts = torch.tensor([s.draft for s in rows], device=dev)                  # (B,)
+        ids = torch.stack([torch.tensor([s.tokens[-1] for s in rows], device=dev), drafts], dim=1)  # (B, 2)
+        starts = [s.cached for s in rows]
+        positions, mask = self._bind(rows, [2] * B, 2)
+        out = self.model(ids, cache=self.cache, positions=positions, mask=mask, absorb=True, return_hidden=True)
+        logits, hidden = out["logits"], out["hidden"]                               # (B, 2, V), (B, 2, dim)
+        bp = smp.batch_params([s.params for s in rows], dev)
+        if bp.all_greedy and not bp.any_penalty:
+            first = logits[:, 0].argmax(-1)
+            bonus = logits[:, 1].argmax(-1)
+            accepted = first == drafts
+        else:
+            counts, seen = self._penalty_rows(rows, bp)
+            p0 = smp.probabilities(smp.process_logits(logits[:, 0], bp, counts, seen), bp.greedy)
+            if counts is not None:                  # the bonus token's penalties count the draft too
+                counts = counts.clone()
+                counts[torch.arange(B, device=dev), drafts] += 1
+            p1 = smp.probabilities(smp.process_logits(logits[:, 1], bp, counts, seen), bp.greedy)
+            onehot = torch.zeros_like(p0).scatter_(1, drafts[:, None], 1.0)
+            if self._draft_q is not None and not bp.all_greedy:
+                q = torch.where(bp.greedy[:, None], onehot, self._draft_q[[s.slot for s in rows]])
+            else:
+                q = onehot
+            uniform = torch.zeros(B, device=dev)
+            noise0, noise1 = torch.ones_like(p0), torch.ones_like(p1)
+            for b, s in enumerate(rows):
+                if s.params.temperature > 0:
+                    uniform[b] = torch.rand((), generator=s.gen, device=dev)
+                    noise0[b].exponential_(generator=s.gen)
+                    noise1[b].exponential_(generator=s.gen)
+            first, accepted = smp.speculative_accept(p0, q, drafts, uniform, noise0)
+            bonus = smp.sample(p1, noise1)
+        want_lp = [s.params.logprobs for s in rows if s.params.logprobs is not None]
+        if want_lp:
+            lp0 = self._logprobs(logits[:, 0], first, max(want_lp))
+            lp1 = self._logprobs(logits[:, 1], bonus, max(want_lp))
+        first_l, bonus_l, acc_l = torch.stack([first, bonus, accepted.long()]).tolist()   # the host sync
+        self.stats["steps"] += 1
+        self.stats["drafted"] += B
+        self.stats["accepted"] += sum(acc_l)
+        alive, h_rows, nxt, lengths = [], [], [], []
+        for b, s in enumerate(rows):
+            s.cached += 1 + acc_l[b]
+            new = [first_l[b], bonus_l[b]] if acc_l[b] else [first_l[b]]
+            for j, t in enumerate(new):
+                lp, top = (lp0 if j == 0 else lp1)[b] if want_lp else (None, None)
+                self._append(s, t, lp, top)
+                if s.finish_reason is not None:
+                    break
+            if s.finish_reason is None:
+                alive.append(s)
+                h_rows.append(b)
+                nxt.append(new + [0] * (2 - len(new)))
+                lengths.append(len(new))
+        if alive:
+            self._mtp(alive, hidden[h_rows], torch.tensor(nxt), starts=[starts[b] for b in h_rows],
+                      lengths=lengths, draft_at=[n - 1 for n in lengths], absorb=True)
+
+    def _mtp(self, rows: list[_Seq], hidden: torch.Tensor, next_ids: torch.Tensor, *, starts: list[int],
+             lengths: list[int], draft_at: list[int], absorb: bool) -> None:
+        """MTP depth 1 over positions starts[b] .. +lengths[b]: h_i and the embedding of token i+1 ->
+        its latents into cache layer num_hidden_layers, and a draft for the token after next."""
+        T = hidden.shape[1]
+        positions, mask = self.cache.bind([s.blocks for s in rows], starts, lengths, T)
+        logits, _, _ = self.model.mtp_step(hidden, next_ids.to(self.device), depth=0, cache=self.cache,
+                                           positions=positions, mask=mask, absorb=absorb)
+        needs = [b for b, s in enumerate(rows) if s.prefilled]      # not a prompt chunk short of the end
+        if not needs:
+            return
+        dev = self.device
+        sel = [rows[b] for b in needs]
+        last = logits[torch.tensor(needs, device=dev), torch.tensor([draft_at[b] for b in needs], device=dev)]
+        bp = smp.batch_params([s.params for s in sel], dev)
+        if bp.all_greedy and not bp.any_penalty:
+            drafts = last.argmax(-1)
+        else:
+            counts, seen = self._penalty_rows(sel, bp)
+            q = smp.probabilities(smp.process_logits(last, bp, counts, seen), bp.greedy)
+            noise = torch.ones_like(q)
+            for b, s in enumerate(sel):
+                if s.params.temperature > 0:
+                    noise[b].exponential_(generator=s.gen)
+            drafts = smp.sample(q, noise)
+            if not bp.all_greedy:
+                if self._draft_q is None:
+                    self._draft_q = torch.zeros(self.max_batch, self.vocab_size, device=dev)
+                self._draft_q[[s.slot for s in sel]] = q
+        for s, d in zip(sel, drafts.tolist()):
+            s.draft = d
+
+    # --- sampling
+    def _sample(self, rows: list[_Seq], logits: torch.Tensor):
+        """logits (B, V) -> (tokens, chosen logprobs, top logprobs) as Python lists (one host sync)."""
+        bp = smp.batch_params([s.params for s in rows], self.device)
+        if bp.all_greedy and not bp.any_penalty:
+            chosen = logits.argmax(dim=-1)
+        else:
+            counts, seen = self._penalty_rows(rows, bp)
+            probs = smp.probabilities(smp.process_logits(logits, bp, counts, seen), bp.greedy)
+            noise = torch.ones_like(probs)
+            for b, s in enumerate(rows):
+                if s.params.temperature > 0:
+                    noise[b].exponential_(generator=s.gen)
+            chosen = smp.sample(probs, noise)
+        want_lp = [s.params.logprobs for s in rows if s.params.logprobs is not None]
+        tokens = chosen.tolist()
+        if not want_lp:
+            return tokens, [None] * len(rows), [None] * len(rows)
+        per_row = self._logprobs(logits, chosen, max(want_lp))
+        return tokens, [r[0] for r in per_row], [r[1] for r in per_row]
+
+    def _logprobs(self, logits: torch.Tensor, chosen: torch.Tensor, n: int) -> list[tuple[float, dict]]:
+        lp, top_v, top_i = smp.logprobs(logits, chosen, n)
+        lp = lp.tolist()
+        top_v = top_v.tolist() if top_v is not None else None
+        top_i = top_i.tolist() if top_i is not None else None
+        res = []
+        for b in range(len(lp)):
+            top = {}
+            if top_v is not None:
+                for v, i in zip(top_v[b], top_i[b]):
+                    top[self._token_str(i)] = v
+            res.append((lp[b], top))
+        return res
+
+    def _token_str(self, t: int) -> str:
+        return self.tokenizer.decode([t]) if self.tokenizer is not None else str(t)
+
+    def _penalty_rows(self, rows: list[_Seq], bp: smp.BatchParams):
+        if not bp.any_penalty:
+            return None, None
+        slots = torch.tensor([s.slot for s in rows], device=self.device)
+        return self._counts[slots], self._prompt_seen[slots]
+
+    def _init_penalty_row(self, s: _Seq) -> None:
+        if self._counts is None:
+            self._counts = torch.zeros(self.max_batch, self.vocab_size, device=self.device)
+            self._prompt_seen = torch.zeros(self.max_batch, self.vocab_size, dtype=torch.bool, device=self.device)
+        self._counts[s.slot] = torch.bincount(torch.tensor(s.out, dtype=torch.long),
+                                              minlength=self.vocab_size)[:self.vocab_size].to(self.device)
+        self._prompt_seen[s.slot] = False
+        self._prompt_seen[s.slot, torch.tensor(s.tokens[:s.prompt_len], device=self.device)] = True
+
+    # --- output
+    def _append(self, s: _Seq, t: int, lp: float | None, top: dict | None) -> None:
+        """Add one sampled token: stop checks, detokenization, what the next event carries."""
+        p = s.params
+        s.tokens.append(t)
+        s.new_ids.append(t)
+        self.stats["generated_tokens"] += 1
+        if s.logprobs is not None:
+            s.logprobs.append(lp)
+            s.new_lps.append(lp)
+            s.new_tops.append(top if p.logprobs else {})
+        if s.penalized:
+            self._counts[s.slot, t] += 1
+        if t in p.stop_token_ids or (not p.ignore_eos and t in self.eos_ids):
+            self._finish(s, "stop", flush=True)
+            return
+        if s.detok is not None:
+            delta = s.detok.step(t)
+            if delta:
+                old = len(s.text)
+                s.text += delta
+                if p.stop:
+                    cut = self._find_stop(s.text, p.stop, max(0, old - max(map(len, p.stop)) + 1))
+                    if cut is not None:
+                        s.text = s.text[:cut]
+                        self._finish(s, "stop")
+                        return
+        if s.n_out >= p.max_tokens or len(s.tokens) >= self.max_seq_len:
+            self._finish(s, "length", flush=True)
+
+    @staticmethod
+    def _find_stop(text: str, stops: list[str], start: int) -> int | None:
+        hits = [i for i in (text.find(st, start) for st in stops) if i >= 0]
+        return min(hits) if hits else None
+
+    @staticmethod
+    def _held(text: str, sent: int, stops: list[str]) -> int:
+        """Length of the longest tail of text[sent:] that could still grow into a stop string."""
+        tail = len(text) - sent
+        hold = 0
+        for st in stops:
+            for k in range(min(len(st) - 1, tail), hold, -1):
+                if text.endswith(st[:k]):
+                    hold = k
+                    break
+        return hold
+
+    def _finish(self, s: _Seq, reason: str, flush: bool = False) -> None:
+        if s.finish_reason is not None:
+            return
+        if flush and s.detok is not None:
+            rest = s.detok.flush()
+            if rest and s.params.stop:
+                old = len(s.text)
+                s.text += rest
+                cut = self._find_stop(s.text, s.params.stop, max(0, old - max(map(len, s.params.stop)) + 1))
+                if cut is not None:
+                    s.text, reason = s.text[:cut], "stop"
+            else:
+                s.text += rest
+        s.finish_reason = reason
+        if s in self.waiting:
+            self.waiting.remove(s)
+        self._release(s)
+        self._finished.append(s)
+
+    def _flush(self) -> None:
+        """One event per request that got tokens (or finished) in this step."""
+        for s in list(self.running) + [s for s in self.waiting if s.new_ids] + self._finished:
+            if not s.new_ids and s.finish_reason is None:
+                continue
+            done = s.finish_reason is not None
+            end = len(s.text) if done else len(s.text) - self._held(s.text, s.sent, s.params.stop)
+            text = s.text[s.sent:end]
+            s.sent = max(s.sent, end)
+            if done:
+                s.req.completion = Completion(prompt_ids=s.req.prompt_ids, token_ids=s.out, text=s.text,
+                                              finish_reason=s.finish_reason, logprobs=s.logprobs)
+            want = s.logprobs is not None
+            s.req._emit(StreamEvent(text=text, token_ids=s.new_ids, logprobs=s.new_lps if want else None,
+                                    top_logprobs=s.new_tops if want else None, finished=done,
+                                    finish_reason=s.finish_reason, prompt_tokens=s.prompt_len,
+                                    completion_tokens=s.n_out))
+            s.new_ids, s.new_lps, s.new_tops = [], [], []
+        self._finished = []

@@ -1,0 +1,389 @@
+"""Inference engine on the tiny model (fp32): outputs against full forwards, batching and continuous
+batching against requests run alone, cancel / preemption bookkeeping, MTP speculation against plain
+decoding, seeded sampling, stop handling, streaming, logprobs."""
+
+import asyncio
+import functools
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanoseek.infer import sampling as smp
+from nanoseek.infer.engine import Engine, SamplingParams, _Detokenizer
+from nanoseek.infer.kv_cache import PagedCache
+from nanoseek.model import ModelConfig, Transformer
+
+GREEDY = dict(temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # tiny matmuls: a second OpenMP thread only adds sync cost (and stalls badly on a busy machine)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(seed=0, **kw) -> Transformer:
+    torch.manual_seed(seed)
+    m = Transformer(ModelConfig(**kw))
+    m.init_weights(0.1)            # peaked logits: argmax ties are out of float noise's reach
+    return m.eval()
+
+
+def prompts(*lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 512, (n,), generator=g).tolist() for n in lengths]
+
+
+@torch.no_grad()
+def full_forward_greedy(m, prompt, n, penalty=None):
+    ids, out = list(prompt), []
+    for _ in range(n):
+        logits = m(torch.tensor([ids]))[0, -1][None]
+        if penalty is not None:      # (repetition, frequency, presence) on the full-forward logits
+            counts = torch.bincount(torch.tensor(out, dtype=torch.long), minlength=512)[None]
+            seen = torch.zeros(1, 512, dtype=torch.bool)
+            seen[0, prompt] = True
+            logits = smp.apply_penalties(logits, counts, seen, *(torch.tensor([v]) for v in penalty))
+        t = int(logits.argmax())
+        ids.append(t)
+        out.append(t)
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def trained_mtp_model() -> Transformer:
+    """Tiny model trained ~1 s on a fixed cycle over tokens 10..59 (next = cycle successor), main
+    head and MTP head, except that the MTP head learns a wrong answer for 10 of the 50 tokens: its
+    drafts are then mostly right and sometimes wrong."""
+    m = tiny(seed=3)
+    cycle = torch.randperm(50, generator=torch.Generator().manual_seed(0)) + 10
+    succ = torch.arange(512)
+    succ[cycle] = cycle.roll(-1)
+    wrong = torch.zeros(512, dtype=torch.bool)
+    wrong[cycle[::5]] = True
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    m.train()
+    for _ in range(30):
+        x = cycle[torch.randint(0, 50, (16, 1), generator=g)].repeat(1, 12)
+        for i in range(1, 12):
+            x[:, i] = succ[x[:, i - 1]]
+        out = m(x[:, :-1], return_mtp=True)
+        mtp_labels = torch.where(wrong[x[:, 2:]], (x[:, 2:] + 1) % 512, x[:, 2:])
+        loss = F.cross_entropy(out["logits"].flatten(0, 1), x[:, 1:].flatten()) + F.cross_entropy(
+            out["mtp_logits"][0].flatten(0, 1), mtp_labels.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    m.cycle = cycle
+    return m
+
+
+# --- greedy exactness
+
+def test_greedy_equals_full_forward_argmax():
+    m = tiny()
+    ps = prompts(5, 17, 1, 9)
+    eng = Engine(m, max_batch=4, block_size=4)
+    outs = eng.generate(ps, SamplingParams(max_tokens=10, **GREEDY))
+    for p, c in zip(ps, outs):
+        assert c.token_ids == full_forward_greedy(m, p, 10)
+        assert c.finish_reason == "length" and c.prompt_ids == p
+    assert eng.cache.num_free == eng.cache.num_blocks - 1          # everything handed back
+
+
+def test_batch_equals_one_by_one_and_chunked_prefill():
+    m = tiny()
+    ps = prompts(3, 30, 11, 7, 22)
+    params = [SamplingParams(max_tokens=8, **GREEDY), SamplingParams(max_tokens=8, temperature=0.9, seed=5),
+              SamplingParams(max_tokens=8, top_k=20, seed=6), SamplingParams(max_tokens=8, top_p=0.8, seed=7),
+              SamplingParams(max_tokens=8, min_p=0.1, temperature=1.3, seed=8)]
+    alone = [Engine(m).generate([p], sp)[0].token_ids for p, sp in zip(ps, params)]
+    # small prefill budget: the 30-token prompt goes in chunks, the others are padded together
+    together = Engine(m, max_batch=8, block_size=4, max_prefill_tokens=12).generate(ps, params)
+    assert [c.token_ids for c in together] == alone
+
+
+def test_continuous_batching_join_and_leave():
+    m = tiny()
+    ps = prompts(6, 13, 4, 9, 2)
+    sp = [SamplingParams(max_tokens=n, **GREEDY) for n in (12, 3, 9, 5, 7)]
+    alone = [full_forward_greedy(m, p, s.max_tokens) for p, s in zip(ps, sp)]
+    eng = Engine(m, max_batch=3, block_size=4)          # at most 3 running: the rest wait in the queue
+    reqs = [eng.add_request(ps[0], sp[0])]
+    for _ in range(4):
+        eng.step()
+    reqs += [eng.add_request(p, s) for p, s in zip(ps[1:3], sp[1:3])]
+    eng.step()
+    assert len(eng.running) == 3
+    reqs += [eng.add_request(p, s) for p, s in zip(ps[3:], sp[3:])]
+    eng.step()
+    assert len(eng.waiting) == 2                         # queued, not crashed
+    while eng.step():
+        pass
+    assert [r.result().token_ids for r in reqs] == alone
+
+
+def test_cancel_frees_blocks():
+    m = tiny()
+    eng = Engine(m, max_batch=4, block_size=4)
+    free0 = eng.cache.num_free
+    a = eng.add_request(prompts(9)[0], SamplingParams(max_tokens=50, **GREEDY))
+    b = eng.add_request(prompts(5)[0], SamplingParams(max_tokens=6, **GREEDY))
+    for _ in range(3):
+        eng.step()
+    assert eng.cache.num_free < free0
+    a.cancel()
+    eng.step()
+    assert a.result().finish_reason == "abort" and len(a.result().token_ids) < 50
+    assert a not in [s.req for s in eng.running]
+    while eng.step():
+        pass
+    assert b.result().finish_reason == "length"
+    assert eng.cache.num_free == free0
+    events = list(a)
+    assert events[-1].finished and events[-1].finish_reason == "abort"
+
+
+def test_preemption_when_blocks_run_out():
+    m = tiny()
+    ps = prompts(7, 12, 5, 9)
+    sp = SamplingParams(max_tokens=20, **GREEDY)
+    # 12 usable blocks of 4 tokens = 48 tokens for 4 requests that grow to ~30 tokens each
+    eng = Engine(m, max_batch=4, block_size=4, num_blocks=13)
+    outs = eng.generate(ps, sp)
+    assert eng.stats["preempted"] > 0
+    assert [c.token_ids for c in outs] == [full_forward_greedy(m, p, 20) for p in ps]
+    assert eng.cache.num_free == 12
+    with pytest.raises(ValueError, match="KV cache"):
+        eng.add_request(prompts(40)[0], SamplingParams(max_tokens=20))
+
+
+def test_paged_cache_equals_contiguous_and_block_layout():
+    m = tiny()
+    cache = PagedCache(m.config, num_blocks=20, block_size=4, layers=3)
+    assert cache.allocate(2) == [1, 2]                  # block 0 is reserved
+    a, b = cache.allocate(3), cache.allocate(2)
+    cache.release(a)
+    ids = torch.randint(0, 512, (2, 9))
+    with torch.no_grad():
+        tables = [cache.allocate(3), b + cache.allocate(1)]   # row 1's blocks are not contiguous
+        pos, mask = cache.bind(tables, [0, 0], [9, 6], 9)
+        out = m(ids, cache=cache, positions=pos, mask=mask)
+        ref0, ref1 = m(ids[:1]), m(ids[1:, :6])
+    assert (out[0] - ref0[0]).abs().max() < 1e-5 and (out[1, :6] - ref1[0]).abs().max() < 1e-5
+
+
+# --- speculative decoding
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_speculative_greedy_equals_plain(trained):
+    m = trained_mtp_model() if trained else tiny()
+    ps = prompts(5, 12, 1)
+    if trained:   # on the cycle (drafts mostly right) and off it (drafts wrong at first)
+        ps = [m.cycle[:4].tolist(), m.cycle[20:31].tolist()] + ps
+    sp = SamplingParams(max_tokens=16, **GREEDY)
+    plain = [c.token_ids for c in Engine(m, max_batch=8).generate(ps, sp)]
+    eng = Engine(m, max_batch=8, speculative=True, block_size=4)
+    spec = eng.generate(ps, sp)
+    assert [c.token_ids for c in spec] == plain
+    st = eng.stats
+    assert st["drafted"] > 0
+    if trained:
+        assert 0.5 * st["drafted"] < st["accepted"] < st["drafted"]   # mostly accepted, some rejected
+        assert st["steps"] < sum(len(t) for t in plain) / len(ps)     # fewer steps than tokens
+    else:
+        assert st["accepted"] < 0.2 * st["drafted"]                    # random MTP: mostly rejected
+    assert eng.cache.num_free == eng.cache.num_blocks - 1
+
+
+def test_speculative_sampling_is_seeded_and_matches_the_model_distribution():
+    """Sampling with speculation: reproducible per seed, and the first sampled token follows the
+    model's distribution (counts over many seeds against its softmax)."""
+    m = trained_mtp_model()
+    prompt = m.cycle[:3].tolist()
+    sp = [SamplingParams(max_tokens=2, temperature=3.0, top_k=4, seed=s, ignore_eos=True) for s in range(400)]
+    eng = Engine(m, max_batch=64, speculative=True)
+    outs = eng.generate([prompt] * 400, sp)
+    again = Engine(m, max_batch=7, speculative=True).generate([prompt] * 5, sp[:5])
+    assert [c.token_ids for c in again] == [c.token_ids for c in outs[:5]]
+    assert 0 < eng.stats["accepted"] < eng.stats["drafted"]
+    # the second token was produced by verification (accepted draft or residual resample): its
+    # distribution given the first token is the model's, whatever the draft
+    first = outs[0].token_ids[0]
+    with torch.no_grad():
+        logits = m(torch.tensor([prompt + [first]]))[0, -1][None]
+    p = smp.probabilities(smp.process_logits(logits, smp.batch_params([sp[0]])), torch.tensor([False]))[0]
+    seconds = [c.token_ids[1] for c in outs if c.token_ids[0] == first]
+    n = len(seconds)
+    assert n > 100
+    freq = torch.bincount(torch.tensor(seconds), minlength=512).float() / n
+    sigma = (p * (1 - p) / n).sqrt()
+    assert ((freq - p).abs() <= 5 * sigma + 1e-6).all()
+
+
+# --- sampling through the engine
+
+def test_seeded_sampling_reproducible_and_batch_independent():
+    m = tiny()
+    p = prompts(6)[0]
+    sp = SamplingParams(max_tokens=12, temperature=1.5, top_p=0.95, seed=1234, ignore_eos=True)
+    alone = Engine(m).generate([p], sp)[0].token_ids
+    others = prompts(3, 9, 14, seed=9)
+    mixed = Engine(m, max_batch=4).generate(
+        others[:2] + [p] + others[2:], [SamplingParams(max_tokens=12, temperature=1.0, ignore_eos=True)] * 2
+        + [sp] + [SamplingParams(max_tokens=5, **GREEDY)])
+    assert mixed[2].token_ids == alone
+    other_seed = Engine(m).generate([p], SamplingParams(max_tokens=12, temperature=1.5, top_p=0.95, seed=99,
+                                                        ignore_eos=True))[0].token_ids
+    assert other_seed != alone
+
+
+def test_penalties_match_reference():
+    m = tiny()
+    p = prompts(8)[0]
+    pen = (1.8, 0.5, 0.7)
+    got = Engine(m).generate([p], SamplingParams(max_tokens=12, repetition_penalty=pen[0], frequency_penalty=pen[1],
+                                                 presence_penalty=pen[2], **GREEDY))[0].token_ids
+    assert got == full_forward_greedy(m, p, 12, penalty=pen)
+    assert got != full_forward_greedy(m, p, 12)
+
+
+def test_logprobs_equal_full_forward_log_softmax():
+    m = tiny()
+    p = prompts(7)[0]
+    for spec in (False, True):
+        c = Engine(m, speculative=spec).generate([p], SamplingParams(max_tokens=6, logprobs=3, **GREEDY))[0]
+        with torch.no_grad():
+            ref = m(torch.tensor([p + c.token_ids]))[0, len(p) - 1:-1].log_softmax(-1)   # (6, V)
+        want = ref[torch.arange(6), torch.tensor(c.token_ids)]
+        assert torch.allclose(torch.tensor(c.logprobs), want, atol=1e-5)
+    eng = Engine(m)
+    events = list(eng.add_request(p, SamplingParams(max_tokens=3, logprobs=2, **GREEDY)))
+    tops = [t for ev in events for t in ev.top_logprobs]
+    assert len(tops) == 3 and all(len(t) == 2 for t in tops)
+    top = ref[0].topk(2)
+    assert tops[0] == pytest.approx({str(i): v for v, i in zip(top.values.tolist(), top.indices.tolist())}, abs=1e-5)
+
+
+# --- stops, text, streaming
+
+class ByteTokenizer:
+    """Byte-level stand-in: ids 0..255 are bytes (partial UTF-8 decodes to U+FFFD, as byte-level BPE
+    does), 256 is eos, the rest decode to nothing."""
+    eos_id = 256
+
+    def decode(self, ids, skip_special=False):
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+def letters_model():
+    """Tiny model whose head can only favour lowercase ASCII letters: readable text for stop tests."""
+    m = tiny()
+    with torch.no_grad():
+        keep = torch.zeros(512, dtype=torch.bool)
+        keep[ord("a"):ord("z") + 1] = True
+        m.head.weight[~keep] = 0
+    return m
+
+
+def test_stop_strings_tokens_eos_and_max_tokens():
+    m = letters_model()
+    tok = ByteTokenizer()
+    p = [ord(c) for c in "hello"]
+    free = Engine(m, tok).generate([p], SamplingParams(max_tokens=24, **GREEDY))[0]
+    assert free.finish_reason == "length" and free.text == bytes(free.token_ids).decode()
+    stop = free.text[7:9]
+    cut = free.text.find(stop)
+    eng = Engine(m, tok)
+    events = list(eng.add_request(p, SamplingParams(max_tokens=24, stop=["zzzz", stop], **GREEDY)))
+    c = eng.generate([p], SamplingParams(max_tokens=24, stop=[stop], **GREEDY))[0]
+    assert c.finish_reason == "stop" and c.text == free.text[:cut]
+    assert "".join(ev.text for ev in events) == c.text and events[-1].finish_reason == "stop"
+    assert all(stop not in ev.text for ev in events)
+    # a stop token ends the request: its id is in token_ids, its text is not in the output
+    t = free.token_ids[5]
+    k = free.token_ids.index(t)
+    c = Engine(m, tok).generate([p], SamplingParams(max_tokens=24, stop_token_ids=[t], **GREEDY))[0]
+    assert c.token_ids == free.token_ids[:k + 1] and c.text == free.text[:k] and c.finish_reason == "stop"
+    # eos the same way, unless ignore_eos
+    eos_model = letters_model()
+    with torch.no_grad():
+        eos_model.head.weight[256] = eos_model.head.weight[free.token_ids[3]] * 1.01
+    c = Engine(eos_model, tok).generate([p], SamplingParams(max_tokens=24, temperature=0))[0]
+    assert c.token_ids[-1] == 256 and c.finish_reason == "stop" and c.text == free.text[:len(c.token_ids) - 1]
+
+
+def test_detokenizer_never_emits_half_a_character():
+    tok = ByteTokenizer()
+    text = "héllo → 世界!"
+    d = _Detokenizer(tok, [])
+    pieces = [d.step(b) for b in text.encode()]
+    assert "".join(pieces) == text and all("\ufffd" not in piece for piece in pieces)
+    assert sum(1 for piece in pieces if piece) < len(text.encode())   # multi-byte chars came out whole
+
+
+def test_stream_threads_and_async():
+    m = tiny()
+    ps = prompts(4, 8, 6)
+    sp = SamplingParams(max_tokens=8, **GREEDY)
+    want = [full_forward_greedy(m, p, 8) for p in ps]
+    eng = Engine(m, max_batch=4)
+    eng.start()
+    try:
+        got = {}
+
+        def client(i):
+            got[i] = [t for ev in eng.add_request(ps[i], sp) for t in ev.token_ids]
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        assert [got[i] for i in range(3)] == want
+
+        async def consume():
+            events = [ev async for ev in eng.stream(ps[0], sp)]
+            assert [t for ev in events for t in ev.token_ids] == want[0]
+            assert events[-1].finished and events[-1].completion_tokens == 8 and events[-1].prompt_tokens == 4
+            gen = eng.stream(ps[1], SamplingParams(max_tokens=400, **GREEDY))
+            await gen.__anext__()
+            await gen.aclose()                  # a client that goes away cancels its request
+            for _ in range(200):
+                if not eng.has_work():
+                    break
+                await asyncio.sleep(0.01)
+
+        asyncio.run(consume())
+        assert not eng.has_work() and eng.cache.num_free == eng.cache.num_blocks - 1
+    finally:
+        eng.stop()
+
+
+def test_bad_requests_raise_value_error():
+    m = tiny()
+    eng = Engine(m, max_seq_len=32)
+    with pytest.raises(ValueError, match="context window"):
+        eng.add_request(list(range(40)), SamplingParams(max_tokens=1))
+    with pytest.raises(ValueError, match="max_tokens"):
+        eng.add_request(list(range(20)), SamplingParams(max_tokens=20))
+    with pytest.raises(ValueError, match="non-empty"):
+        eng.add_request([], SamplingParams())
+    with pytest.raises(ValueError, match=r"\[0, 512\)"):
+        eng.add_request([1, 600], SamplingParams(max_tokens=2))
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(max_tokens=0), dict(min_p=2),
+                dict(stop=[""]), dict(logprobs=-1)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            eng.add_request([1, 2], SamplingParams(**bad))
+    with pytest.raises(ValueError, match="tokenizer"):
+        eng.add_request([1, 2], SamplingParams(max_tokens=2, stop=["x"]))
+    with pytest.raises(ValueError, match="MTP"):
+        Engine(tiny(num_nextn_predict_layers=0), speculative=True)
+    assert not eng.has_work()
