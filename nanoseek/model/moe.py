@@ -78,8 +78,14 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n, dim, inter))
         self.w3 = nn.Parameter(torch.empty(n, inter, dim))
 
-    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.silu(F.linear(x, self.w1[e])) * F.linear(x, self.w3[e]), self.w2[e])
+    def weights(self) -> tuple[tuple[torch.Tensor, ...], ...]:
+        # unbind once per forward: its backward stacks the E gradients in one op. Indexing w1[e] per
+        # expert instead makes autograd zero-fill and add a full (E, inter, dim) gradient per expert.
+        return self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0)
+
+    @staticmethod
+    def expert(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
 
     def forward(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
         """Grouped dispatch: sort the (token, slot) pairs by expert, run each active expert once
@@ -90,13 +96,11 @@ class Experts(nn.Module):
         counts = torch.bincount(flat, minlength=self.w1.shape[0]).tolist()  # one host sync per layer
         token = order // K                                                # source token of each sorted slot
         xs = x[token]                                                     # (N*K, dim), grouped by expert
-        ys = torch.empty_like(xs)
-        start = 0
-        for e, c in enumerate(counts):
-            if c:
-                ys[start:start + c] = self.expert(e, xs[start:start + c])
-                start += c
-        ys = ys * r.weights.flatten()[order, None].to(ys.dtype)
+        w1, w2, w3 = self.weights()
+        # split (not slicing in a loop): its backward is one cat instead of a zero-fill per expert
+        outs = [self.expert(w1[e], w2[e], w3[e], chunk)
+                for e, chunk in enumerate(xs.split(counts)) if counts[e]]
+        ys = torch.cat(outs) * r.weights.flatten()[order, None].to(xs.dtype)
         return torch.zeros_like(x).index_add_(0, token, ys)
 
     def forward_reference(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
@@ -105,7 +109,8 @@ class Experts(nn.Module):
         for e in range(self.w1.shape[0]):
             tok, slot = (r.indices == e).nonzero(as_tuple=True)
             if tok.numel():
-                out[tok] += self.expert(e, x[tok]) * r.weights[tok, slot, None].to(x.dtype)
+                y = self.expert(self.w1[e], self.w2[e], self.w3[e], x[tok])
+                out[tok] += y * r.weights[tok, slot, None].to(x.dtype)
         return out
 
 
