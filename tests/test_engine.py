@@ -387,3 +387,54 @@ def test_bad_requests_raise_value_error():
     with pytest.raises(ValueError, match="MTP"):
         Engine(tiny(num_nextn_predict_layers=0), speculative=True)
     assert not eng.has_work()
+
+
+# --- CLI
+
+@pytest.fixture
+def model_dir(tmp_path):
+    from nanoseek.tokenizer import Tokenizer
+    tok = Tokenizer.train(["the quick brown fox jumps over the lazy dog %d\n" % i for i in range(300)], vocab_size=400)
+    m = tiny()
+    m.save_pretrained(tmp_path)
+    tok.save(tmp_path)
+    return tmp_path, m, tok
+
+
+def test_generate_command_streams_the_engine_output(model_dir, capsys):
+    from nanoseek.commands import generate
+    d, m, tok = model_dir
+    generate.main(["--model", str(d), "--prompt", "the quick", "--max-tokens", "12", "--temperature", "0",
+                   "--ignore-eos", "--device", "cpu", "--stats"])
+    out, err = capsys.readouterr()
+    ids = tok.encode("the quick", add_bos=True)
+    want = Engine(m, tok).generate([ids], SamplingParams(max_tokens=12, **GREEDY))[0].text
+    assert out == "the quick" + want + "\n"
+    assert "12 generated tokens" in err
+    m.save_pretrained(d / "no_tokenizer")       # without tokenizer.json: token ids in, token ids out
+    generate.main(["--model", str(d / "no_tokenizer"), "--prompt-ids", "5,9,11", "--max-tokens", "4",
+                   "--temperature", "0", "--ignore-eos", "--speculative"])
+    out = capsys.readouterr().out.split()
+    assert [int(t) for t in out] == full_forward_greedy(m, [0, 5, 9, 11], 4)  # bos first
+    with pytest.raises(SystemExit, match="not a model directory"):
+        generate.main(["--model", str(d / "nope"), "--prompt", "x"])
+    with pytest.raises(SystemExit, match="context window"):
+        generate.main(["--model", str(d), "--prompt", "x", "--max-tokens", "5000"])
+
+
+def test_chat_command_multi_turn(model_dir, capsys, monkeypatch):
+    import io
+
+    from nanoseek.commands import chat
+    d, m, tok = model_dir
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello there\nand again\n/exit\n"))
+    chat.main(["--model", str(d), "--max-tokens", "6", "--temperature", "0", "--color", "always"])
+    out = capsys.readouterr().out
+    assert out.count("assistant> ") == 2
+    assert chat.DIM in out and chat.RESET in out          # the generation starts inside <think>: dimmed
+    # reasoning and answer split at the tags, even when a tag arrives in pieces
+    s = chat.ThinkSplitter(thinking=True)
+    pieces = s.feed("plan: add</th") + s.feed("ink>\n4") + s.feed("", final=True)
+    assert pieces == [("think", "plan: add"), ("answer", "\n4")]
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))   # EOF quits
+    chat.main(["--model", str(d), "--max-tokens", "2"])
