@@ -32,6 +32,16 @@ PROMPTS = [[5, 17, 200, 33, 90], [260, 4, 4, 411, 77, 13, 350, 12, 98, 101, 6, 5
 NEW_TOKENS = 8
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One thread on both sides: on a shared 2-core machine, 2-thread spin barriers (OpenMP, ggml) can
+    stretch these millisecond steps into seconds whenever another process holds a core."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def save_tokenizer(path: Path) -> Tokenizer:
     tok = Tokenizer.train([TEXT], vocab_size=320)                      # embedding rows 320..511 stay unused
     tok.save(path)
@@ -77,7 +87,7 @@ def llama_greedy(llm, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]
 
 def open_llama(path: Path):
     return llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, type_k=0, type_v=0,
-                           n_threads=2, verbose=False)
+                           n_threads=1, verbose=False)
 
 
 CONFIGS = {
