@@ -1,0 +1,353 @@
+"""Pretrain a DeepSeek-style model (MLA + MoE + MTP) with the V3 recipe; resumable, multi-process.
+
+    nanoseek pretrain --preset tiny --data data/tinyshakespeare/input.txt
+    nanoseek pretrain --preset small --data data/shards --tokenizer tok/ --out runs/small --dtype bf16
+    nanoseek pretrain --resume runs/small                       # continue from its latest checkpoint
+    torchrun --nproc_per_node 8 -m nanoseek pretrain --preset small --data data/shards [--fsdp]
+
+--data is a raw text file (a tokenizer is trained, or --tokenizer used, and shards are built in
+the run folder) or a shard folder made by `nanoseek data`. The objective is DeepSeek-V3's:
+CE + lambda * MTP + alpha * sequence-wise balance, and after every optimizer step the aux-loss-free
+bias update b_i += gamma * sign(mean load - load_i) on every gate (counts over the global batch).
+--batch-size is sequences per rank per micro-step: global batch = batch * grad-accum * ranks.
+A run folder holds run.json, metrics.jsonl, plots/, samples.txt, report.md and checkpoints/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from nanoseek.common import init_distributed, pick_device, pick_dtype, print0, seed_everything
+from nanoseek.data.pretrain import PretrainLoader, build_shards, check_tokenizer
+from nanoseek.model import PRESETS, Transformer, count_parameters, preset
+from nanoseek.tokenizer import Tokenizer
+from nanoseek.train import parallel
+from nanoseek.train.optim import build_optimizer, lr_at
+from nanoseek.train.plots import plot_run, read_metrics
+from nanoseek.train.step import (autocast, flops_per_token, max_violation, measure_peak_flops, pretrain_loss,
+                                 sample, update_router_bias)
+from nanoseek.train.trainer_state import (load_trainer_state, plain_model, resolve_checkpoint, rng_state,
+                                          save_checkpoint, set_rng_state)
+
+# --- defaults: global, then per preset (tiny: learns tinyshakespeare visibly in minutes on 2 CPU cores)
+DEFAULTS = dict(preset="tiny", steps=1000, batch_size=8, seq_len=256, grad_accum=1, lr=3e-4, min_lr=None,
+                warmup=100, schedule="cosine", optimizer="adamw", weight_decay=0.1, clip=1.0, mtp_weight=0.3,
+                balance_alpha=1e-4, bias_gamma=1e-3, eval_every=100, eval_steps=10, save_every=500, keep=2,
+                seed=1337, device=None, dtype=None, fsdp=False, compile=False, peak_flops=None,
+                sample_tokens=200, tokenizer=None, data=None, out=None)
+PRESET_DEFAULTS = {
+    "tiny": dict(steps=600, batch_size=16, seq_len=128, lr=3e-3, warmup=30, eval_every=100, eval_steps=8,
+                 save_every=200),
+    "small": dict(steps=5000, batch_size=8, seq_len=512, lr=1e-3, warmup=200, eval_every=250, save_every=1000),
+}
+DEFAULTS_MIN_LR_RATIO = 0.1   # min_lr = lr / 10 unless given
+RAW_TEXT_VAL_FRACTION = 0.1
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="nanoseek pretrain", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    # Every default is None here and filled in later (explicit flag > resumed run > preset > global),
+    # so `--resume RUN` alone continues with the run's own settings and any flag overrides them.
+    a = p.add_argument
+    a("--preset", choices=sorted(PRESETS), help="model size (default tiny)")
+    a("--data", help="raw text file, or a shard folder from `nanoseek data`")
+    a("--tokenizer", help="tokenizer folder (default: trained on --data, or the one beside the shards)")
+    a("--out", help="run folder (default runs/<preset>-<time>)")
+    a("--steps", type=int, help="optimizer steps")
+    a("--batch-size", type=int, help="sequences per rank per micro-step")
+    a("--seq-len", type=int)
+    a("--grad-accum", type=int, help="micro-steps per optimizer step")
+    a("--lr", type=float, help="peak learning rate")
+    a("--min-lr", type=float, help="final learning rate (default lr/10)")
+    a("--warmup", type=int, help="linear warmup steps")
+    a("--schedule", choices=["cosine", "wsd"])
+    a("--optimizer", choices=["adamw", "muon"])
+    a("--weight-decay", type=float)
+    a("--clip", type=float, help="gradient norm clip (0: off)")
+    a("--mtp-weight", type=float, help="lambda of the MTP loss (V3: 0.3, then 0.1)")
+    a("--balance-alpha", type=float, help="alpha of the sequence-wise balance loss (V3: 1e-4)")
+    a("--bias-gamma", type=float, help="aux-loss-free bias update speed (V3: 1e-3)")
+    a("--eval-every", type=int, help="steps between validation passes (0: only at the end)")
+    a("--eval-steps", type=int, help="validation batches per pass")
+    a("--save-every", type=int, help="steps between checkpoints (0: only at the end)")
+    a("--keep", type=int, help="checkpoints kept (0: all)")
+    a("--sample-tokens", type=int, help="tokens sampled at each validation pass (0: none)")
+    a("--seed", type=int)
+    a("--device", help="cuda | cpu | cuda:N (default: cuda if present)")
+    a("--dtype", help="fp32 or bf16 (autocast, fp32 master weights); default fp32 on CPU, bf16 on CUDA")
+    a("--peak-flops", type=float, help="MFU denominator per device (default: measured matmul peak)")
+    a("--fsdp", action="store_true", default=None, help="FSDP2 fully_shard instead of DDP (torchrun)")
+    a("--compile", action="store_true", default=None, help="torch.compile each block")
+    a("--resume", help="run folder or checkpoint to continue from")
+    return p.parse_args(argv)
+
+
+def resolve(args: argparse.Namespace, saved: dict | None) -> argparse.Namespace:
+    explicit = {k: v for k, v in vars(args).items() if v is not None and k != "resume"}
+    name = explicit.get("preset") or (saved or {}).get("preset") or DEFAULTS["preset"]
+    merged = {**DEFAULTS, **PRESET_DEFAULTS.get(name, {}), **(saved or {}), **explicit}
+    merged["preset"] = name
+    if merged["min_lr"] is None or ("lr" in explicit and "min_lr" not in explicit):
+        merged["min_lr"] = merged["lr"] * DEFAULTS_MIN_LR_RATIO
+    merged["resume"] = args.resume
+    return argparse.Namespace(**merged)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cli = parse_args(argv)
+
+    # --- resume: the checkpoint decides the model, the data and (unless overridden) the settings
+    ckpt = state = optim_state = None
+    if cli.resume:
+        ckpt = resolve_checkpoint(cli.resume)
+        state, optim_state = load_trainer_state(ckpt)
+    args = resolve(cli, state["args"] if state else None)
+    if args.data is None and ckpt is None:
+        raise SystemExit("nanoseek pretrain: --data is required (a text file or a shard folder)")
+    if args.steps <= 0 or args.batch_size <= 0 or args.seq_len <= 1 or args.grad_accum <= 0:
+        raise SystemExit("nanoseek pretrain: --steps, --batch-size, --grad-accum must be > 0 and --seq-len > 1")
+
+    # --- setup: device, processes, seed, run folder
+    device = pick_device(args.device)
+    owns_group = not parallel.is_distributed()   # a caller that set up the group keeps it afterwards
+    dist = init_distributed(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    amp_dtype = pick_dtype(args.dtype, device)
+    if amp_dtype not in (torch.float32, torch.bfloat16):
+        raise SystemExit(f"nanoseek pretrain: --dtype {args.dtype}: use fp32 or bf16 (fp16 needs loss scaling)")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    seed_everything(args.seed)
+    if args.out is None:
+        args.out = str(ckpt.parent.parent) if ckpt else f"runs/{args.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = Path(args.out)
+    if ckpt is None and (run / "checkpoints").exists():
+        raise SystemExit(f"nanoseek pretrain: {run} already holds a run; pass --resume {run} to continue it, "
+                         "or choose another --out")
+    if dist.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+    parallel.barrier()
+
+    # --- data: tokenizer + shards (a raw text file is tokenized into the run folder once)
+    if ckpt is not None:
+        tok_dir = ckpt / "model"
+    else:
+        data = Path(args.data)
+        if not data.exists():
+            raise SystemExit(f"nanoseek pretrain: --data {data}: no such file or directory")
+        if data.is_file():
+            shards = run / "data"
+            if dist.is_main:
+                if args.tokenizer:
+                    tokenizer = Tokenizer.from_dir(args.tokenizer)
+                else:
+                    vocab = PRESETS[args.preset].get("vocab_size", 512)
+                    print0(f"training a {vocab}-token byte-level BPE tokenizer on {data}")
+                    tokenizer = Tokenizer.train([data.read_text(encoding="utf-8")], vocab_size=vocab)
+                # one text is one document: hold out its last 10% (nanoGPT's split of tinyshakespeare)
+                build_shards([data], tokenizer, shards, val_fraction=RAW_TEXT_VAL_FRACTION)
+                print0(f"tokenized {data} into {shards}")
+            parallel.barrier()
+            args.data = str(shards.resolve())
+            tok_dir = shards / "tokenizer"
+        else:
+            tok_dir = Path(args.tokenizer) if args.tokenizer else data / "tokenizer"
+        args.tokenizer = str(tok_dir.resolve())
+    tokenizer = Tokenizer.from_dir(tok_dir)
+    check_tokenizer(args.data, tokenizer)
+    loader = PretrainLoader(args.data, "train", args.batch_size, args.seq_len, rank=dist.rank,
+                            world_size=dist.world_size, seed=args.seed)
+    tok_files = [tok_dir / n for n in ("tokenizer.json", "tokenizer_config.json") if (tok_dir / n).exists()]
+
+    # --- model, parallel wrapping, optimizer
+    if ckpt is not None:
+        raw = Transformer.from_pretrained(ckpt / "model", dtype=torch.float32, device=device)
+        cfg = raw.config
+    else:
+        cfg = preset(args.preset, vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
+                     eos_token_id=tokenizer.eos_id)
+        raw = Transformer(cfg).to(device)
+        raw.init_weights()
+    raw.train()
+    if args.seq_len > cfg.max_position_embeddings:
+        raise SystemExit(f"nanoseek pretrain: --seq-len {args.seq_len} > max_position_embeddings "
+                         f"{cfg.max_position_embeddings} of the model")
+    if args.compile:
+        for block in [*raw.layers, *(m.block for m in raw.mtp)]:
+            block.compile()
+    model = parallel.wrap_model(raw, dist, device, fsdp=args.fsdp)
+    optimizer = build_optimizer(raw, args.optimizer, args.lr, args.weight_decay)
+    step = 0
+    if ckpt is not None:
+        parallel.load_full_optimizer_state(model, optimizer, optim_state)
+        try:   # any number of processes, as long as the global batch (hence the data stream) is the same
+            loader.load_state_dict(state["loader"])
+        except ValueError as e:
+            raise SystemExit(f"nanoseek pretrain: cannot resume {ckpt}: {e}") from None
+        set_rng_state(state["rng"])
+        step = state["step"]
+    del optim_state
+
+    # --- bookkeeping: run.json, metrics, compute accounting
+    tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * dist.world_size
+    fpt = flops_per_token(raw, args.seq_len, mtp=args.mtp_weight > 0)
+    peak = args.peak_flops or measure_peak_flops(device, amp_dtype)
+    counts_p = count_parameters(raw)
+    metrics_path = run / "metrics.jsonl"
+    if dist.is_main:
+        (run / "run.json").write_text(json.dumps({"args": vars(args), "model": cfg.to_hf_dict(),
+                                                  "parameters": counts_p, "world_size": dist.world_size,
+                                                  "tokens_per_step": tokens_per_step}, indent=2, default=str))
+        if metrics_path.exists():   # drop what the interrupted run logged after its checkpoint
+            rows = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= step]
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    print0(f"model: {counts_p['total'] / 1e6:.2f}M parameters ({counts_p['active'] / 1e6:.2f}M active, "
+           f"{counts_p['mtp'] / 1e6:.2f}M MTP) | {dist.world_size} process(es) on {device}, "
+           f"{'FSDP2' if args.fsdp and dist.enabled else 'DDP' if dist.enabled else 'single'} | "
+           f"{str(amp_dtype).removeprefix('torch.')} | {tokens_per_step} tokens/step | "
+           f"peak {peak / 1e9:.0f} GFLOP/s per device")
+
+    def log(row: dict) -> None:
+        if dist.is_main:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    # --- helpers: validation, samples, checkpoint
+    def evaluate() -> float:
+        model.eval()
+        val = PretrainLoader(args.data, "val", args.batch_size, args.seq_len, rank=dist.rank,
+                             world_size=dist.world_size, seed=args.seed)
+        total = torch.zeros((), device=device)
+        it = iter(val)
+        with torch.no_grad():
+            for _ in range(args.eval_steps):
+                x, y = next(it)
+                x, y = x.to(device), y.to(device)
+                with autocast(device, amp_dtype):
+                    _, parts, _ = pretrain_loss(model, x, y, mtp_weight=0.0, balance_alpha=0.0)
+                total += parts["ce"]
+        model.train()
+        return parallel.all_reduce_mean(total / args.eval_steps).item()
+
+    def show_sample() -> None:
+        if args.sample_tokens <= 0:
+            return
+        g = torch.Generator().manual_seed(args.seed)
+        model.eval()
+        with autocast(device, amp_dtype):   # every rank samples alike (FSDP2 needs them all)
+            ids = sample(parallel.unwrap(model), [tokenizer.bos_id], args.sample_tokens, temperature=0.8,
+                         context=args.seq_len, eos_id=tokenizer.eos_id, generator=g, device=device)
+        model.train()
+        text = tokenizer.decode(ids, skip_special=True)
+        if dist.is_main:
+            tqdm.write(f"--- sample at step {step}:\n{text}\n---")
+            with (run / "samples.txt").open("a") as f:
+                f.write(f"--- step {step}\n{text}\n")
+
+    def checkpoint() -> None:
+        optim_sd = parallel.full_optimizer_state(model, optimizer)
+        model_sd = parallel.full_model_state(model) if args.fsdp and dist.enabled else None
+        if dist.is_main:
+            to_save = plain_model(cfg, model_sd) if model_sd is not None else raw
+            save_checkpoint(run / "checkpoints", step, to_save, optim_sd, keep=args.keep, model_files=tok_files,
+                            state={"args": vars(args), "loader": loader.state_dict(), "world_size": dist.world_size,
+                                   "rng": rng_state()})
+        parallel.barrier()
+
+    # --- training loop
+    if step == 0 and args.eval_every > 0:
+        val_loss = evaluate()
+        log({"step": 0, "val_loss": val_loss})
+        print0(f"step 0: val loss {val_loss:.4f}")
+    bar = tqdm(total=args.steps, initial=step, disable=not dist.is_main, dynamic_ncols=True, desc="pretrain")
+    batches = iter(loader)
+    t_start = time.perf_counter()
+    while step < args.steps:
+        t0 = time.perf_counter()
+        lr = lr_at(step, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup, total=args.steps,
+                   schedule=args.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sums: dict[str, torch.Tensor] = {}
+        counts = None
+        for micro in range(args.grad_accum):
+            x, y = next(batches)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with parallel.grad_sync(model, micro == args.grad_accum - 1):
+                with autocast(device, amp_dtype):
+                    loss, parts, c = pretrain_loss(model, x, y, mtp_weight=args.mtp_weight,
+                                                   balance_alpha=args.balance_alpha)
+                (loss / args.grad_accum).backward()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0) + v / args.grad_accum
+            if c is not None:
+                counts = c if counts is None else counts + c
+        grad_norm = parallel.clip_grad_norm_(model, args.clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if counts is not None:   # aux-loss-free balancing: global counts, identical update on every rank
+            counts = parallel.all_reduce_sum_(counts)
+            if args.bias_gamma > 0:
+                update_router_bias(raw, counts, args.bias_gamma)
+        step += 1
+
+        names = sorted(sums)
+        means = parallel.all_reduce_mean(torch.stack([sums[k] for k in names])).tolist()
+        row = {"step": step, **dict(zip(names, means)), "lr": lr, "grad_norm": grad_norm.item()}
+        if not math.isfinite(row["loss"]):
+            raise SystemExit(f"nanoseek pretrain: loss is {row['loss']} at step {step}; lower --lr or raise "
+                             f"--warmup (last good checkpoint: {run / 'checkpoints'})")
+        dt = time.perf_counter() - t0
+        row.update(tok_per_s=tokens_per_step / dt, mfu=tokens_per_step / dt * fpt / (peak * dist.world_size),
+                   time=time.perf_counter() - t_start)
+        if counts is not None:
+            row["maxvio"] = max_violation(counts)
+        log(row)
+        bar.update(1)
+        bar.set_postfix(ce=f"{row['ce']:.3f}", tok_s=f"{row['tok_per_s']:.0f}", mfu=f"{100 * row['mfu']:.1f}%")
+
+        if args.eval_every > 0 and (step % args.eval_every == 0 or step == args.steps):
+            val_loss = evaluate()
+            log({"step": step, "val_loss": val_loss})
+            if dist.is_main:
+                tqdm.write(f"step {step}: val loss {val_loss:.4f}")
+            show_sample()
+        if step == args.steps or (args.save_every > 0 and step % args.save_every == 0):
+            checkpoint()
+    bar.close()
+
+    # --- end: plots and a short report
+    if dist.is_main:
+        plot_run(metrics_path, run / "plots")
+        rows = read_metrics(metrics_path)
+        vals = [r for r in rows if "val_loss" in r]
+        train_rows = [r for r in rows if "loss" in r]
+        speed = sorted(r["tok_per_s"] for r in train_rows[1:]) or [0.0]
+        (run / "report.md").write_text(
+            f"# pretrain {run.name}\n\n"
+            f"- model: preset {args.preset}, {counts_p['total'] / 1e6:.2f}M parameters, "
+            f"{counts_p['active'] / 1e6:.2f}M active\n"
+            f"- steps {step}, {tokens_per_step} tokens/step, {dist.world_size} process(es), "
+            f"{str(amp_dtype).removeprefix('torch.')}\n"
+            f"- median throughput {speed[len(speed) // 2]:.0f} tokens/s\n"
+            f"- validation loss: " + ", ".join(f"{r['step']}: {r['val_loss']:.3f}" for r in vals) + "\n"
+            f"- plots: plots/loss.png, plots/lr.png, plots/expert_load.png; samples: samples.txt\n"
+            f"- final checkpoint: checkpoints/step_{step:06d}/model (a Hugging Face directory)\n")
+        print0(f"done: {run}")
+    if owns_group and parallel.is_distributed():
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

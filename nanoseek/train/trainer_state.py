@@ -1,0 +1,166 @@
+"""Checkpoints that survive a crash: an HF model directory plus a trainer-state folder, made atomic.
+
+    RUN/checkpoints/
+      step_000200/
+        model/            Hugging Face DeepseekV3 directory (config.json, safetensors, tokenizer.json)
+        trainer/
+          optimizer.pt    optimizer state keyed by parameter name (torch.save; loads with weights_only)
+          state.pt        step, per-rank loader positions, RNG states, run arguments
+          state.json      the same minus tensors, for people
+      latest              text file: "step_000200"
+
+A checkpoint is written under `step_000200.tmp`, renamed to `step_000200` when complete, and only
+then does `latest` move (itself written to a temporary file and renamed). A process killed at any
+point leaves `latest` naming the previous complete checkpoint. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nanoseek.model import ModelConfig, Transformer
+
+LATEST = "latest"
+
+
+# --- RNG states (torch, CUDA, numpy, python) as tensors and plain lists: weights_only-loadable
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    out = {"torch": torch.get_rng_state(),
+           "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                     "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+           "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]}}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def to_plain(obj: Any) -> Any:
+    """numpy scalars/arrays -> Python numbers / tensors, recursively (torch.load(weights_only) refuses numpy)."""
+    if isinstance(obj, dict):
+        return {k: to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_plain(v) for v in obj)
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist() if obj.numel() <= 16 else f"<tensor {tuple(obj.shape)}>"
+    return obj if isinstance(obj, (str, int, float, bool)) or obj is None else str(obj)
+
+
+# --- save
+def plain_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor]) -> Transformer:
+    """A CPU Transformer holding a full state dict (what FSDP2 gathers to rank 0 for saving)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device="cpu")
+    model.load_state_dict(state_dict)
+    return model
+
+
+def save_checkpoint(root: str | Path, step: int, model: Transformer, optimizer_state: dict,
+                    state: dict[str, Any], model_files: list[str | Path] = (), keep: int = 2) -> Path:
+    """Write RUN/checkpoints/step_{step:06d} atomically and point `latest` at it. Rank 0 only.
+
+    model_files (tokenizer.json, ...) are copied into the model directory so it is complete on its
+    own. Keeps the newest `keep` checkpoints (0 keeps all).
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:06d}"
+    final, tmp = root / name, root / (name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "trainer").mkdir(parents=True)
+    model.save_pretrained(tmp / "model")
+    for f in model_files:
+        shutil.copy2(f, tmp / "model" / Path(f).name)
+    _test_pause(step)
+    torch.save(optimizer_state, tmp / "trainer" / "optimizer.pt")
+    state = to_plain({**state, "step": step})
+    torch.save(state, tmp / "trainer" / "state.pt")
+    (tmp / "trainer" / "state.json").write_text(
+        json.dumps(_jsonable({k: v for k, v in state.items() if k != "rng"}), indent=2) + "\n")
+    if final.exists():   # re-saving a step (a resumed run that stops where it started): swap it out
+        old = root / (name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    pointer = root / (LATEST + ".tmp")
+    pointer.write_text(name + "\n")
+    os.replace(pointer, root / LATEST)
+    if keep > 0:
+        done = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit())
+        for old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _test_pause(step: int) -> None:
+    """NANOSEEK_SAVE_PAUSE=STEP:SECONDS sleeps in the middle of saving that step (model written,
+    trainer state not yet): the crash test kills the process there."""
+    spec = os.environ.get("NANOSEEK_SAVE_PAUSE")
+    if spec:
+        at, seconds = spec.split(":")
+        if int(at) == step:
+            print(f"NANOSEEK_SAVE_PAUSE: sleeping {seconds}s mid-save of step {step}", flush=True)
+            time.sleep(float(seconds))
+
+
+# --- load
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run folder, its checkpoints/ folder, or one step_* folder -> the step_* folder to load."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--resume {path}: no such file or directory")
+    if (path / "model").is_dir() and (path / "trainer").is_dir():
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    pointer = root / LATEST
+    if not pointer.exists():
+        raise FileNotFoundError(f"--resume {path}: no checkpoint there (no {pointer})")
+    ckpt = root / pointer.read_text().strip()
+    if not (ckpt / "trainer" / "state.pt").exists():
+        raise FileNotFoundError(f"--resume {path}: {pointer} names {ckpt.name}, which is incomplete or missing")
+    return ckpt
+
+
+def load_trainer_state(ckpt: str | Path) -> tuple[dict[str, Any], dict]:
+    """(state, optimizer_state) of a step_* folder; tensors on CPU, no unpickling."""
+    ckpt = Path(ckpt)
+    state = torch.load(ckpt / "trainer" / "state.pt", map_location="cpu", weights_only=True)
+    optim = torch.load(ckpt / "trainer" / "optimizer.pt", map_location="cpu", weights_only=True)
+    return state, optim

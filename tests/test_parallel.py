@@ -1,0 +1,88 @@
+"""Data parallelism: 2 gloo processes (DDP and FSDP2) train exactly like 1 process on the same global
+batch, and gradient accumulation like a bigger batch."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanoseek.commands.pretrain import main as pretrain
+from nanoseek.data.pretrain import build_shards
+from nanoseek.model import Transformer
+from nanoseek.tokenizer import Tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+COMMON = ["--steps", "3", "--seq-len", "32", "--sample-tokens", "0", "--eval-every", "0", "--warmup", "1",
+          "--lr", "3e-3", "--peak-flops", "1e11", "--keep", "1"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)   # tiny matmuls; a busy 2-core machine makes OpenMP barriers very slow
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("parallel_data")
+    words = ["to", "be", "or", "not", "that", "is", "the", "question", "whether", "tis", "nobler"]
+    text = root / "t.txt"
+    text.write_text(" ".join(words[(i * 7 + i // 5) % len(words)] for i in range(30000)))
+    build_shards([text], Tokenizer.train([text.read_text()], vocab_size=280), root / "shards", val_fraction=0.1)
+    return root / "shards"
+
+
+def losses(run: Path) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def assert_same_run(a: Path, b: Path, rtol: float) -> None:
+    ra, rb = losses(a), losses(b)
+    assert [r["step"] for r in ra] == [r["step"] for r in rb] == [1, 2, 3]
+    for x, y in zip(ra, rb):
+        for key in ("loss", "ce", "mtp", "balance", "grad_norm"):
+            assert y[key] == pytest.approx(x[key], rel=rtol), (x["step"], key, x[key], y[key])
+
+
+def test_two_gloo_processes_match_one(shards, tmp_path):
+    one = tmp_path / "one"
+    pretrain(["--data", str(shards), "--out", str(one), "--batch-size", "4", "--grad-accum", "2", *COMMON])
+    # one torchrun launch, two runs in the same process group: DDP, then FSDP2
+    worker = tmp_path / "worker.py"
+    worker.write_text(textwrap.dedent("""
+        import sys
+        import torch.distributed as dist
+        from nanoseek.commands.pretrain import main
+        dist.init_process_group("gloo")
+        out, args = sys.argv[1], sys.argv[2:]
+        main([*args, "--out", out + "/ddp"])
+        main([*args, "--out", out + "/fsdp", "--fsdp"])
+        dist.destroy_process_group()
+    """))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+           str(tmp_path), "--data", str(shards), "--batch-size", "2", "--grad-accum", "2", *COMMON]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 process(es) on cpu, DDP" in proc.stdout and "2 process(es) on cpu, FSDP2" in proc.stdout
+    for mode in ("ddp", "fsdp"):
+        assert_same_run(one, tmp_path / mode, rtol=1e-5)
+    # FSDP2's sharded state is gathered into the same HF checkpoint a single process writes
+    ref = Transformer.from_pretrained(one / "checkpoints" / "step_000003" / "model").state_dict()
+    got = Transformer.from_pretrained(tmp_path / "fsdp" / "checkpoints" / "step_000003" / "model").state_dict()
+    assert ref.keys() == got.keys()
+    assert all(torch.allclose(ref[k], got[k], atol=1e-4) for k in ref)
+
+
+def test_grad_accumulation_matches_bigger_batch(shards, tmp_path):
+    pretrain(["--data", str(shards), "--out", str(tmp_path / "big"), "--batch-size", "8", *COMMON])
+    pretrain(["--data", str(shards), "--out", str(tmp_path / "acc"), "--batch-size", "2", "--grad-accum", "4",
+              *COMMON])
+    assert_same_run(tmp_path / "big", tmp_path / "acc", rtol=1e-5)
