@@ -156,11 +156,13 @@ def test_preemption_when_blocks_run_out():
     ps = prompts(7, 12, 5, 9)
     sp = SamplingParams(max_tokens=20, **GREEDY)
     # 12 usable blocks of 4 tokens = 48 tokens for 4 requests that grow to ~30 tokens each
-    eng = Engine(m, max_batch=4, block_size=4, num_blocks=13)
-    outs = eng.generate(ps, sp)
-    assert eng.stats["preempted"] > 0
-    assert [c.token_ids for c in outs] == [full_forward_greedy(m, p, 20) for p in ps]
-    assert eng.cache.num_free == 12
+    want = [full_forward_greedy(m, p, 20) for p in ps]
+    for spec in (False, True):
+        eng = Engine(m, max_batch=4, block_size=4, num_blocks=13, speculative=spec, max_prefill_tokens=8)
+        outs = eng.generate(ps, sp)
+        assert eng.stats["preempted"] > 0
+        assert [c.token_ids for c in outs] == want
+        assert eng.cache.num_free == 12
     with pytest.raises(ValueError, match="KV cache"):
         eng.add_request(prompts(40)[0], SamplingParams(max_tokens=20))
 

@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         model = Transformer.from_pretrained(model_dir, dtype=dtype, device=device)
         tokenizer = Tokenizer.from_dir(model_dir)
         engine = Engine(model, tokenizer, max_batch=1, speculative=args.speculative)
+        engine.start()      # steps run in a thread: Ctrl-C stops the answer, never a step half-done
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         raise SystemExit(f"nanoseek chat: cannot load {model_dir}: {e}")
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
@@ -143,3 +144,4 @@ def main(argv: list[str] | None = None) -> None:
             print(reset, end="")
         print(flush=True)
         messages.append({"role": "assistant", "content": "".join(answer).strip()})
+    engine.stop()

@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         engine = Engine(model, tokenizer, max_batch=1, speculative=args.speculative)
         request = engine.add_request(ids, params)
+        engine.start()
     except ValueError as e:
         raise SystemExit(f"nanoseek generate: {e}")
     if args.prompt is not None:
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
             print(" ".join(map(str, ev.token_ids)), end=" " if not ev.finished else "", flush=True)
         last = ev
     print()
+    engine.stop()
 
     # --- stats
     if args.stats:

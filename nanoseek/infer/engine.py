@@ -498,6 +498,8 @@ class Engine:
             ids[b, :n] = torch.tensor(s.tokens[s.cached:s.cached + n])
         ids = ids.to(self.device)
         positions, mask = self._bind(rows, lens, T)
+        if all(s.cached == 0 for s in rows) and all(n == T for n in lens):
+            mask = None     # fresh prompts of one length: plain causal attention (SDPA's is_causal kernel)
         out = self.model(ids, cache=self.cache, positions=positions, mask=mask, absorb=False,
                          return_hidden=self.speculative)
         logits, hidden = (out["logits"], out["hidden"]) if self.speculative else (out, None)
@@ -612,6 +614,8 @@ class Engine:
         its latents into cache layer num_hidden_layers, and a draft for the token after next."""
         T = hidden.shape[1]
         positions, mask = self.cache.bind([s.blocks for s in rows], starts, lengths, T)
+        if all(st == 0 for st in starts) and all(n == T for n in lengths):
+            mask = None
         logits, _, _ = self.model.mtp_step(hidden, next_ids.to(self.device), depth=0, cache=self.cache,
                                            positions=positions, mask=mask, absorb=absorb)
         needs = [b for b, s in enumerate(rows) if s.prefilled]      # not a prompt chunk short of the end
