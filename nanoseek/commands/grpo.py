@@ -1,0 +1,240 @@
+"""Reinforcement learning with verifiable rewards: GRPO, Dr. GRPO, DAPO or GSPO on a task.
+
+    nanoseek grpo --model runs/sft/model --task arithmetic --out runs/grpo
+    nanoseek grpo --model DIR --task countdown --variant dapo --dynamic-sampling --overlong-filter \\
+        --overlong-penalty 16 --group-size 16 --prompts-per-step 8 --steps 200 --out runs/dapo
+    nanoseek grpo --model DIR --task gsm8k --beta 0.001 --epochs-per-batch 2 --minibatches 4 --out runs/r1
+
+Each step samples --group-size completions for each of --prompts-per-step training problems with
+the inference engine (batched, paged latent cache: the code that serves), scores them with the
+task's verifier (accuracy + 0.1 format, optional DAPO overlong shaping), computes group-relative
+advantages, recomputes the old log-probs with a no-grad forward of the same weights (so the ratio
+starts at 1), then takes --epochs-per-batch x --minibatches optimizer steps on the clipped ratio
+loss, plus --beta x k3 KL to a frozen copy of the starting model when beta > 0.
+Variants: grpo (per-sequence mean, std-normalized advantages), dr_grpo (no length or std
+normalization), dapo (clip-higher 0.2/0.28, token-level sum), gspo (sequence-level ratio).
+Not applied in RL: the MoE router's bias update and the MTP loss (see nanoseek/train/grpo.py).
+The run folder holds run.json, metrics.jsonl, plots/ (reward, accuracy, response length, zero-std
+groups, clip fraction, KL, entropy), report.md and model/ (a Hugging Face directory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from nanoseek.common import pick_device, pick_dtype, seed_everything
+from nanoseek.infer.engine import Engine, SamplingParams
+from nanoseek.tasks import TASKS, get_task
+from nanoseek.tasks.rewards import overlong_penalty
+from nanoseek.train.grpo import GRPO, GRPOConfig, chat_prompts, evaluate, plot_grpo
+from nanoseek.train.losses import RL_VARIANTS
+from nanoseek.train.optim import build_optimizer, lr_at
+from nanoseek.train.sft import load_model, save_model, task_knobs
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="nanoseek grpo", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    a = p.add_argument
+    a("--model", required=True, help="checkpoint directory (Hugging Face format) to start from")
+    a("--tokenizer", help="tokenizer directory (default: the one in --model)")
+    a("--task", required=True, choices=sorted(TASKS))
+    a("--task-arg", action="append", metavar="KEY=VALUE", help="task knob, e.g. n_digits=2 (repeatable)")
+    a("--out", required=True, help="run folder")
+    a("--variant", default="grpo", choices=RL_VARIANTS)
+    a("--group-size", type=int, default=8, help="G completions per prompt")
+    a("--prompts-per-step", type=int, default=8, help="problems per batch of rollouts")
+    a("--steps", type=int, default=50, help="batches of rollouts")
+    a("--max-new-tokens", type=int, default=64, help="completion length limit")
+    a("--temperature", type=float, default=1.0)
+    a("--top-k", type=int, default=0, help="0: off (sample the policy's own distribution)")
+    a("--lr", type=float, default=1e-4, help="learning rate (tiny models from scratch like 1e-4..1e-3; "
+                                             "R1-size ones 1e-6)")
+    a("--warmup", type=int, default=0, help="linear warmup steps; constant lr after")
+    a("--weight-decay", type=float, default=0.0)
+    a("--beta", type=float, default=0.0, help="k3 KL weight to a frozen reference (0 = no reference model)")
+    a("--epochs-per-batch", type=int, default=1, help="passes over each batch of rollouts (mu)")
+    a("--minibatches", type=int, default=1, help="optimizer steps per pass")
+    a("--micro-batch", type=int, default=0, help="completions per forward/backward (0: whole minibatch)")
+    a("--eps-low", type=float, help="clip range below 1 (default: the variant's paper value)")
+    a("--eps-high", type=float, help="clip range above 1 (DAPO clip-higher: 0.28)")
+    a("--dynamic-sampling", action="store_true", help="DAPO: drop groups with all-equal rewards, sample more")
+    a("--overlong-filter", action="store_true", help="DAPO: no loss on completions cut at the limit")
+    a("--overlong-penalty", type=int, default=0, metavar="L_CACHE",
+      help="DAPO soft overlong punishment over the last L_CACHE tokens before the limit (0: off)")
+    a("--clip", type=float, default=1.0, help="gradient norm clip (0: off)")
+    a("--train-problems", type=int, default=2000, help="training problems drawn (cycled, reshuffled)")
+    a("--eval-every", type=int, default=10, help="steps between held-out evaluations (0: start and end only)")
+    a("--eval-problems", type=int, default=64, help="held-out problems per evaluation (greedy)")
+    a("--save-every", type=int, default=0, help="steps between saving model/ (0: at the end)")
+    a("--seed", type=int, default=0)
+    a("--device", help="cuda | cpu | cuda:N (default: cuda if present)")
+    a("--dtype", help="fp32 or bf16 autocast for the updates (default fp32 on CPU, bf16 on CUDA)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    for name in ("group_size", "prompts_per_step", "steps", "max_new_tokens", "train_problems"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"nanoseek grpo: --{name.replace('_', '-')} must be >= 1")
+    if args.overlong_penalty >= args.max_new_tokens:
+        raise SystemExit("nanoseek grpo: --overlong-penalty (the soft buffer) must be < --max-new-tokens")
+
+    # --- setup: device, seed, run folder, model, tokenizer
+    device = pick_device(args.device)
+    amp_dtype = pick_dtype(args.dtype, device)
+    seed_everything(args.seed)
+    run = Path(args.out)
+    if (run / "metrics.jsonl").exists():
+        raise SystemExit(f"nanoseek grpo: {run} already holds a run; choose another --out")
+    try:
+        model, tokenizer = load_model(args.model, device, args.tokenizer)
+        cfg = GRPOConfig(variant=args.variant, group_size=args.group_size, epochs_per_batch=args.epochs_per_batch,
+                         minibatches=args.minibatches, micro_batch=args.micro_batch, eps_low=args.eps_low,
+                         eps_high=args.eps_high, beta=args.beta, dynamic_sampling=args.dynamic_sampling,
+                         overlong_filter=args.overlong_filter, max_new_tokens=args.max_new_tokens,
+                         clip_grad=args.clip, seed=args.seed)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"nanoseek grpo: {e}") from None
+    ref_model = None
+    if args.beta > 0:            # frozen copy of the starting policy for the k3 KL term
+        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    # --- task: training stream and held-out problems
+    task = get_task(args.task)
+    try:
+        knobs = task_knobs(args.task_arg)
+        n_train = args.train_problems
+        while True:          # a small problem space (1-digit arithmetic) has fewer distinct problems
+            try:
+                train = task.examples(n_train, args.seed, "train", **knobs)
+                break
+            except ValueError:
+                if n_train <= 8:
+                    raise
+                n_train //= 2
+        if n_train < args.train_problems:
+            print(f"the training split has fewer than {args.train_problems} distinct problems; using {n_train}")
+        heldout = task.examples(args.eval_problems, args.seed, "test", **knobs) if args.eval_problems > 0 else []
+    except (ValueError, TypeError, FileNotFoundError) as e:
+        raise SystemExit(f"nanoseek grpo: task {args.task}: {e}") from None
+    train_prompts = chat_prompts(tokenizer, task.messages, train)
+    heldout_prompts = chat_prompts(tokenizer, task.messages, heldout)
+    order = list(range(len(train)))
+    rng = random.Random(args.seed)
+    cursor = [len(order)]
+
+    def next_prompts() -> tuple[list[list[int]], list]:
+        """The next --prompts-per-step training problems (reshuffled after each pass)."""
+        picked = []
+        while len(picked) < args.prompts_per_step:
+            if cursor[0] >= len(order):
+                rng.shuffle(order)
+                cursor[0] = 0
+            picked.append(order[cursor[0]])
+            cursor[0] += 1
+        return [train_prompts[i] for i in picked], [train[i] for i in picked]
+
+    # --- engine (shares the model's weights: every update is visible to the next rollout) and rewards
+    longest = max(len(p) for p in train_prompts + heldout_prompts)
+    engine = Engine(model, tokenizer, max_batch=max(args.prompts_per_step * args.group_size, len(heldout) or 1),
+                    max_seq_len=longest + args.max_new_tokens + 1,
+                    max_prefill_tokens=min(16384, max(2048, args.prompts_per_step * args.group_size * longest)))
+    sample_params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
+    greedy_params = SamplingParams(max_tokens=args.max_new_tokens, temperature=0.0)
+
+    def generate(prompts: list[list[int]]):
+        return engine.generate(prompts, sample_params)
+
+    def generate_greedy(prompts: list[list[int]]):
+        return engine.generate(prompts, greedy_params)
+
+    def reward_fn(completion, ex) -> dict:
+        r = task.reward(completion.text, ex)
+        if args.overlong_penalty > 0:
+            r["total"] += overlong_penalty(len(completion.token_ids), args.max_new_tokens, args.overlong_penalty)
+        return r
+
+    optimizer = build_optimizer(model, "adamw", args.lr, args.weight_decay)
+    trainer = GRPO(model, optimizer, generate, reward_fn, cfg, ref_model=ref_model, pad_id=tokenizer.pad_id or 0,
+                   dtype=amp_dtype)
+
+    # --- bookkeeping
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "run.json").write_text(json.dumps({"args": vars(args), "grpo": vars(cfg), "model": model.config.to_hf_dict(),
+                                              "train_problems": len(train), "heldout_problems": len(heldout)},
+                                             indent=2, default=str))
+    metrics_path = run / "metrics.jsonl"
+
+    def log(row: dict) -> None:
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def heldout_eval(step: int) -> float | None:
+        if not heldout:
+            return None
+        res = evaluate(generate_greedy, heldout_prompts, heldout, task.reward, task.extract_answer)
+        log({"step": step, "heldout_accuracy": res["pass@1"], "heldout_format": res["format"],
+             "heldout_length": res["response_length"]})
+        return res["pass@1"]
+
+    # --- training loop
+    acc_before = heldout_eval(0)
+    if acc_before is not None:
+        print(f"held-out accuracy before: {acc_before:.3f} ({len(heldout)} problems, greedy)")
+    t_start = time.perf_counter()
+    bar = tqdm(range(1, args.steps + 1), desc=f"grpo ({args.variant})", dynamic_ncols=True)
+    for step in bar:
+        lr = lr_at(step - 1, lr=args.lr, min_lr=args.lr, warmup=args.warmup, total=args.steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        stats = trainer.step(next_prompts)
+        row = {"step": step, "lr": lr, **stats, "time": time.perf_counter() - t_start}
+        log(row)
+        bar.set_postfix(reward=f"{stats['reward']:.3f}", acc=f"{stats['accuracy']:.3f}",
+                        len=f"{stats['response_length']:.0f}", cps=f"{stats['completions_per_s']:.0f}")
+        if args.eval_every > 0 and step % args.eval_every == 0 and step != args.steps:
+            acc = heldout_eval(step)
+            if acc is not None:
+                tqdm.write(f"step {step}: held-out accuracy {acc:.3f}")
+        if args.save_every > 0 and step % args.save_every == 0:
+            save_model(model, tokenizer, run / "model")
+    wall = time.perf_counter() - t_start
+    acc_after = heldout_eval(args.steps)
+
+    # --- end: model, plots, report
+    out = save_model(model, tokenizer, run / "model")
+    plot_grpo(metrics_path, run / "plots")
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    train_rows = [r for r in rows if "reward" in r]
+    k = max(1, min(5, len(train_rows) // 2))
+    first = sum(r["reward"] for r in train_rows[:k]) / k
+    last = sum(r["reward"] for r in train_rows[-k:]) / k
+    cps = sum(r["completions"] for r in train_rows) / max(sum(r["time_rollout"] + r["time_update"]
+                                                               for r in train_rows), 1e-9)
+    held_line = (f"- held-out accuracy (greedy, {len(heldout)} problems never trained on): "
+                 f"{acc_before:.3f} -> {acc_after:.3f}\n" if heldout else "")
+    (run / "report.md").write_text(
+        f"# grpo {run.name}\n\n- from {args.model}, task {args.task} {knobs or ''}\n"
+        f"- {args.variant}, G={args.group_size}, {args.prompts_per_step} prompts/step, {args.steps} steps, "
+        f"lr {args.lr}, beta {args.beta}, {args.epochs_per_batch} epoch(s) x {args.minibatches} minibatch(es)\n"
+        f"- train reward (mean of first/last {k} steps): {first:.3f} -> {last:.3f}\n{held_line}"
+        f"- wall time {wall:.1f} s, {cps:.1f} completions/s over rollout + update\n"
+        f"- plots: plots/reward.png, plots/response_length.png, plots/diagnostics.png\n"
+        f"- model: model/ (Hugging Face directory with tokenizer)\n")
+    print(f"reward {first:.3f} -> {last:.3f}" + (f", held-out accuracy {acc_before:.3f} -> {acc_after:.3f}"
+                                                 if heldout else "") + f"; saved {out}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,391 @@
+"""GRPO and its variants as reusable pieces: rollout -> scoring -> group advantages -> clipped updates.
+
+    trainer = GRPO(model, optimizer, generate, reward_fn, GRPOConfig(variant="dapo", group_size=8))
+    stats = trainer.step(next_prompts)     # one batch of rollouts, then epochs x minibatches optimizer steps
+    result = evaluate(generate_greedy, prompts, examples, reward, extract_answer, n_samples=1, k=1)
+
+`generate(prompt_ids_list) -> completions` is the inference engine's batch call with its sampling
+parameters bound (train/ does not import infer/; the command wires them): each completion has
+`token_ids` (a final eos included when the model stopped), `text` and `finish_reason`.
+`reward_fn(completion, example) -> {"total", "accuracy", "format", ...}` scores one completion.
+The loss math is in losses.py (group_advantages, policy_loss, k3_kl); this file moves data between
+the engine, the verifier and those functions (equations: shared/reference/r1-recipes.md section 7).
+
+One step (DeepSeekMath's iterative GRPO with mu > 1, as R1 runs it):
+  1. rollout: G completions per prompt from the current policy, through the engine (batched, paged
+     latent cache, the same code that serves). The engine shares the model object, so weights are
+     never copied between "trainer" and "sampler".
+  2. scoring: the task's verifier per completion; DAPO's dynamic sampling drops groups whose rewards
+     are all equal and samples more prompts; overlong filtering masks completions cut at the limit.
+  3. advantages: (r - mean) / std per group (Dr. GRPO: r - mean).
+  4. old log-probs: a no-grad forward of the same weights, before any update (not the engine's
+     sampled log-probs: the cached decode path differs from the training forward by rounding, and
+     the ratio must start at exactly 1), plus the frozen reference's when beta > 0.
+  5. update: epochs_per_batch passes, each split into `minibatches` optimizer steps, the clipped
+     ratio loss from a forward with gradients (micro-batched for memory, weighted so the sum is the
+     loss of the whole minibatch).
+
+Not applied in RL, deliberately: DeepSeek-V3's aux-loss-free router bias update (rollouts from one
+task are a skewed sample of token types; the balance from pretraining is kept, the bias frozen) and
+the MTP loss (R1's RL trains the main head only; the MTP module is left as pretraining made it, so
+speculative decoding may accept fewer drafts after RL).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from nanoseek.eval_metrics import cons_at_k, pass_at_k
+from nanoseek.train.losses import (RL_VARIANTS, dynamic_sampling_mask, entropy_from_logits, group_advantages,
+                                   overlong_filter_mask, policy_loss, token_logprobs)
+from nanoseek.train.step import autocast
+
+Generate = Callable[[list[list[int]]], Sequence[Any]]
+RewardFn = Callable[[Any, Any], dict]
+
+
+@dataclass
+class GRPOConfig:
+    variant: str = "grpo"                 # grpo | dr_grpo | dapo | gspo (losses.RL_VARIANTS)
+    group_size: int = 8                   # G completions per prompt
+    epochs_per_batch: int = 1             # mu: passes over each batch of rollouts
+    minibatches: int = 1                  # optimizer steps per pass (R1: 16)
+    micro_batch: int = 0                  # completions per forward/backward; 0 = a whole minibatch
+    eps_low: float | None = None          # None: the variant's paper value (losses.DEFAULT_EPS)
+    eps_high: float | None = None
+    beta: float = 0.0                     # k3 KL weight to the frozen reference (R1: 0.001)
+    dynamic_sampling: bool = False        # DAPO: drop zero-std groups, sample more prompts
+    max_sampling_rounds: int = 4          # generation rounds per step at most, with dynamic sampling
+    overlong_filter: bool = False         # DAPO: truncated completions get no loss
+    max_new_tokens: int = 256             # Dr. GRPO's constant normalizer L
+    clip_grad: float = 1.0                # max gradient norm (0: off)
+    seed: int = 0                         # minibatch shuffling
+
+    def __post_init__(self) -> None:
+        if self.variant not in RL_VARIANTS:
+            raise ValueError(f"variant must be one of {RL_VARIANTS}, got {self.variant!r}")
+        for name in ("group_size", "epochs_per_batch", "minibatches", "max_sampling_rounds", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"GRPOConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.beta < 0 or self.micro_batch < 0:
+            raise ValueError("GRPOConfig: beta and micro_batch must be >= 0")
+
+    @property
+    def scale_rewards(self) -> str:
+        """Dr. GRPO drops the std normalization; the others divide by the group's std."""
+        return "none" if self.variant == "dr_grpo" else "std"
+
+
+# --- rollouts and scoring
+@dataclass
+class Rollouts:
+    """One batch of groups. B = groups * G completions, group g at rows g*G .. g*G + G - 1."""
+    prompt_ids: list[list[int]]           # (B,) prompt tokens, each prompt repeated G times
+    completion_ids: list[list[int]]       # (B,) generated tokens, final eos included
+    texts: list[str]                      # (B,)
+    truncated: torch.Tensor               # (B,) bool: cut at the length limit
+    rewards: torch.Tensor                 # (groups, G) total reward
+    accuracy: torch.Tensor                # (groups, G)
+    format: torch.Tensor                  # (groups, G)
+    examples: list = field(default_factory=list)   # (groups,)
+
+    @property
+    def group_size(self) -> int:
+        return self.rewards.shape[1]
+
+    def select(self, keep: torch.Tensor) -> Rollouts:
+        """The groups where keep (groups,) is True."""
+        G = self.group_size
+        groups = keep.nonzero().flatten().tolist()
+        rows = [g * G + i for g in groups for i in range(G)]
+        return Rollouts([self.prompt_ids[r] for r in rows], [self.completion_ids[r] for r in rows],
+                        [self.texts[r] for r in rows], self.truncated[rows], self.rewards[groups],
+                        self.accuracy[groups], self.format[groups], [self.examples[g] for g in groups])
+
+    @staticmethod
+    def cat(parts: list[Rollouts]) -> Rollouts:
+        return Rollouts([p for r in parts for p in r.prompt_ids], [c for r in parts for c in r.completion_ids],
+                        [t for r in parts for t in r.texts], torch.cat([r.truncated for r in parts]),
+                        torch.cat([r.rewards for r in parts]), torch.cat([r.accuracy for r in parts]),
+                        torch.cat([r.format for r in parts]), [e for r in parts for e in r.examples])
+
+
+def rollout(generate: Generate, prompts: list[list[int]], examples: Sequence[Any], reward_fn: RewardFn,
+            group_size: int) -> Rollouts:
+    """G completions per prompt in one engine batch, each scored by reward_fn."""
+    if len(prompts) != len(examples):
+        raise ValueError(f"{len(prompts)} prompts but {len(examples)} examples")
+    flat = [p for p in prompts for _ in range(group_size)]
+    completions = generate(flat)
+    if len(completions) != len(flat):
+        raise RuntimeError(f"generate returned {len(completions)} completions for {len(flat)} prompts")
+    scores = [reward_fn(c, examples[i // group_size]) for i, c in enumerate(completions)]
+
+    def grid(key: str) -> torch.Tensor:
+        return torch.tensor([s.get(key, 0.0) for s in scores], dtype=torch.float32).view(-1, group_size)
+
+    return Rollouts(prompt_ids=flat, completion_ids=[list(c.token_ids) for c in completions],
+                    texts=[c.text for c in completions],
+                    truncated=torch.tensor([c.finish_reason == "length" for c in completions]),
+                    rewards=grid("total"), accuracy=grid("accuracy"), format=grid("format"),
+                    examples=list(examples))
+
+
+def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int,
+         device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded prompt + completion rows -> ids (B, L) and mask (B, L-1).
+
+    mask[b, t] is 1 where the target ids[b, t+1] is a completion token (the positions whose
+    log-probs the policy loss uses). Right padding keeps every row's real tokens at positions
+    0.. so a plain causal forward needs no attention mask.
+    """
+    lens = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
+    B, L = len(lens), max(lens)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    mask = torch.zeros(B, L - 1, dtype=torch.float32)
+    for b, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
+        ids[b, :lens[b]] = torch.tensor(p + c, dtype=torch.long)
+        mask[b, len(p) - 1:lens[b] - 1] = 1.0
+    return ids.to(device), mask.to(device)
+
+
+def completion_logprobs(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(ids[:, t+1] | ids[:, :t+1]) for every position: ids (B, L) -> logp (B, L-1), logits (B, L-1, V)."""
+    logits = model(ids[:, :-1])                                       # (B, L-1, V)
+    return token_logprobs(logits, ids[:, 1:]), logits
+
+
+# --- the trainer
+class GRPO:
+    """Holds the policy, its optimizer, the rollout function and the verifier; `step` does one batch.
+
+    The caller sets the learning rate (optimizer.param_groups) before each step. ref_model, when
+    beta > 0, is a frozen copy of the starting policy (the caller makes it; no grad, eval mode).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, generate: Generate,
+                 reward_fn: RewardFn, cfg: GRPOConfig, *, ref_model: nn.Module | None = None, pad_id: int = 0,
+                 dtype: torch.dtype = torch.float32):
+        if cfg.beta > 0 and ref_model is None:
+            raise ValueError("beta > 0 needs a reference model (a frozen copy of the starting policy)")
+        self.model, self.optimizer, self.generate, self.reward_fn, self.cfg = model, optimizer, generate, reward_fn, cfg
+        self.ref_model = ref_model if cfg.beta > 0 else None
+        self.pad_id, self.dtype = pad_id, dtype
+        self.device = next(model.parameters()).device
+        self.gen = torch.Generator().manual_seed(cfg.seed)
+
+    # --- 1-2: rollouts, scoring, dynamic sampling
+    def collect(self, next_prompts: Callable[[], tuple[list[list[int]], list]]) -> tuple[Rollouts, Rollouts]:
+        """Roll out prompts from next_prompts() (one call = one batch of prompts).
+
+        Returns (batch to train on, everything sampled). With dynamic sampling, only groups whose
+        rewards differ are kept and more batches are drawn until as many groups as one batch holds
+        are kept, or max_sampling_rounds is reached (DAPO samples until full; a cap keeps a step's
+        cost bounded when the task is all-solved or all-failed).
+        """
+        cfg = self.cfg
+        prompts, examples = next_prompts()
+        want = len(prompts)
+        sampled = [rollout(self.generate, prompts, examples, self.reward_fn, cfg.group_size)]
+        if not cfg.dynamic_sampling:
+            return sampled[0], sampled[0]
+        kept = [sampled[0].select(dynamic_sampling_mask(sampled[0].rewards))]
+        while sum(len(k.examples) for k in kept) < want and len(sampled) < cfg.max_sampling_rounds:
+            prompts, examples = next_prompts()
+            sampled.append(rollout(self.generate, prompts, examples, self.reward_fn, cfg.group_size))
+            kept.append(sampled[-1].select(dynamic_sampling_mask(sampled[-1].rewards)))
+        batch = Rollouts.cat(kept)
+        if len(batch.examples) > want:
+            batch = batch.select(torch.arange(len(batch.examples)) < want)
+        return batch, Rollouts.cat(sampled)
+
+    # --- 3-5: advantages, old log-probs, updates
+    def update(self, batch: Rollouts) -> dict[str, float]:
+        """epochs_per_batch x minibatches optimizer steps on one batch; returns mean stats."""
+        cfg, model = self.cfg, self.model
+        B = len(batch.completion_ids)
+        if B == 0:
+            return {"updates": 0}
+        ids, mask = pack(batch.prompt_ids, batch.completion_ids, self.pad_id, self.device)   # (B, L), (B, L-1)
+        if cfg.overlong_filter:
+            mask = mask * overlong_filter_mask(batch.truncated).to(mask)[:, None]
+        adv = group_advantages(batch.rewards, cfg.scale_rewards).flatten().to(self.device)   # (B,)
+        lens = [len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids)]
+        micro = cfg.micro_batch or B
+
+        def rows_len(rows: torch.Tensor) -> int:       # trim a micro-batch to its longest row
+            return max(lens[i] for i in rows.tolist())
+
+        with torch.no_grad(), autocast(self.device, self.dtype):
+            old_logp = torch.zeros_like(mask)
+            ref_logp = torch.zeros_like(mask) if self.ref_model is not None else None
+            for rows in torch.arange(B).split(micro):
+                Lm = rows_len(rows)
+                old_logp[rows, :Lm - 1] = completion_logprobs(model, ids[rows, :Lm])[0].float()
+                if ref_logp is not None:
+                    ref_logp[rows, :Lm - 1] = completion_logprobs(self.ref_model, ids[rows, :Lm])[0].float()
+
+        model.train()
+        sums: dict[str, float] = {}
+        weights: dict[str, float] = {}
+
+        def add(name: str, value: float, w: float) -> None:
+            sums[name] = sums.get(name, 0.0) + value * w
+            weights[name] = weights.get(name, 0.0) + w
+
+        n_updates = 0
+        for epoch in range(cfg.epochs_per_batch):
+            order = torch.randperm(B, generator=self.gen)
+            for mb in order.chunk(cfg.minibatches):
+                mb_tokens = float(mask[mb].sum().clamp(min=1))
+                for rows in mb.split(micro):
+                    Lm = rows_len(rows)
+                    m = mask[rows, :Lm - 1]
+                    with autocast(self.device, self.dtype):
+                        logp, logits = completion_logprobs(model, ids[rows, :Lm])
+                    loss, st = policy_loss(logp, old_logp[rows, :Lm - 1], adv[rows], m, variant=cfg.variant,
+                                           eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                                           ref_logp=None if ref_logp is None else ref_logp[rows, :Lm - 1],
+                                           beta=cfg.beta, max_len=cfg.max_new_tokens)
+                    # each variant's normalizer is over the whole minibatch: DAPO's is its token count,
+                    # the others' its sequence count, so weight the micro-batch losses accordingly
+                    n_tok = float(m.sum())
+                    w = n_tok / mb_tokens if cfg.variant == "dapo" else len(rows) / len(mb)
+                    (loss * w).backward()
+                    add("loss", loss.item(), w)
+                    for k, v in st.items():
+                        add(k, v.item(), n_tok)
+                    if epoch == 0:
+                        add("entropy", entropy_from_logits(logits, m).item(), n_tok)
+                    del logits
+                max_norm = cfg.clip_grad if cfg.clip_grad > 0 else float("inf")
+                add("grad_norm", float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)), 1.0)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                n_updates += 1
+        out = {k: sums[k] / max(weights[k], 1e-12) for k in sums}
+        out["updates"] = n_updates
+        return out
+
+    def step(self, next_prompts: Callable[[], tuple[list[list[int]], list]]) -> dict[str, float]:
+        """Rollout, score, update. Returns the step's metrics (rewards over everything sampled)."""
+        t0 = time.perf_counter()
+        batch, sampled = self.collect(next_prompts)
+        t1 = time.perf_counter()
+        upd = self.update(batch)
+        t2 = time.perf_counter()
+        n = len(sampled.completion_ids)
+        lengths = torch.tensor([len(c) for c in sampled.completion_ids], dtype=torch.float32)
+        r = sampled.rewards
+        return {
+            "reward": r.mean().item(), "reward_std": r.std().item() if r.numel() > 1 else 0.0,
+            "accuracy": sampled.accuracy.mean().item(), "format": sampled.format.mean().item(),
+            "frac_zero_std": (~dynamic_sampling_mask(r)).float().mean().item(),
+            "response_length": lengths.mean().item(), "truncated": sampled.truncated.float().mean().item(),
+            "groups_trained": len(batch.examples), "completions": n,
+            **upd, "time_rollout": t1 - t0, "time_update": t2 - t1, "completions_per_s": n / max(t2 - t0, 1e-9),
+        }
+
+
+# --- evaluation (held-out accuracy during GRPO, and `nanoseek eval`)
+def chat_prompts(tokenizer, messages: Callable[[Any], list[dict]], examples: Sequence[Any]) -> list[list[int]]:
+    """Each example's chat prompt, ending with the generation prompt ("<｜Assistant｜><think>\\n")."""
+    return [tokenizer.render_chat(messages(ex), add_generation_prompt=True)[0] for ex in examples]
+
+
+def evaluate(generate: Generate, prompts: list[list[int]], examples: Sequence[Any],
+             reward: Callable[[str, Any], dict], extract_answer: Callable[[str], str | None], *,
+             n_samples: int = 1, k: int = 1) -> dict:
+    """n_samples completions per problem, scored by the verifier.
+
+    pass@1 is the mean accuracy over all samples (greedy when generate is greedy and n_samples 1);
+    pass@k the unbiased estimator 1 - C(n-c, k)/C(n, k) averaged over problems; cons@k the
+    majority vote of the first k samples' extracted answers. Returns the aggregates and, under
+    "problems", each problem's prompt, gold answer, correct count and first sample.
+    """
+    if not 1 <= k <= n_samples:
+        raise ValueError(f"need 1 <= k <= n_samples, got k={k}, n_samples={n_samples}")
+    flat = [p for p in prompts for _ in range(n_samples)]
+    completions = generate(flat)
+    problems, p1, pk, ck, fmt, length = [], [], [], [], [], []
+    for i, ex in enumerate(examples):
+        outs = completions[i * n_samples:(i + 1) * n_samples]
+        scores = [reward(c.text, ex) for c in outs]
+        correct = [s["accuracy"] == 1.0 for s in scores]
+        c = sum(correct)
+        p1.append(c / n_samples)
+        pk.append(pass_at_k(n_samples, c, k))
+        ck.append(cons_at_k([extract_answer(o.text) for o in outs], correct, k))
+        fmt.extend(s["format"] for s in scores)
+        length.extend(len(o.token_ids) for o in outs)
+        problems.append({"prompt": getattr(ex, "prompt", None), "answer": getattr(ex, "answer", None),
+                         "correct": c, "samples": n_samples, "first_sample": outs[0].text})
+    n = max(len(examples), 1)
+    return {"n_problems": len(examples), "n_samples": n_samples, "k": k,
+            "pass@1": sum(p1) / n, f"pass@{k}": sum(pk) / n, f"cons@{k}": sum(ck) / n,
+            "format": sum(fmt) / max(len(fmt), 1), "response_length": sum(length) / max(len(length), 1),
+            "problems": problems}
+
+
+# --- plots
+def plot_grpo(metrics: str | Path, out_dir: str | Path) -> list[Path]:
+    """reward.png (mean +- std, accuracy, held-out accuracy), response_length.png and
+    diagnostics.png (zero-std groups, clip fraction, KL, entropy) from a GRPO metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")   # files only, never a window
+    import matplotlib.pyplot as plt
+
+    from nanoseek.train.plots import read_metrics
+
+    def save(fig, path: Path) -> Path:
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+
+    rows = read_metrics(metrics)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train = [r for r in rows if "reward" in r]
+    held = [r for r in rows if "heldout_accuracy" in r]
+    steps = [r["step"] for r in train]
+
+    def series(name: str) -> list[float]:
+        return [r.get(name, float("nan")) for r in train]
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        mean, std = torch.tensor(series("reward")), torch.tensor(series("reward_std"))
+        ax.plot(steps, mean.tolist(), label="reward (mean)")
+        ax.fill_between(steps, (mean - std).tolist(), (mean + std).tolist(), alpha=0.2, label="reward +- std")
+        ax.plot(steps, series("accuracy"), label="train accuracy")
+    if held:
+        ax.plot([r["step"] for r in held], [r["heldout_accuracy"] for r in held], "o-", label="held-out accuracy")
+    ax.set(xlabel="step", title="reward and accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    written = [save(fig, out_dir / "reward.png")]
+
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.plot(steps, series("response_length"))
+    ax.set(xlabel="step", ylabel="tokens", title="mean response length")
+    ax.grid(alpha=0.3)
+    written.append(save(fig, out_dir / "response_length.png"))
+
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6))
+    for ax, (name, title) in zip(axes.flat, [("frac_zero_std", "fraction of zero-std groups"),
+                                             ("clip_frac", "clip fraction"), ("kl", "k3 KL to reference"),
+                                             ("entropy", "policy entropy (nats)")]):
+        ax.plot(steps, series(name))
+        ax.set(xlabel="step", title=title)
+        ax.grid(alpha=0.3)
+    written.append(save(fig, out_dir / "diagnostics.png"))
+    return written

@@ -1,0 +1,121 @@
+"""SFT: the loss sees assistant tokens only (whatever sits in the other targets), training lowers it,
+and `nanoseek sft` writes a loadable model directory and refuses bad input without writing anything."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from nanoseek.common import seed_everything
+from nanoseek.data.sft import SFTDataset
+from nanoseek.model import Transformer, preset
+from nanoseek.tasks import get_task
+from nanoseek.tokenizer import EOS, Tokenizer
+from nanoseek.train.sft import sft_loss, sft_train, task_knobs
+
+arith = get_task("arithmetic")
+
+CONVS = [
+    [{"role": "system", "content": "You are terse."},
+     {"role": "user", "content": "What is 2+3?"},
+     {"role": "assistant", "content": "<think>\n2+3=5\n</think>\n5"},
+     {"role": "user", "content": "And 4*4?"},
+     {"role": "assistant", "content": "<think>\n4*4=16\n</think>\n16"}],
+    [{"role": "user", "content": "What is 7-9? <｜Assistant｜> not a turn"},
+     {"role": "assistant", "content": "<think>\n7-9=-2\n</think>\n-2"}],
+]
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    ex = arith.examples(50, 0)
+    texts = arith.corpus(1000, 0) + [m["content"] for e in ex for m in arith.sft_messages(e)]
+    return Tokenizer.train(texts + ["You are terse. And"], vocab_size=512)
+
+
+def tiny_model(tok: Tokenizer, seed: int = 0) -> Transformer:
+    seed_everything(seed)
+    model = Transformer(preset("tiny", vocab_size=tok.vocab_size))
+    model.init_weights()
+    return model
+
+
+def test_loss_targets_are_exactly_the_assistant_turns(tok):
+    ds = SFTDataset(CONVS, tok, seq_len=160)
+    assert len(ds) == 1                                   # both conversations packed into one row
+    x, y, m = ds[0]
+    full_targets = torch.from_numpy(ds.ids[0, 1:])        # every next token, masked or not
+    learned = tok.decode(full_targets[m].tolist())
+    expected = "".join(msg["content"] + EOS for conv in CONVS for msg in conv if msg["role"] == "assistant")
+    assert learned == expected                            # nothing from system, user, role markers or padding
+    assert torch.equal(y[m], full_targets[m]) and bool((y[~m] == -100).all())
+
+
+def test_sft_loss_ignores_every_non_assistant_target(tok):
+    ds = SFTDataset(CONVS, tok, seq_len=160)
+    x, y, m = (t[None] for t in ds[0])
+    full = torch.from_numpy(ds.ids[0, 1:])[None].clone()  # real tokens as targets everywhere
+    model = tiny_model(tok)
+    with torch.no_grad():
+        base = sft_loss(model, x, full, m)
+        assert base == pytest.approx(sft_loss(model, x, y, m).item(), rel=1e-6)
+        # rewrite every target outside the mask (user, system, role markers, padding)
+        g = torch.Generator().manual_seed(0)
+        scrambled = torch.where(m, full, torch.randint(0, tok.vocab_size, full.shape, generator=g))
+        assert int((scrambled != full)[~m].sum()) > 20
+        assert sft_loss(model, x, scrambled, m).item() == pytest.approx(base.item(), rel=1e-6)
+        # ...while changing one assistant target does change it
+        t = int(m[0].nonzero()[0])
+        changed = full.clone()
+        changed[0, t] = (changed[0, t] + 1) % tok.vocab_size
+        assert sft_loss(model, x, changed, m).item() != pytest.approx(base.item(), rel=1e-6)
+
+
+def test_sft_train_fits_a_few_conversations(tok):
+    ds = SFTDataset([arith.sft_messages(e) for e in arith.examples(8, 0, n_digits=1)], tok, seq_len=64)
+    model = tiny_model(tok, seed=1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    rows = sft_train(model, ds, opt, steps=30, batch_size=4, lr=1e-2, warmup=2)
+    assert len(rows) == 30 and [r["step"] for r in rows[:2]] == [1, 2]
+    assert rows[-1]["loss"] < 0.6 * rows[0]["loss"]
+
+
+def test_task_knobs_parses_values():
+    assert task_knobs(["n_digits=3", "ops=+-", "test_frac=0.2"]) == {"n_digits": 3, "ops": "+-", "test_frac": 0.2}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        task_knobs(["n_digits"])
+
+
+def test_sft_command_saves_model_and_rejects_bad_input(tok, tmp_path):
+    from nanoseek.commands import sft as sft_cmd
+
+    base = tmp_path / "base"
+    tiny_model(tok).save_pretrained(base)
+    tok.save(base)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVS * 4))
+    out = tmp_path / "run"
+    sft_cmd.main(["--model", str(base), "--data", str(data), "--out", str(out), "--steps", "4",
+                  "--batch-size", "2", "--seq-len", "64", "--device", "cpu"])
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    model = Transformer.from_pretrained(out / "model")
+    assert Tokenizer.from_dir(out / "model").sha256 == tok.sha256
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                     Transformer.from_pretrained(base).state_dict().values()))
+    assert (out / "plots" / "loss.png").exists() and "train loss" in (out / "report.md").read_text()
+
+    # bad input: a clear message naming the problem, and no run folder left behind
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user"}]}\n')
+    with pytest.raises(SystemExit, match="bad.jsonl:1"):
+        sft_cmd.main(["--model", str(base), "--data", str(bad), "--out", str(tmp_path / "r2"), "--device", "cpu"])
+    with pytest.raises(SystemExit, match="exactly one of"):
+        sft_cmd.main(["--model", str(base), "--out", str(tmp_path / "r3"), "--device", "cpu"])
+    with pytest.raises(SystemExit, match="not a model directory"):
+        sft_cmd.main(["--model", str(tmp_path), "--task", "arithmetic", "--out", str(tmp_path / "r4")])
+    with pytest.raises(SystemExit, match="already holds"):
+        sft_cmd.main(["--model", str(base), "--data", str(data), "--out", str(out), "--device", "cpu"])
+    assert not any((tmp_path / r).exists() for r in ("r2", "r3", "r4"))
