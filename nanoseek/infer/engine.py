@@ -562,26 +562,17 @@ class Engine:
             bonus = logits[:, 1].argmax(-1)
             accepted = first == drafts
         else:
-            counts, seen = self._penalty_rows(rows, bp)
-            p0 = smp.probabilities(smp.process_logits(logits[:, 0], bp, counts, seen), bp.greedy)
-            if counts is not None:                  # the bonus token's penalties count the draft too
-                counts = counts.clone()
-                counts[torch.arange(B, device=dev), drafts] += 1
-            p1 = smp.probabilities(smp.process_logits(logits[:, 1], bp, counts, seen), bp.greedy)
-            onehot = torch.zeros_like(p0).scatter_(1, drafts[:, None], 1.0)
-            if self._draft_q is not None and not bp.all_greedy:
-                q = torch.where(bp.greedy[:, None], onehot, self._draft_q[[s.slot for s in rows]])
-            else:
-                q = onehot
+            p0 = self._distribution(rows, bp, logits[:, 0])
+            p1 = self._distribution(rows, bp, logits[:, 1], counting=drafts)   # the draft is output by then
+            q = torch.zeros_like(p0).scatter_(1, drafts[:, None], 1.0)       # greedy drafts: one-hot
+            if not bp.all_greedy:
+                q = torch.where(bp.greedy[:, None], q, self._draft_q[[s.slot for s in rows]])
             uniform = torch.zeros(B, device=dev)
-            noise0, noise1 = torch.ones_like(p0), torch.ones_like(p1)
             for b, s in enumerate(rows):
                 if s.params.temperature > 0:
                     uniform[b] = torch.rand((), generator=s.gen, device=dev)
-                    noise0[b].exponential_(generator=s.gen)
-                    noise1[b].exponential_(generator=s.gen)
-            first, accepted = smp.speculative_accept(p0, q, drafts, uniform, noise0)
-            bonus = smp.sample(p1, noise1)
+            first, accepted = smp.speculative_accept(p0, q, drafts, uniform, self._noise(rows, p0))
+            bonus = smp.sample(p1, self._noise(rows, p1))
         want_lp = [s.params.logprobs for s in rows if s.params.logprobs is not None]
         if want_lp:
             lp0 = self._logprobs(logits[:, 0], first, max(want_lp))
@@ -628,14 +619,9 @@ class Engine:
         if bp.all_greedy and not bp.any_penalty:
             drafts = last.argmax(-1)
         else:
-            counts, seen = self._penalty_rows(sel, bp)
-            q = smp.probabilities(smp.process_logits(last, bp, counts, seen), bp.greedy)
-            noise = torch.ones_like(q)
-            for b, s in enumerate(sel):
-                if s.params.temperature > 0:
-                    noise[b].exponential_(generator=s.gen)
-            drafts = smp.sample(q, noise)
-            if not bp.all_greedy:
+            q = self._distribution(sel, bp, last)
+            drafts = smp.sample(q, self._noise(sel, q))
+            if not bp.all_greedy:       # speculative sampling needs q again at verification
                 if self._draft_q is None:
                     self._draft_q = torch.zeros(self.max_batch, self.vocab_size, device=dev)
                 self._draft_q[[s.slot for s in sel]] = q
@@ -649,13 +635,8 @@ class Engine:
         if bp.all_greedy and not bp.any_penalty:
             chosen = logits.argmax(dim=-1)
         else:
-            counts, seen = self._penalty_rows(rows, bp)
-            probs = smp.probabilities(smp.process_logits(logits, bp, counts, seen), bp.greedy)
-            noise = torch.ones_like(probs)
-            for b, s in enumerate(rows):
-                if s.params.temperature > 0:
-                    noise[b].exponential_(generator=s.gen)
-            chosen = smp.sample(probs, noise)
+            probs = self._distribution(rows, bp, logits)
+            chosen = smp.sample(probs, self._noise(rows, probs))
         want_lp = [s.params.logprobs for s in rows if s.params.logprobs is not None]
         tokens = chosen.tolist()
         if not want_lp:
@@ -680,11 +661,26 @@ class Engine:
     def _token_str(self, t: int) -> str:
         return self.tokenizer.decode([t]) if self.tokenizer is not None else str(t)
 
-    def _penalty_rows(self, rows: list[_Seq], bp: smp.BatchParams):
-        if not bp.any_penalty:
-            return None, None
-        slots = torch.tensor([s.slot for s in rows], device=self.device)
-        return self._counts[slots], self._prompt_seen[slots]
+    def _distribution(self, rows: list[_Seq], bp: smp.BatchParams, logits: torch.Tensor,
+                      counting: torch.Tensor | None = None) -> torch.Tensor:
+        """What each row samples from (B, V): penalties, temperature, filters; one-hot for greedy rows.
+        `counting` (B,): one more output token per row for the penalties (the draft, at the bonus position)."""
+        counts = seen = None
+        if bp.any_penalty:
+            slots = torch.tensor([s.slot for s in rows], device=self.device)
+            counts, seen = self._counts[slots], self._prompt_seen[slots]
+            if counting is not None:
+                counts[torch.arange(len(rows), device=self.device), counting] += 1
+        return smp.probabilities(smp.process_logits(logits, bp, counts, seen), bp.greedy)
+
+    @staticmethod
+    def _noise(rows: list[_Seq], like: torch.Tensor) -> torch.Tensor:
+        """Exp(1) noise (B, V) from each sampling row's own generator (ones for greedy rows)."""
+        noise = torch.ones_like(like)
+        for b, s in enumerate(rows):
+            if s.params.temperature > 0:
+                noise[b].exponential_(generator=s.gen)
+        return noise
 
     def _init_penalty_row(self, s: _Seq) -> None:
         if self._counts is None:
