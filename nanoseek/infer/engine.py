@@ -671,7 +671,7 @@ class Engine:
             counts, seen = self._counts[slots], self._prompt_seen[slots]
             if counting is not None:
                 counts[torch.arange(len(rows), device=self.device), counting] += 1
-        return smp.probabilities(smp.process_logits(logits, bp, counts, seen), bp.greedy)
+        return smp.probabilities(smp.process_logits(logits, bp, counts, seen), bp.greedy, bp.any_greedy)
 
     @staticmethod
     def _noise(rows: list[_Seq], like: torch.Tensor) -> torch.Tensor:

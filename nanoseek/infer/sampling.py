@@ -44,6 +44,7 @@ class BatchParams:
     any_top_p: bool = False
     any_min_p: bool = False
     any_penalty: bool = False
+    any_greedy: bool = False
     all_greedy: bool = False
     max_top_k: int = 0
 
@@ -69,7 +70,7 @@ def batch_params(rows: list, device: torch.device | str = "cpu") -> BatchParams:
         any_top_p=any(p < 1.0 for p, g in zip(top_p, greedy) if not g),
         any_min_p=any(m > 0.0 for m, g in zip(min_p, greedy) if not g),
         any_penalty=any(r != 1.0 for r in rep) or any(f != 0.0 for f in freq) or any(p != 0.0 for p in pres),
-        all_greedy=all(greedy), max_top_k=max(top_k, default=0))
+        any_greedy=any(greedy), all_greedy=all(greedy), max_top_k=max(top_k, default=0))
 
 
 # --- logit processors (each takes and returns (B, V) float logits)
@@ -136,11 +137,12 @@ def process_logits(logits: torch.Tensor, p: BatchParams, output_counts: torch.Te
     return logits
 
 
-def probabilities(processed: torch.Tensor, greedy: torch.Tensor) -> torch.Tensor:
+def probabilities(processed: torch.Tensor, greedy: torch.Tensor, any_greedy: bool | None = None) -> torch.Tensor:
     """The distribution each row samples from: softmax, or one-hot at the argmax for greedy rows
-    (so greedy decoding is the same rule with a degenerate distribution, speculation included)."""
+    (so greedy decoding is the same rule with a degenerate distribution, speculation included).
+    any_greedy: whether greedy has a True (saves a host sync when the caller knows)."""
     probs = processed.softmax(dim=-1)
-    if bool(greedy.any()):
+    if bool(greedy.any()) if any_greedy is None else any_greedy:
         onehot = torch.zeros_like(probs).scatter_(1, processed.argmax(dim=-1, keepdim=True), 1.0)
         probs = torch.where(greedy[:, None], onehot, probs)
     return probs
