@@ -129,9 +129,9 @@ class PagedCache:
         mask = keys[None, None, :] <= pos[:, :, None]                               # (B, T, S)
         self._shape = (B, S)
         self._span = None
-        if B == 1 and not padded.any() and slots[0, -1] - slots[0, 0] == S - 1 and (
-                nblk == 1 or (np.diff(table[0]) == 1).all()):
-            # one sequence in consecutive blocks (the usual case at batch 1): read and write in place
+        if B == 1 and not padded.any() and (np.diff(table[0]) == 1).all():
+            # one sequence in consecutive blocks (the usual case at batch 1, as the free list hands out
+            # low ids first): read and write the pool in place, no gather
             self._span = (int(slots[0, 0]), int(write[0, 0]), S)
         dev = self.device
         self._write = torch.from_numpy(write.reshape(-1)).to(dev, non_blocking=True)
