@@ -69,8 +69,8 @@ def trained_mtp_model() -> Transformer:
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
     g = torch.Generator().manual_seed(1)
     m.train()
-    for _ in range(30):
-        x = cycle[torch.randint(0, 50, (16, 1), generator=g)].repeat(1, 12)
+    for _ in range(20):
+        x = cycle[torch.randint(0, 50, (8, 1), generator=g)].repeat(1, 12)
         for i in range(1, 12):
             x[:, i] = succ[x[:, i - 1]]
         out = m(x[:, :-1], return_mtp=True)
