@@ -77,6 +77,7 @@ class PagedCache:
         # zeros, not empty: masked keys still enter the weighted sum with weight 0, and 0 * NaN = NaN
         self.kv = torch.zeros(n, num_blocks * block_size, cfg.kv_lora_rank, dtype=dtype, device=device)
         self.pe = torch.zeros(n, num_blocks * block_size, cfg.qk_rope_head_dim, dtype=dtype, device=device)
+        self._layers = list(zip(self.kv.unbind(0), self.pe.unbind(0)))   # per-layer views, made once
         self._free = list(range(num_blocks - 1, 0, -1))     # pop() hands out low ids first
         self._write: torch.Tensor | None = None               # (B*T,) slots written by the bound forward
         self._read: torch.Tensor | None = None                # (B*S,) slots read back
@@ -143,12 +144,12 @@ class PagedCache:
         """Store this forward's latent (B, T, c) and rope key (B, T, rope) for `layer`; return the
         bound rows' whole context (B, S, c), (B, S, rope)."""
         B, T, _ = kv.shape
-        kvl, pel = self.kv[layer], self.pe[layer]
+        kvl, pel = self._layers[layer]
         if self._span is not None:
             first, w, S = self._span
-            kvl[w:w + T] = kv[0]
-            pel[w:w + T] = k_pe[0]
-            return kvl[first:first + S][None], pel[first:first + S][None]
+            kvl[w:w + T] = kv.reshape(T, -1)
+            pel[w:w + T] = k_pe.reshape(T, -1)
+            return kvl[None, first:first + S], pel[None, first:first + S]
         kvl.index_copy_(0, self._write, kv.reshape(B * T, -1).to(kvl.dtype))
         pel.index_copy_(0, self._write, k_pe.reshape(B * T, -1).to(pel.dtype))
         B, S = self._shape
