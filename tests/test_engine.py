@@ -440,3 +440,17 @@ def test_chat_command_multi_turn(model_dir, capsys, monkeypatch):
     assert pieces == [("think", "plan: add"), ("answer", "\n4")]
     monkeypatch.setattr("sys.stdin", io.StringIO(""))   # EOF quits
     chat.main(["--model", str(d), "--max-tokens", "2"])
+
+
+def test_logits_at_selects_positions():
+    m = tiny()
+    ids = torch.randint(0, 512, (2, 9))
+    with torch.no_grad():
+        full = m(ids, return_hidden=True)
+        at = torch.tensor([[8], [3]])
+        some = m(ids, logits_at=at)
+        lg, _, _ = m.mtp_step(full["hidden"], ids, logits_at=at)
+        lg_full, _, _ = m.mtp_step(full["hidden"], ids)
+    assert some.shape == (2, 1, 512)
+    assert torch.allclose(some[:, 0], full["logits"][[0, 1], [8, 3]], atol=1e-6)
+    assert torch.allclose(lg[:, 0], lg_full[[0, 1], [8, 3]], atol=1e-6)

@@ -500,8 +500,9 @@ class Engine:
         positions, mask = self._bind(rows, lens, T)
         if all(s.cached == 0 for s in rows) and all(n == T for n in lens):
             mask = None     # fresh prompts of one length: plain causal attention (SDPA's is_causal kernel)
+        last_pos = torch.tensor(lens, device=self.device)[:, None] - 1                # (B, 1)
         out = self.model(ids, cache=self.cache, positions=positions, mask=mask, absorb=False,
-                         return_hidden=self.speculative)
+                         return_hidden=self.speculative, logits_at=last_pos)   # head at one position per row
         logits, hidden = (out["logits"], out["hidden"]) if self.speculative else (out, None)
         self.stats["prefill_tokens"] += sum(lens)
         starts = [s.cached for s in rows]
@@ -509,8 +510,7 @@ class Engine:
             s.cached += n
         done = [b for b, s in enumerate(rows) if s.cached == len(s.tokens)]
         if done:
-            idx = torch.tensor(done, device=self.device)
-            last = logits[idx, torch.tensor([lens[b] - 1 for b in done], device=self.device)]  # (D, V)
+            last = logits[torch.tensor(done, device=self.device), 0]                    # (D, V)
             done_rows = [rows[b] for b in done]
             tokens, lps, tops = self._sample(done_rows, last)
             for s, t, lp, top in zip(done_rows, tokens, lps, tops):
@@ -607,14 +607,15 @@ class Engine:
         positions, mask = self.cache.bind([s.blocks for s in rows], starts, lengths, T)
         if all(st == 0 for st in starts) and all(n == T for n in lengths):
             mask = None
+        draft_pos = torch.tensor(draft_at, device=self.device)[:, None]              # (B, 1)
         logits, _, _ = self.model.mtp_step(hidden, next_ids.to(self.device), depth=0, cache=self.cache,
-                                           positions=positions, mask=mask, absorb=absorb)
+                                           positions=positions, mask=mask, absorb=absorb, logits_at=draft_pos)
         needs = [b for b, s in enumerate(rows) if s.prefilled]      # not a prompt chunk short of the end
         if not needs:
             return
         dev = self.device
         sel = [rows[b] for b in needs]
-        last = logits[torch.tensor(needs, device=dev), torch.tensor([draft_at[b] for b in needs], device=dev)]
+        last = logits[torch.tensor(needs, device=dev), 0]                             # (D, V)
         bp = smp.batch_params([s.params for s in sel], dev)
         if bp.all_greedy and not bp.any_penalty:
             drafts = last.argmax(-1)

@@ -89,11 +89,13 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, *, cache=None, positions: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, absorb: bool | None = None, return_hidden: bool = False,
                 return_mtp: bool = False, return_routing: bool = False, moe_reference: bool = False,
-                ) -> torch.Tensor | dict[str, Any]:
+                logits_at: torch.Tensor | None = None) -> torch.Tensor | dict[str, Any]:
         """input_ids (B, T) -> logits (B, T, vocab).
 
         With any return_* flag a dict comes back: logits, hidden (before the final norm),
         mtp_logits (list over depths k=1..D, each (B, T-k, vocab), predicting token i+k+1), routing.
+        logits_at (B, K) long: logits only at these positions of each row, (B, K, vocab); a prefill
+        needs one per row, and (B, T, vocab) is a gigabyte for a 2k-token chunk at V3's vocabulary.
         """
         B, T = input_ids.shape
         if cache is not None and positions is None:
@@ -107,7 +109,7 @@ class Transformer(nn.Module):
             x, r = layer(x, cos, sin, cache=cache, mask=mask, absorb=absorb, moe_reference=moe_reference)
             if r is not None:
                 routing.append(r)
-        logits = self.head(self.norm(x))                                  # (B, T, vocab)
+        logits = self.head(self.norm(x if logits_at is None else _rows_at(x, logits_at)))  # (B, T|K, vocab)
         if not (return_hidden or return_mtp or return_routing):
             return logits
         out: dict[str, Any] = {"logits": logits, "hidden": x, "routing": routing}
@@ -127,11 +129,12 @@ class Transformer(nn.Module):
 
     def mtp_step(self, h: torch.Tensor, next_ids: torch.Tensor, *, depth: int = 0, cache=None,
                  positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                 absorb: bool | None = None, moe_reference: bool = False,
+                 absorb: bool | None = None, moe_reference: bool = False, logits_at: torch.Tensor | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, list[Routing]]:
         """One MTP depth: h (B, T, dim) and the ids one step ahead (B, T) -> (logits, hidden, routing).
 
         Used by training (no cache) and by speculative decoding (cache slot = the module's layer_idx).
+        logits_at (B, K): logits only at these positions, as in forward.
         """
         module = self.mtp[depth]
         if positions is None:
@@ -139,7 +142,8 @@ class Transformer(nn.Module):
         cos, sin = self.rope(positions)
         hk, r = module(h, self.embed(next_ids), cos, sin, cache=cache, mask=mask, absorb=absorb,
                        moe_reference=moe_reference)
-        return self.head(module.norm(hk)), hk, ([r] if r is not None else [])
+        logits = self.head(module.norm(hk if logits_at is None else _rows_at(hk, logits_at)))
+        return logits, hk, ([r] if r is not None else [])
 
     # --- HF-format directories (thin: checkpoint.py does the work)
     @classmethod
@@ -151,6 +155,11 @@ class Transformer(nn.Module):
     def save_pretrained(self, path: str | Path, max_shard_bytes: int = 2 * 1024**3) -> None:
         from nanoseek.checkpoint import save_pretrained
         save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
+
+
+def _rows_at(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (B, T, dim), idx (B, K) -> (B, K, dim)."""
+    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
 
 
 def count_parameters(model: Transformer) -> dict[str, int]:
