@@ -3,6 +3,7 @@ batching against requests run alone, cancel / preemption bookkeeping, MTP specul
 decoding, seeded sampling, stop handling, streaming, logprobs."""
 
 import asyncio
+import contextlib
 import functools
 import threading
 
@@ -454,3 +455,34 @@ def test_logits_at_selects_positions():
     assert some.shape == (2, 1, 512)
     assert torch.allclose(some[:, 0], full["logits"][[0, 1], [8, 3]], atol=1e-6)
     assert torch.allclose(lg[:, 0], lg_full[[0, 1], [8, 3]], atol=1e-6)
+
+
+def test_32_concurrent_streams_some_disconnect():
+    m = tiny()
+    ps = prompts(*[3 + i % 9 for i in range(32)], seed=4)
+    sp = SamplingParams(max_tokens=10, **GREEDY)
+    want = [c.token_ids for c in Engine(m, max_batch=32).generate(ps, sp)]
+    eng = Engine(m, max_batch=8, block_size=4, num_blocks=40)     # fewer rows and blocks than clients
+    try:
+        async def client(i):
+            got = []
+            async with contextlib.aclosing(eng.stream(ps[i], sp)) as events:   # as a server closes it
+                async for ev in events:
+                    got += ev.token_ids
+                    if i % 4 == 3 and len(got) >= 3:      # this client goes away
+                        break
+            return got
+
+        async def main():
+            return await asyncio.gather(*(client(i) for i in range(32)))
+
+        got = asyncio.run(main())
+        for _ in range(500):
+            if not eng.has_work():
+                break
+            threading.Event().wait(0.01)
+        for i in range(32):
+            assert got[i] == (want[i][:len(got[i])] if i % 4 == 3 else want[i])
+        assert not eng.has_work() and eng.cache.num_free == 39
+    finally:
+        eng.stop()
