@@ -556,8 +556,8 @@ class Engine:
         positions, mask = self._bind(rows, [2] * B, 2)
         out = self.model(ids, cache=self.cache, positions=positions, mask=mask, absorb=True, return_hidden=True)
         logits, hidden = out["logits"], out["hidden"]                               # (B, 2, V), (B, 2, dim)
-        bp = smp.batch_params([s.params for s in rows], dev)
-        if bp.all_greedy and not bp.any_penalty:
+        bp = None if self._plain_greedy(rows) else smp.batch_params([s.params for s in rows], dev)
+        if bp is None:
             first = logits[:, 0].argmax(-1)
             bonus = logits[:, 1].argmax(-1)
             accepted = first == drafts
@@ -616,8 +616,8 @@ class Engine:
         dev = self.device
         sel = [rows[b] for b in needs]
         last = logits[torch.tensor(needs, device=dev), 0]                             # (D, V)
-        bp = smp.batch_params([s.params for s in sel], dev)
-        if bp.all_greedy and not bp.any_penalty:
+        bp = None if self._plain_greedy(sel) else smp.batch_params([s.params for s in sel], dev)
+        if bp is None:
             drafts = last.argmax(-1)
         else:
             q = self._distribution(sel, bp, last)
@@ -632,8 +632,8 @@ class Engine:
     # --- sampling
     def _sample(self, rows: list[_Seq], logits: torch.Tensor):
         """logits (B, V) -> (tokens, chosen logprobs, top logprobs) as Python lists (one host sync)."""
-        bp = smp.batch_params([s.params for s in rows], self.device)
-        if bp.all_greedy and not bp.any_penalty:
+        bp = None if self._plain_greedy(rows) else smp.batch_params([s.params for s in rows], self.device)
+        if bp is None:
             chosen = logits.argmax(dim=-1)
         else:
             probs = self._distribution(rows, bp, logits)
@@ -661,6 +661,11 @@ class Engine:
 
     def _token_str(self, t: int) -> str:
         return self.tokenizer.decode([t]) if self.tokenizer is not None else str(t)
+
+    @staticmethod
+    def _plain_greedy(rows: list[_Seq]) -> bool:
+        """Argmax of the raw logits is all these rows need (no parameter tensors to build)."""
+        return all(s.params.temperature == 0 and not s.penalized for s in rows)
 
     def _distribution(self, rows: list[_Seq], bp: smp.BatchParams, logits: torch.Tensor,
                       counting: torch.Tensor | None = None) -> torch.Tensor:
