@@ -426,10 +426,13 @@ class Engine:
             self._finish(s, "abort")
 
     def _admit(self) -> None:
+        # keep ~1% of the blocks for running sequences to grow into (vLLM's watermark), so that a new
+        # request is not admitted only to be preempted again at the next decode step
+        watermark = max(1, (self.cache.num_blocks - 1) // 100)
         while self.waiting and self._free_slots:
             s = self.waiting[0]
             need = self.cache.blocks_for(len(s.tokens))
-            if need > self.cache.num_free:
+            if need + (watermark if self.running else 0) > self.cache.num_free:
                 break
             self.waiting.popleft()
             s.blocks = self.cache.allocate(need)
