@@ -17,7 +17,8 @@ from nanoseek.model import Transformer
 from nanoseek.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-COMMON = ["--steps", "3", "--seq-len", "32", "--sample-tokens", "0", "--eval-every", "0", "--warmup", "1",
+COMMON = ["--steps", "3", "--seq-len", "32", "--sample-tokens", "0", "--eval-every", "0", "--eval-steps", "1",
+          "--warmup", "1",
           "--lr", "3e-3", "--peak-flops", "1e11", "--keep", "1"]
 
 
@@ -63,7 +64,7 @@ def test_two_gloo_processes_match_one(shards, tmp_path):
         dist.init_process_group("gloo")
         out, args = sys.argv[1], sys.argv[2:]
         main([*args, "--out", out + "/ddp"])
-        main([*args, "--out", out + "/fsdp", "--fsdp"])
+        main([*args, "--out", out + "/fsdp", "--fsdp", "--sample-tokens", "3"])   # sampling runs on every rank
         dist.destroy_process_group()
     """))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

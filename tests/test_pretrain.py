@@ -19,10 +19,11 @@ from nanoseek.model import Transformer, preset
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.optim import Muon, lr_at, param_groups, zeropower_newton_schulz
 from nanoseek.train.step import max_violation, moe_gates, update_router_bias
-from nanoseek.train.trainer_state import load_trainer_state, resolve_checkpoint
+from nanoseek.train.trainer_state import load_trainer_state, resolve_checkpoint, rng_state, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = ["--batch-size", "4", "--seq-len", "32", "--sample-tokens", "0", "--eval-every", "0", "--warmup", "2"]
+FAST = ["--batch-size", "4", "--seq-len", "32", "--sample-tokens", "0", "--eval-every", "0", "--eval-steps", "1",
+        "--warmup", "2", "--peak-flops", "1e11"]
 
 
 @pytest.fixture(autouse=True)
@@ -149,6 +150,22 @@ def test_killed_save_leaves_last_checkpoint_loadable(shards, tmp_path):
     pretrain(["--resume", str(run), "--steps", "3"])
     assert resolve_checkpoint(run).name == "step_000003"
     assert max(train_rows(run)) == 3
+
+
+def test_checkpoint_pointer_and_pruning(tmp_path):
+    model = Transformer(preset("tiny", num_hidden_layers=2))
+    model.init_weights()
+    state = {"args": {}, "loader": {}, "world_size": 1, "rng": rng_state()}
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, model, {"state": {}, "param_groups": []}, state, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000002", "step_000003"]
+    assert resolve_checkpoint(tmp_path).name == "step_000003"
+    # a run resumed from step 2 saves step 2 again: `latest` follows it, nothing newer is deleted
+    save_checkpoint(tmp_path, 2, model, {"state": {}, "param_groups": []}, state, keep=2)
+    assert resolve_checkpoint(tmp_path).name == "step_000002"
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000002", "step_000003"]
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob("*.old"))
+    assert load_trainer_state(tmp_path / "step_000002")[0]["step"] == 2
 
 
 def test_clear_errors(shards, tmp_path):

@@ -43,6 +43,15 @@ def wrap_model(model: nn.Module, info: DistInfo, device: torch.device, fsdp: boo
     return DDP(model, device_ids=[device.index or 0] if device.type == "cuda" else None)
 
 
+def reshard(model: nn.Module) -> None:
+    """After a forward without backward (validation, sampling), FSDP2 leaves the root's parameters
+    gathered; free them so the module holds its sharded parameters again (what the optimizer and
+    the state-dict functions see). No-op otherwise."""
+    for m in model.modules():
+        if hasattr(m, "reshard") and hasattr(m, "set_requires_gradient_sync"):   # an FSDPModule
+            m.reshard()
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The Transformer inside a DDP wrapper (FSDP2 wraps in place, so it is the module itself)."""
     return getattr(model, "module", model)

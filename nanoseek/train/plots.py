@@ -38,8 +38,9 @@ def plot_run(metrics: str | Path, out_dir: str | Path) -> list[Path]:
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot([r["step"] for r in train], [r["ce"] for r in train], label="train CE", lw=1)
-        if any(r.get("mtp") for r in train):
-            ax.plot([r["step"] for r in train], [r["mtp"] for r in train], label="MTP loss (weighted)", lw=1)
+        if any(r.get("mtp_ce") for r in train):
+            ax.plot([r["step"] for r in train], [r["mtp_ce"] for r in train], label="train MTP CE (next-next token)",
+                    lw=1)
     if val:
         ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation CE")
     ax.set(xlabel="step", ylabel="nats / token", title="loss")
@@ -67,7 +68,6 @@ def plot_run(metrics: str | Path, out_dir: str | Path) -> list[Path]:
 
 
 def _save(plt, fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
     plt.close(fig)
     return path

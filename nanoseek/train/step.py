@@ -45,7 +45,8 @@ def pretrain_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, mtp_wei
     if want_mtp and out.get("mtp_logits"):
         mtp = mtp_loss(out["mtp_logits"], y, mtp_weight)
         loss = loss + mtp
-        parts["mtp"] = mtp.detach()
+        parts["mtp"] = mtp.detach()                    # weighted: what the objective adds
+        parts["mtp_ce"] = mtp.detach() / mtp_weight    # mean CE over depths: comparable to ce
     counts = None
     if out["routing"]:
         B = x.shape[0]

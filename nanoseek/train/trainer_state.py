@@ -122,9 +122,10 @@ def save_checkpoint(root: str | Path, step: int, model: Transformer, optimizer_s
     pointer = root / (LATEST + ".tmp")
     pointer.write_text(name + "\n")
     os.replace(pointer, root / LATEST)
-    if keep > 0:
-        done = sorted(p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit())
-        for old in done[:-keep]:
+    if keep > 0:   # prune only older steps: never the one `latest` names, nor a later one left by another timeline
+        older = sorted(p for p in root.glob("step_*")
+                       if p.is_dir() and p.name[5:].isdigit() and int(p.name[5:]) < step)
+        for old in older[:max(len(older) - (keep - 1), 0)]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 

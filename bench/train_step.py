@@ -1,0 +1,194 @@
+"""Full training steps (forward, backward, AdamW) in tokens/s: nanoseek vs transformers, same weights, same run.
+
+    .venv/bin/python bench/train_step.py                      # small preset, batch 8 x 512
+    .venv/bin/python bench/train_step.py --steps 5 --compile --profile
+    .venv/bin/python bench/train_step.py --preset tiny --batch 8 --seq 256 --threads 1
+
+The nanoseek model is saved as a Hugging Face directory and loaded by transformers'
+DeepseekV3ForCausalLM, so both train the same weights. Without MTP on either side (transformers does
+not train the MTP module), nanoseek's step is CE + sequence-wise balance loss + the bias update;
+transformers' is its CE. Both use torch.optim.AdamW. Each transformers experts implementation that
+can train (eager, grouped_mm) is timed and its best mode is the peer. Steps of all modes are
+interleaved, so a machine shared with other work slows them alike. MFU = tokens/s * FLOPs per token
+(nanoseek.train.step.flops_per_token) / the matmul peak of the precision used, measured here.
+bf16 modes are skipped with a message when this CPU only emulates bf16 (no AVX-512 BF16 / AMX).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+
+import torch
+
+from nanoseek.model import Transformer, count_parameters, preset
+from nanoseek.train.optim import build_optimizer
+from nanoseek.train.step import (autocast, flops_per_token, measure_peak_flops, pretrain_loss,
+                                 update_router_bias)
+
+
+# --- the two kinds of step
+def nanoseek_step(model, opt, x, y, dtype, mtp_weight=0.0):
+    with autocast(torch.device("cpu"), dtype):
+        loss, _, counts = pretrain_loss(model, x, y, mtp_weight=mtp_weight, balance_alpha=1e-4)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    update_router_bias(model, counts, 1e-3)
+    return loss.item()
+
+
+def hf_step(model, opt, x, y, dtype):
+    with autocast(torch.device("cpu"), dtype):
+        # transformers shifts labels itself: labels = inputs gives the same next-token targets
+        loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
+def profile_nanoseek(model, opt, x, y, dtype) -> None:
+    """Op table of one step, plus forward wall time by module kind (hooks), to say where time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from nanoseek.model.layers import MLP, RMSNorm
+    from nanoseek.model.mla import MLA
+    from nanoseek.model.moe import Experts, Gate
+
+    kinds = {MLA: "MLA attention", Gate: "MoE gate", Experts: "routed experts (dispatch + SwiGLU)",
+             RMSNorm: "RMSNorm", MLP: "dense / shared SwiGLU"}
+    spent: dict[str, float] = {}
+    starts: dict[int, float] = {}
+    handles = []
+    for m in model.modules():
+        kind = next((v for k, v in kinds.items() if isinstance(m, k)), None)
+        if kind is None:
+            continue
+        handles.append(m.register_forward_pre_hook(lambda mod, a: starts.__setitem__(id(mod), time.perf_counter())))
+        handles.append(m.register_forward_hook(
+            lambda mod, a, o, kind=kind: spent.__setitem__(kind, spent.get(kind, 0) + time.perf_counter() - starts[id(mod)])))
+    t = time.perf_counter()
+    with torch.no_grad(), autocast(torch.device("cpu"), dtype):
+        model(x, return_routing=True)
+    total = time.perf_counter() - t
+    for h in handles:
+        h.remove()
+    print(f"\nnanoseek forward {total * 1e3:.0f} ms by module kind (nested kinds overlap: a shared SwiGLU sits in MoE):")
+    for kind, s in sorted(spent.items(), key=lambda kv: -kv[1]):
+        print(f"  {kind:<36} {s * 1e3:8.0f} ms  {100 * s / total:5.1f}%")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        nanoseek_step(model, opt, x, y, dtype)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="small")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--steps", type=int, default=3, help="timed steps per mode (after one warm-up step)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--compile", action="store_true", help="also time nanoseek with each block torch.compile'd")
+    p.add_argument("--no-mtp-row", action="store_true", help="skip the full V3 objective row (with MTP)")
+    p.add_argument("--force-bf16", action="store_true", help="time bf16 even where it is only emulated")
+    p.add_argument("--profile", action="store_true")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from transformers import DeepseekV3ForCausalLM
+
+    # --- peaks
+    cpu = torch.device("cpu")
+    peak = {torch.float32: measure_peak_flops(cpu, torch.float32), torch.bfloat16: measure_peak_flops(cpu, torch.bfloat16)}
+    print(f"threads {torch.get_num_threads()} | matmul peak: fp32 {peak[torch.float32] / 1e9:.0f} GFLOP/s, "
+          f"bf16 {peak[torch.bfloat16] / 1e9:.1f} GFLOP/s")
+    dtypes = [torch.float32]
+    if peak[torch.bfloat16] > 0.5 * peak[torch.float32] or args.force_bf16:
+        dtypes.append(torch.bfloat16)
+    else:
+        print("bf16: skipped, this CPU emulates bf16 matmuls (no AVX-512 BF16 / AMX): every bf16 mode would "
+              "run at the bf16 peak above")
+
+    # --- the same weights on both sides
+    torch.manual_seed(0)
+    cfg = preset(args.preset, num_nextn_predict_layers=0)
+    base = Transformer(cfg)
+    base.init_weights()
+    c = count_parameters(base)
+    fpt = flops_per_token(base, args.seq, mtp=False)
+    print(f"{args.preset}: {c['total'] / 1e6:.1f}M parameters, {c['active'] / 1e6:.1f}M active | "
+          f"batch {args.batch} x {args.seq} | {fpt / 1e6:.0f} MFLOP per token (fwd+bwd)")
+    x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
+    y = torch.cat([x[:, 1:], torch.randint(0, cfg.vocab_size, (args.batch, 1))], dim=1)
+    modes: list[tuple[str, torch.dtype, object, object, callable]] = []
+    with tempfile.TemporaryDirectory() as d:
+        base.save_pretrained(d)
+        for impl in ("eager", "grouped_mm"):
+            hf = DeepseekV3ForCausalLM.from_pretrained(d, dtype=torch.float32, attn_implementation="sdpa",
+                                                       experts_implementation=impl)
+            hf.train()
+            for dt in dtypes:
+                m = hf if dt == dtypes[-1] else copy.deepcopy(hf)
+                modes.append((f"transformers {impl}", dt, m, torch.optim.AdamW(m.parameters(), lr=1e-4),
+                              lambda m, o, dt: hf_step(m, o, x, y, dt)))
+    with torch.no_grad():   # parity of the first forward: the comparison is of the same model
+        hf_logits = modes[0][2](input_ids=x[:1, :64]).logits
+        diff = (base(x[:1, :64]) - hf_logits).abs().max().item()
+    print(f"parity: max |logits nanoseek - transformers| = {diff:.2e} (fp32)")
+    for dt in dtypes:
+        m = copy.deepcopy(base).train()
+        modes.append(("nanoseek", dt, m, build_optimizer(m, "adamw", 1e-4, 0.1),
+                      lambda m, o, dt: nanoseek_step(m, o, x, y, dt)))
+        if args.compile:
+            mc = copy.deepcopy(base).train()
+            for block in mc.layers:
+                block.compile()
+            modes.append(("nanoseek --compile", dt, mc, build_optimizer(mc, "adamw", 1e-4, 0.1),
+                          lambda m, o, dt: nanoseek_step(m, o, x, y, dt)))
+    if not args.no_mtp_row:
+        torch.manual_seed(0)
+        full = Transformer(preset(args.preset))
+        full.init_weights()
+        full.train()
+        fpt_mtp = flops_per_token(full, args.seq, mtp=True)
+        modes.append(("nanoseek V3 objective (+MTP)", torch.float32, full, build_optimizer(full, "adamw", 1e-4, 0.1),
+                      lambda m, o, dt: nanoseek_step(m, o, x, y, dt, mtp_weight=0.3)))
+
+    # --- interleaved timing
+    times: dict[int, list[float]] = {i: [] for i in range(len(modes))}
+    for rep in range(args.steps + 1):
+        for i, (name, dt, m, opt, step) in enumerate(modes):
+            t = time.perf_counter()
+            step(m, opt, dt)
+            dt_s = time.perf_counter() - t
+            if rep > 0:
+                times[i].append(dt_s)
+            print(f"  {'warm-up' if rep == 0 else f'step {rep}'}: {name} {str(dt).removeprefix('torch.')} "
+                  f"{dt_s:.2f} s", flush=True)
+
+    # --- results
+    tokens = args.batch * args.seq
+    print(f"\n{'mode':<32}{'dtype':<10}{'s/step':>8}{'tok/s':>9}{'MFU':>8}")
+    best: dict[str, float] = {}
+    for i, (name, dt, *_rest) in enumerate(modes):
+        s = statistics.median(times[i])
+        tps = tokens / s
+        f = fpt_mtp if "MTP" in name else fpt
+        print(f"{name:<32}{str(dt).removeprefix('torch.'):<10}{s:8.2f}{tps:9.0f}{100 * tps * f / peak[dt]:7.1f}%")
+        side = "transformers" if name.startswith("transformers") else "nanoseek" if "MTP" not in name else "mtp"
+        best[side] = max(best.get(side, 0), tps)
+    print(f"\nnanoseek best / transformers best: {best['nanoseek'] / best['transformers']:.2f}x "
+          f"({best['nanoseek']:.0f} vs {best['transformers']:.0f} tok/s)")
+    if args.profile:
+        name, dt, m, opt, _ = next(md for md in modes if md[0] == "nanoseek")
+        profile_nanoseek(m, opt, x, y, dt)
+
+
+if __name__ == "__main__":
+    main()
