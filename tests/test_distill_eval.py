@@ -21,6 +21,16 @@ from nanoseek.train.sft import rejection_sample, sft_train
 arith = get_task("arithmetic")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models are op-overhead bound: one thread is as fast, and on a shared CPU it avoids idle
+    OpenMP workers spinning against other processes (5-10x slower under load otherwise)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
     ex = arith.examples(50, 0)

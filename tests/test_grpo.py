@@ -13,10 +13,20 @@ from nanoseek.infer.engine import Engine, SamplingParams
 from nanoseek.model import Transformer, preset
 from nanoseek.tasks import get_task
 from nanoseek.tokenizer import Tokenizer
-from nanoseek.train.grpo import GRPO, GRPOConfig, Rollouts, chat_prompts, pack
-from nanoseek.train.losses import RL_VARIANTS
+from nanoseek.train.grpo import GRPO, GRPOConfig, Rollouts, chat_prompts, completion_logprobs, pack
+from nanoseek.train.losses import RL_VARIANTS, token_logprobs
 
 arith = get_task("arithmetic")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models are op-overhead bound: one thread is as fast, and on a shared CPU it avoids idle
+    OpenMP workers spinning against other processes (5-10x slower under load otherwise)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +104,20 @@ def test_ratio_starts_at_one_and_every_variant_updates(tok):
         assert moved > 0, f"{variant}: no parameter changed"
 
 
+def test_old_logprobs_pass_matches_the_training_forward(tok):
+    # the no-grad pass (used when a batch gets several optimizer steps) gives the numbers the
+    # training forward computes at the same weights, whatever the micro-batching: ratio 1 at the start
+    model = tiny_model(tok, seed=4)
+    trainer, next_prompts = make_trainer(tok, model, GRPOConfig(variant="grpo", group_size=4, max_new_tokens=6),
+                                         P=3, T=6)
+    batch, _ = trainer.collect(next_prompts)
+    x = pack(batch, tok.pad_id)
+    old = trainer._no_grad_logprobs(model, x, torch.arange(3), micro=1)
+    logp, _ = completion_logprobs(model, x)
+    m = x.mask.bool()
+    assert torch.allclose(old[m], logp.detach()[m], atol=1e-5)
+
+
 def test_several_epochs_move_the_ratio_and_kl_sees_the_reference(tok):
     model = tiny_model(tok, seed=2)
     ref = tiny_model(tok, seed=2).eval().requires_grad_(False)
@@ -108,11 +132,45 @@ def test_several_epochs_move_the_ratio_and_kl_sees_the_reference(tok):
         GRPO(model, trainer.optimizer, trainer.generate, trainer.reward_fn, cfg, ref_model=None)
 
 
-def test_pack_masks_exactly_the_completion_targets():
-    ids, mask = pack([[5, 6, 7], [8]], [[9, 10], [11, 12, 13]], pad_id=2)
-    assert ids.tolist() == [[5, 6, 7, 9, 10], [8, 11, 12, 13, 2]]
-    # mask[b, t] = 1 when ids[b, t+1] is a completion token
-    assert mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 0]]
+def rollouts(prompts: list[list[int]], completions: list[list[int]], G: int, truncated=None) -> Rollouts:
+    B = len(completions)
+    return Rollouts(prompt_ids=[p for p in prompts for _ in range(G)], completion_ids=completions, texts=[""] * B,
+                    truncated=torch.zeros(B, dtype=torch.bool) if truncated is None else truncated,
+                    rewards=torch.arange(B, dtype=torch.float32).view(-1, G) % 3, accuracy=torch.zeros(B // G, G),
+                    format=torch.zeros(B // G, G), examples=[None] * (B // G))
+
+
+def test_pack_pads_right_and_masks_the_completion_tokens():
+    x = pack(rollouts([[5, 6, 7], [8]], [[9, 10], [11], [12, 13, 14], []], G=2), pad_id=2)
+    assert x.prompts.tolist() == [[5, 6, 7], [8, 2, 2]] and x.prompt_lens.tolist() == [3, 1]
+    assert x.completions.tolist() == [[9, 10, 2], [11, 2, 2], [12, 13, 14], [2, 2, 2]]
+    assert x.mask.tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1], [0, 0, 0]]
+    part = x.take(torch.tensor([1]))
+    assert part.prompts.tolist() == [[8]] and part.completions.tolist() == [[12, 13, 14], [2, 2, 2]]
+
+
+def test_shared_prefix_forward_equals_the_plain_forward_with_gradients():
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=64))
+    model.init_weights()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, 64, (n,), generator=g).tolist() for n in (5, 9, 2)]
+    comps = [torch.randint(3, 64, (n,), generator=g).tolist() for n in (4, 7, 1, 6, 3, 7)]
+    x = pack(rollouts(prompts, comps, G=2), pad_id=2)
+    grads = []
+    for shared in (True, False):
+        model.zero_grad()
+        logp, logits = completion_logprobs(model, x, shared_prefix=shared)
+        (logp * x.mask).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+        if shared:
+            ref = torch.where(x.mask.bool(), logp, 0.0).detach()
+    assert torch.allclose(ref, torch.where(x.mask.bool(), logp, 0.0).detach(), atol=1e-5)
+    # the plain forward by hand for one row: prompt 1 + completion 3 as a single sequence
+    seq = torch.tensor([prompts[1] + comps[3]])
+    by_hand = token_logprobs(model(seq[:, :-1]), seq[:, 1:])[0, len(prompts[1]) - 1:]
+    assert torch.allclose(ref[3, :6], by_hand.detach(), atol=1e-5)
+    assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4)
 
 
 def test_dynamic_sampling_trains_only_on_groups_with_signal(tok):

@@ -20,10 +20,12 @@ One step (DeepSeekMath's iterative GRPO with mu > 1, as R1 runs it):
   3. advantages: (r - mean) / std per group (Dr. GRPO: r - mean).
   4. old log-probs: a no-grad forward of the same weights, before any update (not the engine's
      sampled log-probs: the cached decode path differs from the training forward by rounding, and
-     the ratio must start at exactly 1), plus the frozen reference's when beta > 0.
+     the ratio must start at exactly 1), plus the frozen reference's when beta > 0. With one
+     optimizer step per batch, the update's own forward, detached, gives the same numbers.
   5. update: epochs_per_batch passes, each split into `minibatches` optimizer steps, the clipped
      ratio loss from a forward with gradients (micro-batched for memory, weighted so the sum is the
-     loss of the whole minibatch).
+     loss of the whole minibatch). The forward runs each group's prompt once and its G completions
+     against the stored prompt latents (`completion_logprobs`; the plain per-row forward beside it).
 
 Not applied in RL, deliberately: DeepSeek-V3's aux-loss-free router bias update (rollouts from one
 task are a skewed sample of token types; the balance from pretraining is kept, the bias frozen) and
@@ -138,28 +140,99 @@ def rollout(generate: Generate, prompts: list[list[int]], examples: Sequence[Any
                     examples=list(examples))
 
 
-def pack(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int,
-         device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded prompt + completion rows -> ids (B, L) and mask (B, L-1).
+@dataclass
+class Packed:
+    """A batch of groups as tensors. Group g's prompt is prompts[g]; its G completions are rows g*G...
+    Right padding everywhere, so every real token sits at its true position."""
+    prompts: torch.Tensor                 # (groups, Lp) prompt ids
+    prompt_lens: torch.Tensor             # (groups,) long
+    completions: torch.Tensor             # (B, Tc) completion ids
+    mask: torch.Tensor                    # (B, Tc) float, 1 on real completion tokens (the loss's tokens)
+    group_size: int
 
-    mask[b, t] is 1 where the target ids[b, t+1] is a completion token (the positions whose
-    log-probs the policy loss uses). Right padding keeps every row's real tokens at positions
-    0.. so a plain causal forward needs no attention mask.
+    def rows(self, groups: torch.Tensor) -> torch.Tensor:
+        """Completion rows of the given groups, in group order."""
+        G = self.group_size
+        return (groups[:, None] * G + torch.arange(G)).flatten()
+
+    def take(self, groups: torch.Tensor) -> Packed:
+        """The given groups, trimmed to their longest prompt and completion."""
+        rows = self.rows(groups)
+        Lp = int(self.prompt_lens[groups].max())
+        Tc = max(int(self.mask[rows].sum(1).max()), 1)
+        return Packed(self.prompts[groups, :Lp], self.prompt_lens[groups], self.completions[rows, :Tc],
+                      self.mask[rows, :Tc], self.group_size)
+
+
+def pack(batch: Rollouts, pad_id: int, device: torch.device | str = "cpu") -> Packed:
+    G = batch.group_size
+    prompts = batch.prompt_ids[::G]
+    plens = [len(p) for p in prompts]
+    clens = [len(c) for c in batch.completion_ids]
+    P, B = len(prompts), len(clens)
+    prompt_t = torch.full((P, max(plens)), pad_id, dtype=torch.long)
+    comp_t = torch.full((B, max(max(clens), 1)), pad_id, dtype=torch.long)
+    for g, p in enumerate(prompts):
+        prompt_t[g, :plens[g]] = torch.tensor(p, dtype=torch.long)
+    for b, c in enumerate(batch.completion_ids):
+        comp_t[b, :clens[b]] = torch.tensor(c, dtype=torch.long)
+    mask = (torch.arange(comp_t.shape[1])[None] < torch.tensor(clens)[:, None]).float()
+    return Packed(prompt_t.to(device), torch.tensor(plens).to(device), comp_t.to(device), mask.to(device), G)
+
+
+class _SharedPrefix:
+    """The `cache` of a training forward in two calls: first the groups' prompts (their latents are
+    kept, with their autograd history), then the completions, whose rows see their group's prompt
+    latents repeated G times ahead of their own. The model's attention only calls `update`."""
+
+    def __init__(self, group_size: int):
+        self.G = group_size
+        self.prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, layer: int, kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer not in self.prefix:                                  # the prompt pass
+            self.prefix[layer] = (kv, k_pe)
+            return kv, k_pe
+        p_kv, p_pe = self.prefix[layer]                               # (groups, Lp, c), (groups, Lp, rope)
+        return (torch.cat([p_kv.repeat_interleave(self.G, 0), kv], dim=1),      # (B, Lp + T, c)
+                torch.cat([p_pe.repeat_interleave(self.G, 0), k_pe], dim=1))    # (B, Lp + T, rope)
+
+
+def completion_logprobs(model: nn.Module, x: Packed, shared_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi(completion token t | prompt, completion tokens < t): -> logp (B, Tc), logits (B, Tc, V).
+
+    shared_prefix=True runs each group's prompt once and lets its G completions attend to the
+    stored latents (a group shares one prompt, so this saves G - 1 prompt passes per group);
+    shared_prefix=False is the plain version, one causal forward over prompt + completion per row.
+    The two agree to float rounding (tests/test_grpo.py checks it, gradients included).
     """
-    lens = [len(p) + len(c) for p, c in zip(prompt_ids, completion_ids)]
-    B, L = len(lens), max(lens)
-    ids = torch.full((B, L), pad_id, dtype=torch.long)
-    mask = torch.zeros(B, L - 1, dtype=torch.float32)
-    for b, (p, c) in enumerate(zip(prompt_ids, completion_ids)):
-        ids[b, :lens[b]] = torch.tensor(p + c, dtype=torch.long)
-        mask[b, len(p) - 1:lens[b] - 1] = 1.0
-    return ids.to(device), mask.to(device)
-
-
-def completion_logprobs(model: nn.Module, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi(ids[:, t+1] | ids[:, :t+1]) for every position: ids (B, L) -> logp (B, L-1), logits (B, L-1, V)."""
-    logits = model(ids[:, :-1])                                       # (B, L-1, V)
-    return token_logprobs(logits, ids[:, 1:]), logits
+    G, dev = x.group_size, x.completions.device
+    B, Tc = x.completions.shape
+    plens = x.prompt_lens.repeat_interleave(G)                         # (B,)
+    if not shared_prefix:
+        Lp = x.prompts.shape[1]
+        ids = torch.cat([x.prompts.repeat_interleave(G, 0), torch.zeros_like(x.completions)], dim=1)  # (B, Lp+Tc)
+        cols = plens[:, None] + torch.arange(Tc, device=dev)           # (B, Tc) where each completion goes
+        ids = ids.scatter(1, cols, x.completions)
+        logits = model(ids[:, :Lp + Tc - 1])                           # (B, Lp+Tc-1, V)
+        logits = logits.gather(1, (cols - 1)[..., None].expand(B, Tc, logits.shape[-1]))   # (B, Tc, V)
+        return token_logprobs(logits, x.completions), logits
+    cache = _SharedPrefix(G)
+    P, Lp = x.prompts.shape
+    causal = torch.ones(Lp, Lp, dtype=torch.bool, device=dev).tril()[None]                # (1, Lp, Lp)
+    p_logits = model(x.prompts, cache=cache, positions=torch.arange(Lp, device=dev)[None], mask=causal,
+                     absorb=False)                                     # (P, Lp, V)
+    first = p_logits[torch.arange(P, device=dev), x.prompt_lens - 1]   # (P, V) predicts completion token 0
+    logits = first.repeat_interleave(G, 0)[:, None]                    # (B, 1, V)
+    if Tc > 1:
+        T = Tc - 1                                                     # the last token is a target only
+        pos = plens[:, None] + torch.arange(T, device=dev)             # (B, T)
+        see_prompt = torch.arange(Lp, device=dev)[None, None] < plens[:, None, None]         # (B, 1, Lp)
+        see_own = torch.ones(T, T, dtype=torch.bool, device=dev).tril()[None]              # (1, T, T)
+        mask = torch.cat([see_prompt.expand(B, T, Lp), see_own.expand(B, T, T)], dim=2)    # (B, T, Lp+T)
+        c_logits = model(x.completions[:, :T], cache=cache, positions=pos, mask=mask, absorb=False)  # (B, T, V)
+        logits = torch.cat([logits, c_logits], dim=1)                  # (B, Tc, V)
+    return token_logprobs(logits, x.completions), logits
 
 
 # --- the trainer
@@ -208,29 +281,27 @@ class GRPO:
 
     # --- 3-5: advantages, old log-probs, updates
     def update(self, batch: Rollouts) -> dict[str, float]:
-        """epochs_per_batch x minibatches optimizer steps on one batch; returns mean stats."""
+        """epochs_per_batch x minibatches optimizer steps on one batch; returns mean stats.
+
+        Minibatches and micro-batches are made of whole groups (a group shares its prompt pass).
+        """
         cfg, model = self.cfg, self.model
-        B = len(batch.completion_ids)
-        if B == 0:
+        n_groups = len(batch.examples)
+        if n_groups == 0:
             return {"updates": 0}
-        ids, mask = pack(batch.prompt_ids, batch.completion_ids, self.pad_id, self.device)   # (B, L), (B, L-1)
+        x = pack(batch, self.pad_id, self.device)
         if cfg.overlong_filter:
-            mask = mask * overlong_filter_mask(batch.truncated).to(mask)[:, None]
+            x.mask = x.mask * overlong_filter_mask(batch.truncated).to(x.mask)[:, None]
         adv = group_advantages(batch.rewards, cfg.scale_rewards).flatten().to(self.device)   # (B,)
-        lens = [len(p) + len(c) for p, c in zip(batch.prompt_ids, batch.completion_ids)]
-        micro = cfg.micro_batch or B
+        micro = max(1, cfg.micro_batch // cfg.group_size) if cfg.micro_batch else n_groups   # groups per forward
+        all_groups = torch.arange(n_groups)
 
-        def rows_len(rows: torch.Tensor) -> int:       # trim a micro-batch to its longest row
-            return max(lens[i] for i in rows.tolist())
-
-        with torch.no_grad(), autocast(self.device, self.dtype):
-            old_logp = torch.zeros_like(mask)
-            ref_logp = torch.zeros_like(mask) if self.ref_model is not None else None
-            for rows in torch.arange(B).split(micro):
-                Lm = rows_len(rows)
-                old_logp[rows, :Lm - 1] = completion_logprobs(model, ids[rows, :Lm])[0].float()
-                if ref_logp is not None:
-                    ref_logp[rows, :Lm - 1] = completion_logprobs(self.ref_model, ids[rows, :Lm])[0].float()
+        # Old log-probs: the policy that sampled = the current weights, before any update. With a
+        # single optimizer step per batch they are exactly the detached log-probs of that step's own
+        # forward (same weights, same inputs), so the separate no-grad pass is skipped (as TRL does).
+        single = cfg.epochs_per_batch == 1 and cfg.minibatches == 1
+        old_logp = None if single else self._no_grad_logprobs(model, x, all_groups, micro)
+        ref_logp = None if self.ref_model is None else self._no_grad_logprobs(self.ref_model, x, all_groups, micro)
 
         model.train()
         sums: dict[str, float] = {}
@@ -242,28 +313,30 @@ class GRPO:
 
         n_updates = 0
         for epoch in range(cfg.epochs_per_batch):
-            order = torch.randperm(B, generator=self.gen)
+            order = torch.randperm(n_groups, generator=self.gen)
             for mb in order.chunk(cfg.minibatches):
-                mb_tokens = float(mask[mb].sum().clamp(min=1))
-                for rows in mb.split(micro):
-                    Lm = rows_len(rows)
-                    m = mask[rows, :Lm - 1]
+                mb_rows = x.rows(mb)
+                mb_tokens = float(x.mask[mb_rows].sum().clamp(min=1))
+                for groups in mb.split(micro):
+                    part, rows = x.take(groups), x.rows(groups)
+                    Tc = part.mask.shape[1]
                     with autocast(self.device, self.dtype):
-                        logp, logits = completion_logprobs(model, ids[rows, :Lm])
-                    loss, st = policy_loss(logp, old_logp[rows, :Lm - 1], adv[rows], m, variant=cfg.variant,
+                        logp, logits = completion_logprobs(model, part)
+                    old = logp.detach() if old_logp is None else old_logp[rows, :Tc]
+                    loss, st = policy_loss(logp, old, adv[rows], part.mask, variant=cfg.variant,
                                            eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-                                           ref_logp=None if ref_logp is None else ref_logp[rows, :Lm - 1],
+                                           ref_logp=None if ref_logp is None else ref_logp[rows, :Tc],
                                            beta=cfg.beta, max_len=cfg.max_new_tokens)
                     # each variant's normalizer is over the whole minibatch: DAPO's is its token count,
                     # the others' its sequence count, so weight the micro-batch losses accordingly
-                    n_tok = float(m.sum())
-                    w = n_tok / mb_tokens if cfg.variant == "dapo" else len(rows) / len(mb)
+                    n_tok = float(part.mask.sum())
+                    w = n_tok / mb_tokens if cfg.variant == "dapo" else len(rows) / len(mb_rows)
                     (loss * w).backward()
                     add("loss", loss.item(), w)
                     for k, v in st.items():
                         add(k, v.item(), n_tok)
                     if epoch == 0:
-                        add("entropy", entropy_from_logits(logits, m).item(), n_tok)
+                        add("entropy", entropy_from_logits(logits, part.mask).item(), n_tok)
                     del logits
                 max_norm = cfg.clip_grad if cfg.clip_grad > 0 else float("inf")
                 add("grad_norm", float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)), 1.0)
@@ -272,6 +345,16 @@ class GRPO:
                 n_updates += 1
         out = {k: sums[k] / max(weights[k], 1e-12) for k in sums}
         out["updates"] = n_updates
+        return out
+
+    @torch.no_grad()
+    def _no_grad_logprobs(self, model: nn.Module, x: Packed, groups: torch.Tensor, micro: int) -> torch.Tensor:
+        """log-probs (B, Tc) of the completions under `model`, micro-batched by groups."""
+        out = torch.zeros_like(x.mask)
+        for g in groups.split(micro):
+            part = x.take(g)
+            with autocast(self.device, self.dtype):
+                out[x.rows(g), :part.mask.shape[1]] = completion_logprobs(model, part)[0].float()
         return out
 
     def step(self, next_prompts: Callable[[], tuple[list[list[int]], list]]) -> dict[str, float]:
