@@ -64,7 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--beta", type=float, default=0.0, help="k3 KL weight to a frozen reference (0 = no reference model)")
     a("--epochs-per-batch", type=int, default=1, help="passes over each batch of rollouts (mu)")
     a("--minibatches", type=int, default=1, help="optimizer steps per pass")
-    a("--micro-batch", type=int, default=0, help="completions per forward/backward (0: whole minibatch)")
+    a("--micro-batch", type=int, default=0, help="completions per forward/backward, in whole groups "
+                                                  "(0: a whole minibatch)")
     a("--eps-low", type=float, help="clip range below 1 (default: the variant's paper value)")
     a("--eps-high", type=float, help="clip range above 1 (DAPO clip-higher: 0.28)")
     a("--dynamic-sampling", action="store_true", help="DAPO: drop groups with all-equal rewards, sample more")
@@ -166,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         return r
 
     optimizer = build_optimizer(model, "adamw", args.lr, args.weight_decay)
-    trainer = GRPO(model, optimizer, generate, reward_fn, cfg, ref_model=ref_model, pad_id=tokenizer.pad_id or 0,
+    trainer = GRPO(model, optimizer, generate, reward_fn, cfg, ref_model=ref_model, pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id,
                    dtype=amp_dtype)
 
     # --- bookkeeping

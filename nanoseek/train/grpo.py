@@ -11,7 +11,7 @@ parameters bound (train/ does not import infer/; the command wires them): each c
 The loss math is in losses.py (group_advantages, policy_loss, k3_kl); this file moves data between
 the engine, the verifier and those functions (equations: shared/reference/r1-recipes.md section 7).
 
-One step (DeepSeekMath's iterative GRPO with mu > 1, as R1 runs it):
+One step (DeepSeekMath's GRPO; mu passes and minibatches per batch of rollouts as in R1):
   1. rollout: G completions per prompt from the current policy, through the engine (batched, paged
      latent cache, the same code that serves). The engine shares the model object, so weights are
      never copied between "trainer" and "sampler".
@@ -29,8 +29,8 @@ One step (DeepSeekMath's iterative GRPO with mu > 1, as R1 runs it):
 
 Not applied in RL, deliberately: DeepSeek-V3's aux-loss-free router bias update (rollouts from one
 task are a skewed sample of token types; the balance from pretraining is kept, the bias frozen) and
-the MTP loss (R1's RL trains the main head only; the MTP module is left as pretraining made it, so
-speculative decoding may accept fewer drafts after RL).
+the MTP loss (a denser pretraining signal; here the objective is the reward alone). The MTP module
+is left as pretraining made it, so speculative decoding may accept fewer drafts after RL.
 """
 
 from __future__ import annotations
