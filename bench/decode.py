@@ -12,11 +12,15 @@ best of --repeats runs, the two sides alternating so that machine noise hits bot
 Then MTP speculation: on random weights acceptance is meaningless (the MTP head guesses), so the
 tiny model is also trained for a few hundred steps on repetitive text (main + MTP loss, ~1 min) and
 the engine's acceptance rate and speed-up over plain decoding are reported on it.
+
+On a machine other processes share, pass --threads 1: OpenMP threads spin-wait for each other, and
+with more runnable threads than cores every op can stall for a scheduler tick (runs 10-100x slower).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 import time
 
@@ -118,6 +122,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    sys.stdout.reconfigure(line_buffering=True)
 
     # --- setup
     from transformers import DeepseekV3ForCausalLM
