@@ -49,10 +49,10 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         """x: (N, dim) -> Routing. Logits and scores in fp32 (as V3.2 and HF do)."""
-        logits = F.linear(x.float(), self.weight.float())                 # (N, E)
+        logits = F.linear(x.float(), self.weight.float())                 # (N, E), fp32 even under bf16
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if self.bias is None else scores + self.bias      # biased: selection only
-        if self.n_group > 1 and self.topk_method != "greedy":
+        if self.n_group > 1 and self.topk_group < self.n_group and self.topk_method != "greedy":
             grouped = choice.view(-1, self.n_group, self.E // self.n_group)   # (N, G, E/G)
             if self.topk_method == "noaux_tc":
                 group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)     # sum of each group's top-2
@@ -88,6 +88,22 @@ class Experts(nn.Module):
         return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
 
     def forward(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
+        if not torch.is_grad_enabled() and r.indices.numel() <= 8:
+            return self.forward_few(x, r)
+        return self.forward_grouped(x, r)
+
+    def forward_few(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
+        """Decoding a handful of tokens: run the chosen experts directly on weight views
+        (no sort, count, split or cat: a decode step is bound by the number of small ops)."""
+        K = r.indices.shape[1]
+        out = torch.zeros_like(x)
+        for slot, e in enumerate(r.indices.flatten().tolist()):
+            n = slot // K
+            y = self.expert(self.w1[e], self.w2[e], self.w3[e], x[n:n + 1])
+            out[n:n + 1] += y * r.weights[n, slot % K].to(x.dtype)
+        return out
+
+    def forward_grouped(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
         """Grouped dispatch: sort the (token, slot) pairs by expert, run each active expert once
         on its contiguous slice, scatter-add the weighted results back. x: (N, dim)."""
         N, K = r.indices.shape
