@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"note: --device {args.device} ignored, the conversion runs on the CPU")
 
     # --- export
-    torch.set_grad_enabled(False)
     try:
-        export_gguf(args.model, args.out, dtype=args.dtype)
+        with torch.no_grad():   # scoped: tests call main() in-process and must get grad mode back
+            export_gguf(args.model, args.out, dtype=args.dtype)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"nanoseek export: {e}") from None

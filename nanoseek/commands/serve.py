@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
 
 from nanoseek.common import pick_device, pick_dtype
 
@@ -57,8 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     # --- load
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    torch.set_grad_enabled(False)
-    model = Transformer.from_pretrained(model_dir, dtype=dtype, device=device).eval()
+    model = Transformer.from_pretrained(model_dir, dtype=dtype, device=device).eval()  # the engine runs under inference_mode
     tokenizer = Tokenizer.from_dir(model_dir)
     name = args.name or model_dir.resolve().name
 
