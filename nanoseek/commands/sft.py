@@ -21,7 +21,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from nanoseek.common import pick_device, pick_dtype, seed_everything
