@@ -118,14 +118,17 @@ class MLA(nn.Module):
         wkv_b = self.wkv_b.weight.view(H, self.nope + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = wkv_b[:, : self.nope], wkv_b[:, self.nope:]          # (H, nope, c), (H, v, c)
         q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)              # (B, T, H, c)
-        # every head shares one key [latent | k_pe]: attention is MQA over a (c + rope)-d key.
+        # every head shares one key [latent | k_pe]: attention is MQA over a (c + rope)-d key, done as
+        # two batched matmuls so the cache is never copied into one concatenated key.
         # The scale stays qk_head_dim^-0.5 (not (c+rope)^-0.5): the dot products are the same numbers.
-        q_cat = torch.cat([q_lat, q_pe], dim=-1).reshape(B, T * H, -1)    # (B, T*H, c+rope)
-        k_cat = torch.cat([kv, k_pe], dim=-1)                             # (B, S, c+rope)
-        scores = torch.bmm(q_cat, k_cat.transpose(1, 2)).view(B, T, H, S) * self.softmax_scale
-        if mask is None:
+        scale = self.softmax_scale
+        scores = torch.bmm(q_pe.reshape(B, T * H, self.rope), k_pe.transpose(1, 2))     # (B, T*H, S)
+        scores = torch.baddbmm(scores, q_lat.reshape(B, T * H, -1), kv.transpose(1, 2), beta=scale, alpha=scale)
+        scores = scores.view(B, T, H, S)
+        if mask is None and T > 1:
             mask = torch.ones(T, S, dtype=torch.bool, device=kv.device).tril(S - T)[None]
-        scores = scores.float().masked_fill(~mask[:, :, None, :], float("-inf"))
-        p = scores.softmax(dim=-1).to(kv.dtype).view(B, T * H, S)         # (B, T*H, S)
+        if mask is not None:
+            scores = scores.float().masked_fill(~mask[:, :, None, :], float("-inf"))
+        p = scores.softmax(dim=-1, dtype=torch.float32).to(kv.dtype).view(B, T * H, S)  # (B, T*H, S)
         o_lat = torch.bmm(p, kv).view(B, T, H, self.kv_lora_rank)         # (B, T, H, c)
         return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)                # (B, T, H, v)
