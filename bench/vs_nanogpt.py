@@ -1,12 +1,13 @@
 """Validation bits per character on tinyshakespeare after the same wall-clock time: nanoseek vs nanoGPT.
 
     .venv/bin/python bench/vs_nanogpt.py /tmp/nanoGPT              # a karpathy/nanoGPT checkout
-    .venv/bin/python bench/vs_nanogpt.py /tmp/nanoGPT --threads 1 --work /tmp/vs_nanogpt
+    .venv/bin/python bench/vs_nanogpt.py /tmp/nanoGPT --threads 1 --skip-nanogpt --nanoseek-args "--mtp-weight 0"
 
 1. nanoGPT runs its README's CPU configuration (char-level, 4 layers x 128, block 64, batch 12,
    2000 iterations) from a copy of the checkout; its wall time W is the budget.
-2. `nanoseek pretrain --preset tiny` (MLA + MoE + MTP, byte-level BPE) trains on the same first 90%
-   of the text, for as many steps as fit in W (step time measured by a short calibration run).
+2. `nanoseek pretrain --preset tiny` (MLA + MoE + MTP, byte-level BPE trained on the same first 90%
+   of the text) trains on that 90%, for as many steps as fit in W (step time measured by a short
+   calibration run; periodic validation off: the held-out 10% is only ever used for the score).
 3. Both final models are scored on nanoGPT's validation text (the last 10% of characters),
    every character covered once by non-overlapping windows of each model's own context length.
    Bits per character = total nats / characters / ln 2; for nanoseek the token-level nats are summed
@@ -21,6 +22,8 @@ import json
 import math
 import os
 import re
+import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -57,14 +60,19 @@ NANOGPT_EVAL = textwrap.dedent("""
 """)
 
 
-def run(cmd: list[str], cwd: Path, env: dict, log: Path) -> float:
-    """Run to completion, output to `log`; returns wall seconds."""
+def run(cmd: list[str], cwd: Path, env: dict, log: Path) -> tuple[float, float]:
+    """Run to completion, output to `log`; returns (wall seconds, CPU seconds of the child).
+
+    CPU seconds say how much compute a run actually got on a machine shared with other work."""
     t = time.perf_counter()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with log.open("w") as f:
         proc = subprocess.run(cmd, cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT)
     if proc.returncode:
         sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}); see {log}")
-    return time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return time.perf_counter() - t, cpu
 
 
 @torch.no_grad()
@@ -93,8 +101,9 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/vs_nanogpt"))
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both (default: all cores)")
     p.add_argument("--budget", type=float, default=None, help="seconds for nanoseek (default: nanoGPT's wall time)")
+    p.add_argument("--nanoseek-steps", type=int, default=None, help="fixed step count instead of the calibration")
     p.add_argument("--skip-nanogpt", action="store_true", help="reuse a finished nanoGPT run in --work")
-    p.add_argument("nanoseek_args", nargs="*", help="extra `nanoseek pretrain` flags, after --")
+    p.add_argument("--nanoseek-args", default="", help="extra `nanoseek pretrain` flags, e.g. '--mtp-weight 0'")
     args = p.parse_args()
     if not (args.nanogpt / "train.py").exists():
         sys.exit(f"{args.nanogpt}: not a nanoGPT checkout (no train.py)")
@@ -104,7 +113,6 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     text = args.text.read_text(encoding="utf-8")
     split = int(len(text) * 0.9)                        # nanoGPT's prepare.py split
-    (work / "train.txt").write_text(text[:split], encoding="utf-8")
     val_text = text[split:]
     print(f"{args.text}: {len(text):,} characters; validation = last {len(val_text):,} | "
           f"{args.threads} thread(s) each | load average {os.getloadavg()[0]:.1f}")
@@ -116,60 +124,66 @@ def main() -> None:
         shutil.copytree(args.nanogpt, gpt, ignore=shutil.ignore_patterns(".git", "out*"))
         shutil.copy(args.text, gpt / "data" / "shakespeare_char" / "input.txt")   # prepare.py downloads otherwise
         run([sys.executable, "data/shakespeare_char/prepare.py"], gpt, env, work / "nanogpt_prepare.log")
-        wall = run([sys.executable, "train.py", "config/train_shakespeare_char.py", *NANOGPT_CPU], gpt, env,
-                   work / "nanogpt_train.log")
-        (work / "nanogpt_wall.txt").write_text(f"{wall}\n")
-    wall = float((work / "nanogpt_wall.txt").read_text())
+        wall, cpu = run([sys.executable, "train.py", "config/train_shakespeare_char.py", *NANOGPT_CPU], gpt, env,
+                        work / "nanogpt_train.log")
+        (work / "nanogpt_time.json").write_text(json.dumps({"wall": wall, "cpu": cpu, "load": os.getloadavg()[0]}))
+    timing = json.loads((work / "nanogpt_time.json").read_text())
+    wall, cpu = timing["wall"], timing["cpu"]
     log = (work / "nanogpt_train.log").read_text()
     reported = re.findall(r"step (\d+): train loss ([\d.]+), val loss ([\d.]+)", log)
-    (work / "score_nanogpt.py").write_text(NANOGPT_EVAL)
-    out = subprocess.run([sys.executable, str(work / "score_nanogpt.py"), "out-shakespeare-char/ckpt.pt",
+    (gpt / "score_for_nanoseek_bench.py").write_text(NANOGPT_EVAL)   # beside its model.py, in the copy
+    out = subprocess.run([sys.executable, "score_for_nanoseek_bench.py", "out-shakespeare-char/ckpt.pt",
                           "data/shakespeare_char/val.bin"], cwd=gpt, env=env, capture_output=True, text=True)
     if out.returncode:
         sys.exit(out.stderr)
     g = json.loads(out.stdout.strip().splitlines()[-1])
     gpt_bpc = g["nats"] / g["chars"] / math.log(2)
-    print(f"nanoGPT: {wall:.0f} s wall for 2000 iterations; its own val estimate at step {reported[-1][0]}: "
+    print(f"nanoGPT: {wall:.0f} s wall ({cpu:.0f} CPU s, load average {timing['load']:.1f} at its end) for 2000 "
+          f"iterations; its own val estimate at step {reported[-1][0]}: "
           f"{float(reported[-1][2]):.4f} nats/char; full validation text: {gpt_bpc:.4f} bits/char "
           f"(checkpoint of iteration {g['iter']})")
 
-    # --- nanoseek: calibrate the step time, then train for the same wall time
+    # --- nanoseek: the same 90% as training data (tokenizer trained on it alone), no held-out part
+    # inside it: periodic validation is off, the score below is the comparison.
+    from nanoseek.data.pretrain import write_shards
+    from nanoseek.model import PRESETS
+    from nanoseek.tokenizer import Tokenizer
+    shards = work / "nanoseek_shards"
+    tok = Tokenizer.train([text[:split]], vocab_size=PRESETS["tiny"].get("vocab_size", 512))
+    write_shards([text[:split]], tok, shards, val_fraction=0.0)
     budget = args.budget or wall
     base = [sys.executable, "-m", "nanoseek", "pretrain", "--preset", "tiny", "--threads", str(args.threads),
-            *args.nanoseek_args]
-    cal = work / "nanoseek_calibrate"
-    shutil.rmtree(cal, ignore_errors=True)
-    t_cal = run([*base, "--data", str(work / "train.txt"), "--out", str(cal), "--steps", "40", "--eval-every", "20"],
-                REPO, env, work / "nanoseek_calibrate.log")
-    cfg = json.loads((cal / "run.json").read_text())
-    rows = [json.loads(line) for line in (cal / "metrics.jsonl").read_text().splitlines()]
-    dts = [cfg["tokens_per_step"] / r["tok_per_s"] for r in rows if "tok_per_s" in r]
-    step_s = sorted(dts)[len(dts) // 2]
-    eval_s = rows[-2]["time"] - sum(dts)                 # the loop clock up to step 40 holds one validation pass
-    overhead = t_cal - sum(dts) - 3 * eval_s             # startup, tokenizer, shards, checkpoint, plots
-    every = cfg["args"]["eval_every"]
-    steps = int((budget - overhead) / step_s)
-    while steps > 10 and overhead + steps * step_s + (steps // every + 2) * eval_s > budget:
-        steps -= 1
-    print(f"nanoseek calibration: {step_s * 1e3:.0f} ms/step, {eval_s:.1f} s per validation + sample, "
-          f"{overhead:.0f} s fixed -> {steps} steps in {budget:.0f} s")
+            "--data", str(shards), "--eval-steps", "0", *shlex.split(args.nanoseek_args)]
+    steps = args.nanoseek_steps
+    if steps is None:
+        cal = work / "nanoseek_calibrate"
+        shutil.rmtree(cal, ignore_errors=True)
+        t_cal, _ = run([*base, "--out", str(cal), "--steps", "40"], REPO, env, work / "nanoseek_calibrate.log")
+        cfg = json.loads((cal / "run.json").read_text())
+        dts = [cfg["tokens_per_step"] / r["tok_per_s"] for r in map(json.loads, (cal / "metrics.jsonl").open())]
+        step_s = sorted(dts)[len(dts) // 2]
+        overhead = t_cal - sum(dts)                      # start-up, checkpoint, plots
+        steps = max(10, int((budget - overhead) / step_s))
+        print(f"nanoseek calibration: {step_s * 1e3:.0f} ms/step, {overhead:.0f} s fixed -> {steps} steps in "
+              f"{budget:.0f} s")
     ours = work / "nanoseek"
     shutil.rmtree(ours, ignore_errors=True)
-    t_ours = run([*base, "--data", str(work / "train.txt"), "--out", str(ours), "--steps", str(steps)], REPO, env,
-                 work / "nanoseek_train.log")
+    t_ours, cpu_ours = run([*base, "--out", str(ours), "--steps", str(steps)], REPO, env, work / "nanoseek_train.log")
     ckpt = ours / "checkpoints" / f"step_{steps:06d}" / "model"
     seq_len = json.loads((ours / "run.json").read_text())["args"]["seq_len"]
     ns_bpc, tpc = nanoseek_bpc(ckpt, val_text, seq_len)
     params = json.loads((ours / "run.json").read_text())["parameters"]
-    print(f"nanoseek: {t_ours:.0f} s wall for {steps} steps; full validation text: {ns_bpc:.4f} bits/char "
+    print(f"nanoseek: {t_ours:.0f} s wall ({cpu_ours:.0f} CPU s, load average {os.getloadavg()[0]:.1f} at its end) "
+          f"for {steps} steps; full validation text: {ns_bpc:.4f} bits/char "
           f"({tpc:.3f} tokens/char)")
 
     # --- verdict
-    print(f"\n{'':<10}{'wall s':>8}{'params':>10}{'active':>10}{'val bits/char':>15}")
-    print(f"{'nanoGPT':<10}{wall:8.0f}{'0.80M':>10}{'0.80M':>10}{gpt_bpc:15.4f}")
-    print(f"{'nanoseek':<10}{t_ours:8.0f}{params['total'] / 1e6:9.2f}M{params['active'] / 1e6:9.2f}M{ns_bpc:15.4f}")
-    print(f"nanoseek - nanoGPT: {ns_bpc - gpt_bpc:+.4f} bits/char at {t_ours / wall:.2f}x nanoGPT's wall time "
-          f"(negative = nanoseek learned more)")
+    print(f"\n{'':<10}{'wall s':>8}{'CPU s':>8}{'params':>10}{'active':>10}{'val bits/char':>15}")
+    print(f"{'nanoGPT':<10}{wall:8.0f}{cpu:8.0f}{'0.80M':>10}{'0.80M':>10}{gpt_bpc:15.4f}")
+    print(f"{'nanoseek':<10}{t_ours:8.0f}{cpu_ours:8.0f}{params['total'] / 1e6:9.2f}M{params['active'] / 1e6:9.2f}M"
+          f"{ns_bpc:15.4f}")
+    print(f"nanoseek - nanoGPT: {ns_bpc - gpt_bpc:+.4f} bits/char at {t_ours / wall:.2f}x nanoGPT's wall time and "
+          f"{cpu_ours / cpu:.2f}x its CPU time (negative = nanoseek learned more)")
 
 
 if __name__ == "__main__":

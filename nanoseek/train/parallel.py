@@ -10,7 +10,8 @@ single-process update on the global batch.
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -73,8 +74,7 @@ def grad_sync(model: nn.Module, enabled: bool):
         finally:
             model.set_requires_gradient_sync(True)
     else:
-        with nullcontext():
-            yield
+        yield
 
 
 def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
