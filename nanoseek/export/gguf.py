@@ -38,6 +38,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import MODEL_TENSOR as T
 
 from nanoseek.model import ModelConfig, Transformer
+from nanoseek.model.layers import rope_inv_freq
 
 ARCH = "deepseek2"
 # --dtype -> (GGML type of the matrices, general.file_type)
@@ -157,8 +158,6 @@ def _yarn_keys(cfg: ModelConfig) -> dict[str, float]:
       not written:                                cos/sin factor r*g, softmax factor (r*g)^2
     V3 (mscale = mscale_all_dim = 1) gives A=1, M=g, so m=1 and r=1: the keys DeepSeek's own GGUFs carry.
     """
-    from nanoseek.model.layers import rope_inv_freq
-
     yarn = cfg.yarn
     if yarn is None or yarn["factor"] <= 1:
         return {}  # both factors are 1 on either side
