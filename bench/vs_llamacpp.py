@@ -162,7 +162,8 @@ def main() -> None:
 
     # --- setup: one model, exported once per dtype
     torch.set_num_threads(args.threads)
-    tmp = Path(tempfile.mkdtemp(prefix="nanoseek-vs-llamacpp-"))
+    workdir = tempfile.TemporaryDirectory(prefix="nanoseek-vs-llamacpp-")   # removed at exit
+    tmp = Path(workdir.name)
     model = build_model_dir(tmp / "hf", args.preset, args.seed)
     P, N, R = args.prompt_len, args.new_tokens, args.requests
     rng = np.random.default_rng(args.seed)
