@@ -14,9 +14,9 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -e ".[test]"
 	touch $@
 
-# until the end-to-end demo lands, `make demo` prints the model presets' sizes
+# the main job: R1-Zero in miniature (pretrain, evaluate, GRPO, evaluate) into runs/demo, ~5 min on a CPU
 demo: $(BIN)/.installed
-	if [ -f nanoseek/commands/demo.py ]; then $(BIN)/nanoseek demo; else $(MAKE) --no-print-directory info; fi
+	$(BIN)/nanoseek demo
 
 info: $(BIN)/.installed
 	for p in tiny small deepseek-v2-lite deepseek-v3; do $(BIN)/nanoseek info --preset $$p; done
