@@ -14,7 +14,7 @@ from nanoseek.model import Transformer, preset
 from nanoseek.tasks import get_task
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.grpo import GRPO, GRPOConfig, Rollouts, chat_prompts, completion_logprobs, pack
-from nanoseek.train.losses import RL_VARIANTS, token_logprobs
+from nanoseek.train.losses import RL_VARIANTS, policy_loss, token_logprobs
 
 arith = get_task("arithmetic")
 
@@ -116,6 +116,35 @@ def test_old_logprobs_pass_matches_the_training_forward(tok):
     logp, _ = completion_logprobs(model, x)
     m = x.mask.bool()
     assert torch.allclose(old[m], logp.detach()[m], atol=1e-5)
+
+
+def test_skipping_the_old_logprobs_pass_gives_the_same_loss_and_gradients():
+    # one optimizer step per batch: the update uses its own forward, detached, as the old log-probs
+    # (ratio exp(logp - logp.detach()) = 1, gradient A * grad logp); a separate no-grad pass gives the same
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=64))
+    model.init_weights()
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 64, (n,), generator=g).tolist() for n in (6, 3)]
+    comps = [torch.randint(3, 64, (n,), generator=g).tolist() for n in (5, 2, 7, 4)]
+    batch = rollouts(prompts, comps, G=2)
+    x = pack(batch, pad_id=2)
+    adv = torch.tensor([1.0, -0.5, 0.25, -1.0])
+    trainer = GRPO(model, torch.optim.SGD(model.parameters(), lr=0.0), None, None, GRPOConfig(group_size=2))
+    separate = trainer._no_grad_logprobs(model, x, torch.arange(2), micro=1)
+    for variant in RL_VARIANTS:
+        results = []
+        for skip in (True, False):
+            model.zero_grad()
+            logp, _ = completion_logprobs(model, x)
+            loss, st = policy_loss(logp, logp.detach() if skip else separate, adv, x.mask, variant=variant)
+            loss.backward()
+            results.append((loss.detach(), st["ratio_mean"],
+                            torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+        (l1, r1, g1), (l2, r2, g2) = results
+        assert r1 == 1.0 and r2 == pytest.approx(1.0, abs=1e-5), variant
+        assert torch.allclose(l1, l2, atol=1e-6), variant
+        assert g1.abs().sum() > 0 and torch.allclose(g1, g2, atol=1e-6, rtol=1e-4), variant
 
 
 def test_several_epochs_move_the_ratio_and_kl_sees_the_reference(tok):

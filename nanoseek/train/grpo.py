@@ -214,16 +214,14 @@ def completion_logprobs(model: nn.Module, x: Packed, shared_prefix: bool = True)
         ids = torch.cat([x.prompts.repeat_interleave(G, 0), torch.zeros_like(x.completions)], dim=1)  # (B, Lp+Tc)
         cols = plens[:, None] + torch.arange(Tc, device=dev)           # (B, Tc) where each completion goes
         ids = ids.scatter(1, cols, x.completions)
-        logits = model(ids[:, :Lp + Tc - 1])                           # (B, Lp+Tc-1, V)
-        logits = logits.gather(1, (cols - 1)[..., None].expand(B, Tc, logits.shape[-1]))   # (B, Tc, V)
+        logits = model(ids[:, :Lp + Tc - 1], logits_at=cols - 1)       # (B, Tc, V) only where a target is
         return token_logprobs(logits, x.completions), logits
     cache = _SharedPrefix(G)
-    P, Lp = x.prompts.shape
+    Lp = x.prompts.shape[1]
     causal = torch.ones(Lp, Lp, dtype=torch.bool, device=dev).tril()[None]                # (1, Lp, Lp)
-    p_logits = model(x.prompts, cache=cache, positions=torch.arange(Lp, device=dev)[None], mask=causal,
-                     absorb=False)                                     # (P, Lp, V)
-    first = p_logits[torch.arange(P, device=dev), x.prompt_lens - 1]   # (P, V) predicts completion token 0
-    logits = first.repeat_interleave(G, 0)[:, None]                    # (B, 1, V)
+    first = model(x.prompts, cache=cache, positions=torch.arange(Lp, device=dev)[None], mask=causal,
+                  absorb=False, logits_at=(x.prompt_lens - 1)[:, None])   # (P, 1, V): predicts completion token 0
+    logits = first.repeat_interleave(G, 0)                             # (B, 1, V)
     if Tc > 1:
         T = Tc - 1                                                     # the last token is a target only
         pos = plens[:, None] + torch.arange(T, device=dev)             # (B, T)
@@ -304,19 +302,22 @@ class GRPO:
         ref_logp = None if self.ref_model is None else self._no_grad_logprobs(self.ref_model, x, all_groups, micro)
 
         model.train()
-        sums: dict[str, float] = {}
-        weights: dict[str, float] = {}
+        # running weighted sums of the logged stats, kept as 0-dim device tensors: one host sync per update
+        sums: dict[str, torch.Tensor] = {}
+        weights: dict[str, torch.Tensor] = {}
 
-        def add(name: str, value: float, w: float) -> None:
-            sums[name] = sums.get(name, 0.0) + value * w
-            weights[name] = weights.get(name, 0.0) + w
+        def add(name: str, value: torch.Tensor, w: torch.Tensor | float) -> None:
+            value = value.detach().float()
+            sums[name] = sums[name] + value * w if name in sums else value * w
+            weights[name] = weights[name] + w if name in weights else torch.as_tensor(w, dtype=torch.float32,
+                                                                                        device=value.device)
 
         n_updates = 0
         for epoch in range(cfg.epochs_per_batch):
             order = torch.randperm(n_groups, generator=self.gen)
             for mb in order.chunk(cfg.minibatches):
                 mb_rows = x.rows(mb)
-                mb_tokens = float(x.mask[mb_rows].sum().clamp(min=1))
+                mb_tokens = x.mask[mb_rows].sum().clamp(min=1)
                 for groups in mb.split(micro):
                     part, rows = x.take(groups), x.rows(groups)
                     Tc = part.mask.shape[1]
@@ -329,21 +330,23 @@ class GRPO:
                                            beta=cfg.beta, max_len=cfg.max_new_tokens)
                     # each variant's normalizer is over the whole minibatch: DAPO's is its token count,
                     # the others' its sequence count, so weight the micro-batch losses accordingly
-                    n_tok = float(part.mask.sum())
+                    n_tok = part.mask.sum()
                     w = n_tok / mb_tokens if cfg.variant == "dapo" else len(rows) / len(mb_rows)
                     (loss * w).backward()
-                    add("loss", loss.item(), w)
+                    add("loss", loss, w)
                     for k, v in st.items():
-                        add(k, v.item(), n_tok)
+                        add(k, v, n_tok)
                     if epoch == 0:
-                        add("entropy", entropy_from_logits(logits, part.mask).item(), n_tok)
+                        add("entropy", entropy_from_logits(logits, part.mask), n_tok)
                     del logits
                 max_norm = cfg.clip_grad if cfg.clip_grad > 0 else float("inf")
-                add("grad_norm", float(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)), 1.0)
+                add("grad_norm", torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm), 1.0)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 n_updates += 1
-        out = {k: sums[k] / max(weights[k], 1e-12) for k in sums}
+        names = list(sums)
+        means = (torch.stack([sums[k] for k in names]) / torch.stack([weights[k] for k in names]).clamp(min=1e-12))
+        out: dict[str, float] = dict(zip(names, means.tolist()))
         out["updates"] = n_updates
         return out
 
