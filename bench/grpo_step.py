@@ -14,12 +14,16 @@ arithmetic prompts (chat-rendered, identical token ids on both sides), G complet
 --prompts prompts per step, exactly --new tokens per completion (eos ignored / min_new_tokens), T=1,
 no top-k/top-p, loss "grpo" with std-scaled group advantages, beta 0 (no reference model), one
 optimizer step per batch of rollouts, AdamW at the same lr, fp32 weights on --device, the task's
-verifier (accuracy + 0.1 format) as the reward. nanoseek does one forward more per step than trl
-here (it recomputes the old log-probs; trl skips them when num_iterations == 1).
+verifier (accuracy + 0.1 format) as the reward. Neither side runs a separate old log-probs pass
+(one optimizer step per batch: the update's own forward, detached, gives them).
 
-Reported per side: median step time over the timed steps (after --warmup), split into generation,
-scoring and update (update = step - generation - scoring: old log-probs, loss, backward, optimizer
-step), and completions/s = completions per step / step time. Then the ratio nanoseek / trl.
+The two sides alternate step by step (trl's step k, then nanoseek's step k, from a trl callback, outside
+trl's timing), so a load change on a shared machine hits both alike. Reported per side: median step
+time over the timed steps (after --warmup), split into generation, scoring and update (update = step
+- generation - scoring: forward, loss, backward, optimizer step), and completions/s = completions per
+step / step time. Then the ratio nanoseek / trl. On CPU also the step's process CPU time and
+completions per CPU second: on a shared machine wall time swings with other processes' load, the
+CPU time a step needs much less.
 """
 
 from __future__ import annotations
@@ -80,7 +84,8 @@ def reward_of(text: str, answer: str) -> float:
 
 
 # --- nanoseek
-def run_nanoseek(args, model_dir: Path, tok: Tokenizer, prompts, problems, device) -> dict:
+def nanoseek_stepper(args, model_dir: Path, tok: Tokenizer, prompts, problems, device):
+    """-> (step(i): one GRPO step, timed and recorded from i >= warmup on; the recorded rows)."""
     model = Transformer.from_pretrained(model_dir, dtype=torch.float32, device=device)
     P, G, T = args.prompts, args.group_size, args.new
     engine = Engine(model, tok, max_batch=P * G, max_seq_len=max(map(len, prompts)) + T + 1,
@@ -111,17 +116,19 @@ def run_nanoseek(args, model_dir: Path, tok: Tokenizer, prompts, problems, devic
         cursor[0] += P
         return prompts[i:i + P], problems[i:i + P]
 
-    rows = []
-    for step in range(args.warmup + args.steps):
+    rows: list[dict] = []
+
+    def one_step(i: int) -> None:
         times.update(generation=0.0, scoring=0.0)
         sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         stats = trainer.step(next_prompts)
         sync(device)
-        dt = time.perf_counter() - t0
-        if step >= args.warmup:
-            rows.append({"step": dt, **times, "length": stats["response_length"], "reward": stats["reward"]})
-    return summarize(rows, P * G)
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        if i >= args.warmup:
+            rows.append({"step": dt, "cpu": cpu, **times, "length": stats["response_length"],
+                         "reward": stats["reward"]})
+    return one_step, rows
 
 
 # --- trl
@@ -138,7 +145,8 @@ def prompt_texts(model_dir: Path, tok: Tokenizer, prompts: list[list[int]]) -> l
     return texts
 
 
-def run_trl(args, model_dir: Path, tok: Tokenizer, prompts, problems, device) -> dict:
+def run_trl(args, model_dir: Path, tok: Tokenizer, prompts, problems, device, between=None) -> dict:
+    """trl's GRPOTrainer for warmup + steps steps; between(i) runs after trl's step i, untimed."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
     from trl import GRPOConfig as TRLConfig
@@ -172,12 +180,15 @@ def run_trl(args, model_dir: Path, tok: Tokenizer, prompts, problems, device) ->
         def on_step_begin(self, a, state, control, **kw):
             times.update(generation=0.0, scoring=0.0)
             sync(device)
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, a, state, control, **kw):
             sync(device)
             if state.global_step > args.warmup:
-                rows.append({"step": time.perf_counter() - self.t0, **times, "length": T, "reward": float("nan")})
+                rows.append({"step": time.perf_counter() - self.t0, "cpu": time.process_time() - self.c0, **times,
+                             "length": T, "reward": float("nan")})
+            if between is not None:
+                between(state.global_step - 1)
 
     with tempfile.TemporaryDirectory() as out_dir:
         cfg = TRLConfig(output_dir=out_dir, per_device_train_batch_size=P * G, num_generations=G,
@@ -201,7 +212,9 @@ def summarize(rows: list[dict], completions: int) -> dict:
     score = median([r["scoring"] for r in rows])
     return {"step": step, "generation": gen, "scoring": score, "update": median([r["step"] - r["generation"]
                                                                                   - r["scoring"] for r in rows]),
-            "completions_per_s": completions / step, "length": median([r["length"] for r in rows]), "n": len(rows)}
+            "completions_per_s": completions / step, "cpu": median([r["cpu"] for r in rows]),
+            "completions_per_cpu_s": completions / median([r["cpu"] for r in rows]),
+            "length": median([r["length"] for r in rows]), "n": len(rows)}
 
 
 def main() -> None:
@@ -239,17 +252,23 @@ def main() -> None:
               f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, {T} new tokens each, "
               f"{args.steps} timed steps after {args.warmup} warm-up")
         prompt_texts(model_dir, tok, prompts)     # fail before timing anything
-        results = {"nanoseek": run_nanoseek(args, model_dir, tok, prompts, problems, device),
-                   "trl": run_trl(args, model_dir, tok, prompts, problems, device)}
+        ns_step, ns_rows = nanoseek_stepper(args, model_dir, tok, prompts, problems, device)
+        tr = run_trl(args, model_dir, tok, prompts, problems, device, between=ns_step)
+        results = {"nanoseek": summarize(ns_rows, P * G), "trl": tr}
     print(f"\n| {'median per step':<16} | {'step s':>7} | {'generation':>10} | {'scoring':>8} | {'update':>7} "
-          f"| {'completions/s':>13} |\n|{'-' * 18}|{'-' * 9}|{'-' * 12}|{'-' * 10}|{'-' * 9}|{'-' * 15}|")
+          f"| {'completions/s':>13} | {'CPU s':>6} | {'per CPU s':>9} |\n"
+          f"|{'-' * 18}|{'-' * 9}|{'-' * 12}|{'-' * 10}|{'-' * 9}|{'-' * 15}|{'-' * 8}|{'-' * 11}|")
     for name, r in results.items():
         print(f"| {name:<16} | {r['step']:>7.3f} | {r['generation']:>10.3f} | {r['scoring']:>8.4f} "
-              f"| {r['update']:>7.3f} | {r['completions_per_s']:>13.1f} |")
+              f"| {r['update']:>7.3f} | {r['completions_per_s']:>13.1f} | {r['cpu']:>6.3f} "
+              f"| {r['completions_per_cpu_s']:>9.1f} |")
     ns, tr = results["nanoseek"], results["trl"]
     print(f"\nnanoseek / trl completions/s: {ns['completions_per_s'] / tr['completions_per_s']:.1f}x "
           f"(generation {tr['generation'] / ns['generation']:.1f}x faster, update {tr['update'] / ns['update']:.1f}x)"
           f"; goal >= 5x")
+    if device.type == "cpu":
+        print(f"per CPU second (process time; steady under other processes' load): "
+              f"{ns['completions_per_cpu_s'] / tr['completions_per_cpu_s']:.1f}x")
 
 
 if __name__ == "__main__":
