@@ -111,6 +111,36 @@ def test_batch_equals_one_by_one_and_chunked_prefill():
     assert [c.token_ids for c in together] == alone
 
 
+def test_equal_length_rows_decode_unmasked_like_one_by_one():
+    """Rows of one length decode without a mask (every row sees all its positions): same tokens as alone,
+    and the same as full forwards."""
+    m = tiny()
+    ps = prompts(9, 9, 9, seed=4)
+    sp = SamplingParams(max_tokens=8, **GREEDY)
+    together = [c.token_ids for c in Engine(m, max_batch=4, block_size=4).generate(ps, sp)]
+    assert together == [Engine(m).generate([p], sp)[0].token_ids for p in ps]
+    assert together[0] == full_forward_greedy(m, ps[0], 8)
+
+
+@torch.no_grad()
+def test_decode_fast_paths_equal_reference_paths():
+    """The few-token expert path equals the loop over experts and grouped dispatch; the fp32 RMSNorm
+    with the weight folded in gives the same bits as normalize-then-scale."""
+    from nanoseek.model.moe import MoE
+    m = tiny(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=3)
+    moe = next(mod for mod in m.modules() if isinstance(mod, MoE))
+    for n in (1, 2):
+        x = torch.randn(n, 64)
+        r = moe.gate(x)
+        few = moe.experts.forward_few(x, r)
+        assert torch.allclose(few, moe.experts.forward_reference(x, r), atol=1e-6)
+        assert torch.allclose(few, moe.experts.forward_grouped(x, r), atol=1e-6)
+    norm = m.layers[0].attn_norm
+    norm.weight.normal_()
+    x = torch.randn(3, 5, 64)
+    assert torch.equal(norm(x), norm.weight * F.rms_norm(x, (64,), eps=norm.eps))
+
+
 def test_continuous_batching_join_and_leave():
     m = tiny()
     ps = prompts(6, 13, 4, 9, 2)

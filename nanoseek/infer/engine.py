@@ -537,6 +537,8 @@ class Engine:
             return
         ids = torch.tensor([[s.tokens[-1]] for s in rows], device=self.device)     # (B, 1)
         positions, mask = self._bind(rows, [1] * len(rows), 1)
+        if len({s.cached for s in rows}) == 1:
+            mask = None     # every row sees all S cached positions: no masking op in any layer
         logits = self.model(ids, cache=self.cache, positions=positions, mask=mask, absorb=True)[:, 0]
         tokens, lps, tops = self._sample(rows, logits)
         self.stats["steps"] += 1

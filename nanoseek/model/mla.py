@@ -77,11 +77,16 @@ class MLA(nn.Module):
         q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
         q = q.view(B, T, H, self.qk_dim)                                   # (B, T, H, nope+rope)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
-        q_pe = apply_rope(q_pe, cos, sin)                                 # (B, T, H, rope)
         kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)
         kv = self.kv_norm(kv)                                             # (B, T, kv_lora)
-        k_pe = apply_rope(k_pe, cos, sin)                                 # (B, T, rope)
-        if cache is not None:
+        if cache is None:
+            q_pe = apply_rope(q_pe, cos, sin)                             # (B, T, H, rope)
+            k_pe = apply_rope(k_pe, cos, sin)                             # (B, T, rope)
+        else:
+            # inference: the shared rope key rides along as head H+1, one rotation instead of two
+            # (a decode step is bound by the number of small ops, not by their size)
+            pe = apply_rope(torch.cat([q_pe, k_pe[:, :, None]], dim=2), cos, sin)   # (B, T, H+1, rope)
+            q_pe, k_pe = pe[:, :, :H], pe[:, :, H]
             kv, k_pe = cache.update(layer, kv, k_pe)                      # (B, S, kv_lora), (B, S, rope)
             if absorb is None:
                 absorb = self.absorb_is_cheaper(T)
@@ -114,21 +119,25 @@ class MLA(nn.Module):
 
     def _absorbed(self, q_nope, q_pe, kv, k_pe, mask):
         B, T, H, _ = q_nope.shape
-        S = kv.shape[1]
-        wkv_b = self.wkv_b.weight.view(H, self.nope + self.v_dim, self.kv_lora_rank)
+        S, c = kv.shape[1], self.kv_lora_rank
+        wkv_b = self.wkv_b.weight.view(H, self.nope + self.v_dim, c)
         w_uk, w_uv = wkv_b[:, : self.nope], wkv_b[:, self.nope:]          # (H, nope, c), (H, v, c)
-        q_lat = torch.einsum("bthd,hdc->bthc", q_nope, w_uk)              # (B, T, H, c)
+        # per-head matmuls as bmm over heads (einsum would add its own permutes and parsing per call)
+        q_lat = torch.bmm(q_nope.flatten(0, 1).transpose(0, 1), w_uk)     # (H, B*T, c)
+        q_lat = q_lat.view(H, B, T, c).transpose(0, 1).reshape(B, H * T, c)   # (B, H*T, c)
+        q_pe = q_pe.transpose(1, 2).reshape(B, H * T, self.rope)          # (B, H*T, rope)
         # every head shares one key [latent | k_pe]: attention is MQA over a (c + rope)-d key, done as
         # two batched matmuls so the cache is never copied into one concatenated key.
         # The scale stays qk_head_dim^-0.5 (not (c+rope)^-0.5): the dot products are the same numbers.
         scale = self.softmax_scale
-        scores = torch.bmm(q_pe.reshape(B, T * H, self.rope), k_pe.transpose(1, 2))     # (B, T*H, S)
-        scores = torch.baddbmm(scores, q_lat.reshape(B, T * H, -1), kv.transpose(1, 2), beta=scale, alpha=scale)
-        scores = scores.view(B, T, H, S)
+        scores = torch.bmm(q_pe, k_pe.transpose(1, 2))                    # (B, H*T, S)
+        scores = torch.baddbmm(scores, q_lat, kv.transpose(1, 2), beta=scale, alpha=scale)
         if mask is None and T > 1:
             mask = torch.ones(T, S, dtype=torch.bool, device=kv.device).tril(S - T)[None]
         if mask is not None:
-            scores = scores.float().masked_fill(~mask[:, :, None, :], float("-inf"))
-        p = scores.softmax(dim=-1, dtype=torch.float32).to(kv.dtype).view(B, T * H, S)  # (B, T*H, S)
-        o_lat = torch.bmm(p, kv).view(B, T, H, self.kv_lora_rank)         # (B, T, H, c)
-        return torch.einsum("bthc,hvc->bthv", o_lat, w_uv)                # (B, T, H, v)
+            scores = scores.float().view(B, H, T, S).masked_fill(~mask[:, None], float("-inf")).view(B, H * T, S)
+        p = scores.softmax(dim=-1, dtype=torch.float32).to(kv.dtype)      # (B, H*T, S)
+        o_lat = torch.bmm(p, kv)                                          # (B, H*T, c)
+        o_lat = o_lat.view(B, H, T, c).transpose(0, 1).reshape(H, B * T, c)   # (H, B*T, c)
+        o = torch.bmm(o_lat, w_uv.transpose(1, 2))                        # (H, B*T, v)
+        return o.view(H, B, T, self.v_dim).permute(1, 2, 0, 3)            # (B, T, H, v)

@@ -95,13 +95,16 @@ class Experts(nn.Module):
     def forward_few(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
         """Decoding a handful of tokens: run the chosen experts directly on weight views
         (no sort, count, split or cat: a decode step is bound by the number of small ops)."""
-        K = r.indices.shape[1]
-        out = torch.zeros_like(x)
-        for slot, e in enumerate(r.indices.flatten().tolist()):
-            n = slot // K
-            y = self.expert(self.w1[e], self.w2[e], self.w3[e], x[n:n + 1])
-            out[n:n + 1] += y * r.weights[n, slot % K].to(x.dtype)
-        return out
+        w = r.weights.to(x.dtype)
+        rows = []
+        for n, chosen in enumerate(r.indices.tolist()):                   # one host sync per layer
+            xn = x[n:n + 1]
+            y = None
+            for k, e in enumerate(chosen):
+                yk = self.expert(self.w1.select(0, e), self.w2.select(0, e), self.w3.select(0, e), xn) * w[n, k]
+                y = yk if y is None else y + yk
+            rows.append(y)
+        return rows[0] if len(rows) == 1 else torch.cat(rows)
 
     def forward_grouped(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
         """Grouped dispatch: sort the (token, slot) pairs by expert, run each active expert once
