@@ -9,40 +9,19 @@ from math import comb
 import pytest
 import torch
 
-from nanoseek.common import seed_everything
 from nanoseek.data.sft import SFTDataset
 from nanoseek.infer.engine import Completion
-from nanoseek.model import Transformer, preset
-from nanoseek.tasks import get_task
+from nanoseek.model import Transformer
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.grpo import chat_prompts, evaluate
 from nanoseek.train.sft import rejection_sample, sft_train
 
-arith = get_task("arithmetic")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are op-overhead bound: one thread is as fast, and on a shared CPU it avoids idle
-    OpenMP workers spinning against other processes (5-10x slower under load otherwise)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from helpers import arith, arith_tokenizer, tiny_model
 
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
-    ex = arith.examples(50, 0)
-    texts = arith.corpus(1000, 0) + [m["content"] for e in ex for m in arith.sft_messages(e)]
-    return Tokenizer.train(texts, vocab_size=512)
-
-
-def tiny_model(tok: Tokenizer, seed: int = 0) -> Transformer:
-    seed_everything(seed)
-    model = Transformer(preset("tiny", vocab_size=tok.vocab_size))
-    model.init_weights()
-    return model
+    return arith_tokenizer()
 
 
 def scripted(texts_for: dict[int, list[tuple[str, str]]], tok: Tokenizer, prompts: list[list[int]]):

@@ -19,15 +19,6 @@ from nanoseek.model import ModelConfig, Transformer
 GREEDY = dict(temperature=0.0, ignore_eos=True)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny matmuls: a second OpenMP thread only adds sync cost (and stalls badly on a busy machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(seed=0, **kw) -> Transformer:
     torch.manual_seed(seed)
     m = Transformer(ModelConfig(**kw))

@@ -32,16 +32,6 @@ PROMPTS = [[5, 17, 200, 33, 90], [260, 4, 4, 411, 77, 13, 350, 12, 98, 101, 6, 5
 NEW_TOKENS = 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread on both sides: on a shared 2-core machine, 2-thread spin barriers (OpenMP, ggml) can
-    stretch these millisecond steps into seconds whenever another process holds a core."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def save_tokenizer(path: Path) -> Tokenizer:
     tok = Tokenizer.train([TEXT], vocab_size=320)                      # embedding rows 320..511 stay unused
     tok.save(path)

@@ -8,39 +8,18 @@ import json
 import pytest
 import torch
 
-from nanoseek.common import seed_everything
 from nanoseek.infer.engine import Engine, SamplingParams
 from nanoseek.model import Transformer, preset
-from nanoseek.tasks import get_task
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.grpo import GRPO, GRPOConfig, Rollouts, chat_prompts, completion_logprobs, pack
 from nanoseek.train.losses import RL_VARIANTS, policy_loss, token_logprobs
 
-arith = get_task("arithmetic")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are op-overhead bound: one thread is as fast, and on a shared CPU it avoids idle
-    OpenMP workers spinning against other processes (5-10x slower under load otherwise)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from helpers import arith, arith_tokenizer, tiny_model
 
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
-    ex = arith.examples(50, 0)
-    texts = arith.corpus(1000, 0) + [m["content"] for e in ex for m in arith.sft_messages(e)]
-    return Tokenizer.train(texts, vocab_size=512)
-
-
-def tiny_model(tok: Tokenizer, seed: int = 0) -> Transformer:
-    seed_everything(seed)
-    model = Transformer(preset("tiny", vocab_size=tok.vocab_size))
-    model.init_weights()
-    return model
+    return arith_tokenizer()
 
 
 def short_prompts(tok: Tokenizer, n: int) -> tuple[list[list[int]], list]:

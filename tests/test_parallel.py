@@ -22,14 +22,6 @@ COMMON = ["--steps", "3", "--seq-len", "32", "--sample-tokens", "0", "--eval-eve
           "--lr", "3e-3", "--peak-flops", "1e11", "--keep", "1"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)   # tiny matmuls; a busy 2-core machine makes OpenMP barriers very slow
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("parallel_data")

@@ -26,16 +26,6 @@ FAST = ["--batch-size", "4", "--seq-len", "32", "--sample-tokens", "0", "--eval-
         "--warmup", "2", "--peak-flops", "1e11"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls gain nothing from a second thread, and on a busy machine OpenMP threads waiting
-    for each other make a step 10-30x slower: run these tests on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def corpus(n_lines: int = 1500, seed: int = 0) -> str:
     """Sentences from a small grammar: a tiny model learns the structure in a few dozen steps."""
     rng = random.Random(seed)

@@ -8,24 +8,13 @@ import json
 import pytest
 import torch
 
-from nanoseek.common import seed_everything
 from nanoseek.data.sft import SFTDataset
-from nanoseek.model import Transformer, preset
-from nanoseek.tasks import get_task
+from nanoseek.model import Transformer
 from nanoseek.tokenizer import EOS, Tokenizer
 from nanoseek.train.sft import sft_loss, sft_train, task_knobs
 
-arith = get_task("arithmetic")
+from helpers import arith, arith_tokenizer, tiny_model
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models are op-overhead bound: one thread is as fast, and on a shared CPU it avoids idle
-    OpenMP workers spinning against other processes (5-10x slower under load otherwise)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 CONVS = [
     [{"role": "system", "content": "You are terse."},
@@ -40,16 +29,7 @@ CONVS = [
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
-    ex = arith.examples(50, 0)
-    texts = arith.corpus(1000, 0) + [m["content"] for e in ex for m in arith.sft_messages(e)]
-    return Tokenizer.train(texts + ["You are terse. And"], vocab_size=512)
-
-
-def tiny_model(tok: Tokenizer, seed: int = 0) -> Transformer:
-    seed_everything(seed)
-    model = Transformer(preset("tiny", vocab_size=tok.vocab_size))
-    model.init_weights()
-    return model
+    return arith_tokenizer(("You are terse. And",))
 
 
 def test_loss_targets_are_exactly_the_assistant_turns(tok):
