@@ -113,6 +113,25 @@ def test_equal_length_rows_decode_unmasked_like_one_by_one():
     assert together[0] == full_forward_greedy(m, ps[0], 8)
 
 
+def test_decode_linear_equals_f_linear():
+    """layers.linear (W x^T for a few rows at inference) equals F.linear for any leading shape, with
+    bias, and keeps autograd's path when gradients are on."""
+    from nanoseek.model.layers import linear
+    w, b = torch.randn(48, 32), torch.randn(48)
+    with torch.no_grad():
+        for shape in [(32,), (1, 32), (1, 1, 32), (2, 1, 32), (1, 3, 32), (8, 32), (9, 32), (4, 5, 32)]:
+            x = torch.randn(shape)
+            for bias in (None, b):
+                y = linear(x, w, bias)
+                assert y.shape == F.linear(x, w, bias).shape
+                assert torch.allclose(y, F.linear(x, w, bias), atol=1e-5)
+        x = torch.randn(3, 32)[:, ::1].t().contiguous().t()          # strided rows in
+        assert torch.allclose(linear(x, w), F.linear(x, w), atol=1e-5)
+    wg = w.clone().requires_grad_()
+    linear(torch.randn(2, 32), wg).sum().backward()
+    assert wg.grad is not None
+
+
 @torch.no_grad()
 def test_decode_fast_paths_equal_reference_paths():
     """The few-token expert path equals the loop over experts and grouped dispatch; the fp32 RMSNorm

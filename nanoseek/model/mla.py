@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.model.config import ModelConfig
-from nanoseek.model.layers import RMSNorm, apply_rope
+from nanoseek.model.layers import RMSNorm, apply_rope, linear
 
 
 class LatentCache(Protocol):
@@ -74,10 +74,13 @@ class MLA(nn.Module):
         """
         B, T, _ = x.shape
         H = self.n_heads
-        q = self.wq(x) if self.q_lora_rank is None else self.wq_b(self.q_norm(self.wq_a(x)))
+        if self.q_lora_rank is None:
+            q = linear(x, self.wq.weight)
+        else:
+            q = linear(self.q_norm(linear(x, self.wq_a.weight, self.wq_a.bias)), self.wq_b.weight)
         q = q.view(B, T, H, self.qk_dim)                                   # (B, T, H, nope+rope)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
-        kv, k_pe = self.wkv_a(x).split([self.kv_lora_rank, self.rope], dim=-1)
+        kv, k_pe = linear(x, self.wkv_a.weight, self.wkv_a.bias).split([self.kv_lora_rank, self.rope], dim=-1)
         kv = self.kv_norm(kv)                                             # (B, T, kv_lora)
         if cache is None:
             q_pe = apply_rope(q_pe, cos, sin)                             # (B, T, H, rope)
@@ -94,7 +97,7 @@ class MLA(nn.Module):
             o = self._absorbed(q_nope, q_pe, kv, k_pe, mask)
         else:
             o = self._clear(q_nope, q_pe, kv, k_pe, mask)
-        return self.wo(o.flatten(2))                                      # (B, T, dim)
+        return linear(o.flatten(2), self.wo.weight, self.wo.bias)         # (B, T, dim)
 
     def _clear(self, q_nope, q_pe, kv, k_pe, mask):
         B, T, H, _ = q_nope.shape

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.model.config import ModelConfig
-from nanoseek.model.layers import MLP
+from nanoseek.model.layers import MLP, linear
 
 
 @dataclass
@@ -85,7 +85,7 @@ class Experts(nn.Module):
 
     @staticmethod
     def expert(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.silu(F.linear(x, w1)) * F.linear(x, w3), w2)
+        return linear(F.silu(linear(x, w1)) * linear(x, w3), w2)
 
     def forward(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
         if not torch.is_grad_enabled() and r.indices.numel() <= 8:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from nanoseek.model.config import ModelConfig
-from nanoseek.model.layers import MLP, RMSNorm, rope_cos_sin, rope_inv_freq
+from nanoseek.model.layers import MLP, RMSNorm, linear, rope_cos_sin, rope_inv_freq
 from nanoseek.model.mla import MLA
 from nanoseek.model.moe import Experts, Gate, MoE, Routing
 from nanoseek.model.mtp import MTPModule
@@ -109,7 +109,7 @@ class Transformer(nn.Module):
             x, r = layer(x, cos, sin, cache=cache, mask=mask, absorb=absorb, moe_reference=moe_reference)
             if r is not None:
                 routing.append(r)
-        logits = self.head(self.norm(x if logits_at is None else _rows_at(x, logits_at)))  # (B, T|K, vocab)
+        logits = linear(self.norm(x if logits_at is None else _rows_at(x, logits_at)), self.head.weight)  # (B, T|K, vocab)
         if not (return_hidden or return_mtp or return_routing):
             return logits
         out: dict[str, Any] = {"logits": logits, "hidden": x, "routing": routing}
@@ -142,7 +142,7 @@ class Transformer(nn.Module):
         cos, sin = self.rope(positions)
         hk, r = module(h, self.embed(next_ids), cos, sin, cache=cache, mask=mask, absorb=absorb,
                        moe_reference=moe_reference)
-        logits = self.head(module.norm(hk if logits_at is None else _rows_at(hk, logits_at)))
+        logits = linear(module.norm(hk if logits_at is None else _rows_at(hk, logits_at)), self.head.weight)
         return logits, hk, ([r] if r is not None else [])
 
     # --- HF-format directories (thin: checkpoint.py does the work)
