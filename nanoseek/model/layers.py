@@ -64,24 +64,37 @@ def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, attention_fact
     return angles.cos() * attention_factor, angles.sin() * attention_factor
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor | None) -> torch.Tensor:
     """Rotate adjacent pairs (x[2i], x[2i+1]) as complex numbers: DeepSeek's released layout.
 
     x: (B, T, H, rope) or (B, T, rope); cos/sin: (B or 1, T, rope/2). Output keeps the
     interleaved layout (a plain rotate_half RoPE on these weights is silently wrong).
+    sin=None: `cos` is already the complex rotation `rope_cis(cos, sin)` (B or 1, T, 1, rope/2), made
+    once per forward and shared by the layers (decoding runs on the number of small ops); x is 4-d.
     """
-    if x.dim() == 4:
-        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    if sin is None:
+        rot = cos
+    else:
+        if x.dim() == 4:
+            cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+        rot = torch.complex(cos, sin)
     # complex multiply, as the reference does: one fast kernel instead of strided broadcasts
-    xc = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))   # (..., rope/2)
-    return torch.view_as_real(xc * torch.complex(cos, sin)).flatten(-2).to(x.dtype)
+    xf = x if x.dtype == torch.float32 else x.float()
+    xc = torch.view_as_complex(xf.contiguous().unflatten(-1, (-1, 2)))   # (..., rope/2)
+    out = torch.view_as_real(xc * rot).flatten(-2)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def rope_cis(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """cos/sin (B|1, T, rope/2) -> the complex rotation (B|1, T, 1, rope/2) that apply_rope takes as `cos`."""
+    return torch.complex(cos, sin)[:, :, None]
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear, except for 1-8 rows of fp32 on CPU without autograd (decoding): there y^T = W x^T.
 
     MKL's sgemm for y = x W^T with a handful of rows streams W 2-4x slower than the same product
-    with W as the tall operand, and one row padded to two beats its gemv (small preset, one thread:
+    with W as the tall operand, and one row passed twice beats its gemv (small preset, one thread:
     the 8192x512 head 1.7 -> 0.8 ms at 1 row, 3.4 -> 0.8 ms at 2). The result is a strided view;
     the products are the same dot products (summed in another order).
     """
@@ -89,13 +102,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if (not 0 < n <= 8 or torch.is_grad_enabled() or x.device.type != "cpu"
             or weight.dtype != torch.float32 or x.dtype != torch.float32):
         return F.linear(x, weight, bias)
-    x2 = x.reshape(n, x.shape[-1])
-    # contiguous rows (x2^T a transposed view) are MKL's fast case; an (in, n) row-major x2^T is slow
-    x2 = F.pad(x2, (0, 0, 0, 1)) if n == 1 else x2.contiguous()           # one row: add a zero row
-    y = torch.mm(weight, x2.t())[:, :n].t()                               # (n, out), strided
+    x2 = x if x.dim() == 2 else x.reshape(n, x.shape[-1])
+    if n == 1:   # the row twice: (2, in) contiguous; column 0 of the (out, 2) product is the answer
+        y = torch.mm(weight, torch.cat([x2, x2]).t()).select(1, 0)      # (out,), strided
+    else:        # contiguous rows (x2^T a transposed view) are MKL's fast case, not a row-major x2^T
+        y = torch.mm(weight, x2.contiguous().t()).t()                    # (n, out), strided
     if bias is not None:
         y = y + bias
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 class MLP(nn.Module):

@@ -67,7 +67,8 @@ class MLA(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
                 cache: LatentCache | None = None, layer: int = 0, mask: torch.Tensor | None = None,
                 absorb: bool | None = None) -> torch.Tensor:
-        """x: (B, T, dim); cos/sin: (B|1, T, rope/2) for the positions of x.
+        """x: (B, T, dim); cos/sin: (B|1, T, rope/2) for the positions of x (with a cache: cos may be
+        the complex rotation and sin None, see layers.apply_rope).
 
         mask: bool (B, T, S), True = may attend; None means plain causal over x (no cache).
         With a cache, `mask` must cover all S cached positions (the engine builds it).
@@ -125,10 +126,15 @@ class MLA(nn.Module):
         S, c = kv.shape[1], self.kv_lora_rank
         wkv_b = self.wkv_b.weight.view(H, self.nope + self.v_dim, c)
         w_uk, w_uv = wkv_b[:, : self.nope], wkv_b[:, self.nope:]          # (H, nope, c), (H, v, c)
-        # per-head matmuls as bmm over heads (einsum would add its own permutes and parsing per call)
-        q_lat = torch.bmm(q_nope.flatten(0, 1).transpose(0, 1), w_uk)     # (H, B*T, c)
-        q_lat = q_lat.view(H, B, T, c).transpose(0, 1).reshape(B, H * T, c)   # (B, H*T, c)
-        q_pe = q_pe.transpose(1, 2).reshape(B, H * T, self.rope)          # (B, H*T, rope)
+        # per-head matmuls as bmm over heads (einsum would add its own permutes and parsing per call);
+        # rows of the score matrix are (head, position) pairs, H*T per sequence
+        if T == 1:   # a decode step: every reshape below is a view
+            q_lat = torch.bmm(q_nope.squeeze(1).transpose(0, 1), w_uk).transpose(0, 1)   # (B, H, c)
+            q_pe = q_pe.squeeze(1)                                        # (B, H, rope)
+        else:
+            q_lat = torch.bmm(q_nope.flatten(0, 1).transpose(0, 1), w_uk)  # (H, B*T, c)
+            q_lat = q_lat.view(H, B, T, c).transpose(0, 1).reshape(B, H * T, c)   # (B, H*T, c)
+            q_pe = q_pe.transpose(1, 2).reshape(B, H * T, self.rope)      # (B, H*T, rope)
         # every head shares one key [latent | k_pe]: attention is MQA over a (c + rope)-d key, done as
         # two batched matmuls so the cache is never copied into one concatenated key.
         # The scale stays qk_head_dim^-0.5 (not (c+rope)^-0.5): the dot products are the same numbers.
@@ -139,8 +145,13 @@ class MLA(nn.Module):
             mask = torch.ones(T, S, dtype=torch.bool, device=kv.device).tril(S - T)[None]
         if mask is not None:
             scores = scores.float().view(B, H, T, S).masked_fill(~mask[:, None], float("-inf")).view(B, H * T, S)
-        p = scores.softmax(dim=-1, dtype=torch.float32).to(kv.dtype)      # (B, H*T, S)
+        p = scores.softmax(dim=-1, dtype=torch.float32)                   # (B, H*T, S)
+        if p.dtype != kv.dtype:
+            p = p.to(kv.dtype)
         o_lat = torch.bmm(p, kv)                                          # (B, H*T, c)
+        if T == 1:
+            o = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2))    # (H, B, v)
+            return o.transpose(0, 1).unsqueeze(1)                         # (B, 1, H, v)
         o_lat = o_lat.view(B, H, T, c).transpose(0, 1).reshape(H, B * T, c)   # (H, B*T, c)
         o = torch.bmm(o_lat, w_uv.transpose(1, 2))                        # (H, B*T, v)
         return o.view(H, B, T, self.v_dim).permute(1, 2, 0, 3)            # (B, T, H, v)

@@ -49,7 +49,10 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         """x: (N, dim) -> Routing. Logits and scores in fp32 (as V3.2 and HF do)."""
-        logits = F.linear(x.float(), self.weight.float())                 # (N, E), fp32 even under bf16
+        w = self.weight
+        if x.dtype != torch.float32 or w.dtype != torch.float32:
+            x, w = x.float(), w.float()
+        logits = F.linear(x, w)                                           # (N, E), fp32 even under bf16
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if self.bias is None else scores + self.bias      # biased: selection only
         if self.n_group > 1 and self.topk_group < self.n_group and self.topk_method != "greedy":
@@ -94,14 +97,16 @@ class Experts(nn.Module):
 
     def forward_few(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
         """Decoding a handful of tokens: run the chosen experts directly on weight views
-        (no sort, count, split or cat: a decode step is bound by the number of small ops)."""
-        w = r.weights.to(x.dtype)
+        (no sort, count, split or cat: a decode step is bound by the number of small ops).
+        The gate weights come to the host with the indices (an fp32 value times y is the same
+        product whether it is a 0-d tensor or a Python float)."""
         rows = []
+        weights = r.weights.to(x.dtype).tolist()
         for n, chosen in enumerate(r.indices.tolist()):                   # one host sync per layer
-            xn = x[n:n + 1]
+            xn = x if x.shape[0] == 1 else x[n:n + 1]
             y = None
-            for k, e in enumerate(chosen):
-                yk = self.expert(self.w1.select(0, e), self.w2.select(0, e), self.w3.select(0, e), xn) * w[n, k]
+            for e, wk in zip(chosen, weights[n]):
+                yk = self.expert(self.w1.select(0, e), self.w2.select(0, e), self.w3.select(0, e), xn) * wk
                 y = yk if y is None else y + yk
             rows.append(y)
         return rows[0] if len(rows) == 1 else torch.cat(rows)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from nanoseek.model.config import ModelConfig
-from nanoseek.model.layers import MLP, RMSNorm, linear, rope_cos_sin, rope_inv_freq
+from nanoseek.model.layers import MLP, RMSNorm, linear, rope_cis, rope_cos_sin, rope_inv_freq
 from nanoseek.model.mla import MLA
 from nanoseek.model.moe import Experts, Gate, MoE, Routing
 from nanoseek.model.mtp import MTPModule
@@ -103,6 +103,8 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=input_ids.device)[None]
         cos, sin = self.rope(positions)
+        if cache is not None:   # attention with a cache rotates q and k together: one complex rotation
+            cos, sin = rope_cis(cos, sin), None
         x = self.embed(input_ids)                                         # (B, T, dim)
         routing: list[Routing] = []
         for layer in self.layers:
@@ -140,6 +142,8 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(h.shape[1], device=h.device)[None]
         cos, sin = self.rope(positions)
+        if cache is not None:
+            cos, sin = rope_cis(cos, sin), None
         hk, r = module(h, self.embed(next_ids), cos, sin, cache=cache, mask=mask, absorb=absorb,
                        moe_reference=moe_reference)
         logits = linear(module.norm(hk if logits_at is None else _rows_at(hk, logits_at)), self.head.weight)
