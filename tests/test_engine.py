@@ -116,8 +116,8 @@ def test_equal_length_rows_decode_unmasked_like_one_by_one():
 def test_decode_linear_equals_f_linear():
     """layers.linear (W x^T for a few rows at inference) equals F.linear for any leading shape, with
     bias, and keeps autograd's path when gradients are on."""
-    from nanoseek.model.layers import linear
-    w, b = torch.randn(48, 32), torch.randn(48)
+    from nanoseek.model.layers import linear, linears
+    w, b, w2 = torch.randn(48, 32), torch.randn(48), torch.randn(20, 32)
     with torch.no_grad():
         for shape in [(32,), (1, 32), (1, 1, 32), (2, 1, 32), (1, 3, 32), (8, 32), (9, 32), (4, 5, 32)]:
             x = torch.randn(shape)
@@ -125,6 +125,8 @@ def test_decode_linear_equals_f_linear():
                 y = linear(x, w, bias)
                 assert y.shape == F.linear(x, w, bias).shape
                 assert torch.allclose(y, F.linear(x, w, bias), atol=1e-5)
+            y1, y2 = linears(x, (w, w2), (b, None))
+            assert torch.allclose(y1, F.linear(x, w, b), atol=1e-5) and torch.allclose(y2, F.linear(x, w2), atol=1e-5)
         x = torch.randn(3, 32)[:, ::1].t().contiguous().t()          # strided rows in
         assert torch.allclose(linear(x, w), F.linear(x, w), atol=1e-5)
     wg = w.clone().requires_grad_()

@@ -78,6 +78,7 @@ class PagedCache:
         self.kv = torch.zeros(n, num_blocks * block_size, cfg.kv_lora_rank, dtype=dtype, device=device)
         self.pe = torch.zeros(n, num_blocks * block_size, cfg.qk_rope_head_dim, dtype=dtype, device=device)
         self._layers = list(zip(self.kv.unbind(0), self.pe.unbind(0)))   # per-layer views, made once
+        self._rows = list(zip(self.kv[:, None].unbind(0), self.pe[:, None].unbind(0)))   # (1, slots, .) each
         self._free = list(range(num_blocks - 1, 0, -1))     # pop() hands out low ids first
         self._write: torch.Tensor | None = None               # (B*T,) slots written by the bound forward
         self._read: torch.Tensor | None = None                # (B*S,) slots read back
@@ -144,12 +145,13 @@ class PagedCache:
         """Store this forward's latent (B, T, c) and rope key (B, T, rope) for `layer`; return the
         bound rows' whole context (B, S, c), (B, S, rope)."""
         B, T, _ = kv.shape
-        kvl, pel = self._layers[layer]
-        if self._span is not None:
+        if self._span is not None:     # one row (B == 1): the pool as one (1, slots, .) sequence
+            kvr, per = self._rows[layer]
             first, w, S = self._span
-            kvl[w:w + T] = kv.reshape(T, -1)
-            pel[w:w + T] = k_pe.reshape(T, -1)
-            return kvl[None, first:first + S], pel[None, first:first + S]
+            kvr[:, w:w + T] = kv
+            per[:, w:w + T] = k_pe
+            return kvr[:, first:first + S], per[:, first:first + S]
+        kvl, pel = self._layers[layer]
         kvl.index_copy_(0, self._write, kv.reshape(B * T, -1).to(kvl.dtype))
         pel.index_copy_(0, self._write, k_pe.reshape(B * T, -1).to(pel.dtype))
         B, S = self._shape

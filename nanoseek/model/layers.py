@@ -98,18 +98,30 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     the 8192x512 head 1.7 -> 0.8 ms at 1 row, 3.4 -> 0.8 ms at 2). The result is a strided view;
     the products are the same dot products (summed in another order).
     """
+    return linears(x, (weight,), (bias,))[0]
+
+
+def linears(x: torch.Tensor, weights: tuple[torch.Tensor, ...], biases: tuple | None = None,
+            ) -> list[torch.Tensor]:
+    """`linear` of one input by several weights (q and kv projections, an expert's w1 and w3): the
+    transposed operand of the decode case is made once."""
+    biases = biases or (None,) * len(weights)
     n = x.numel() // x.shape[-1] if x.dim() else 0
-    if (not 0 < n <= 8 or torch.is_grad_enabled() or x.device.type != "cpu"
-            or weight.dtype != torch.float32 or x.dtype != torch.float32):
-        return F.linear(x, weight, bias)
+    if (not 0 < n <= 8 or torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32
+            or any(w.dtype != torch.float32 for w in weights)):
+        return [F.linear(x, w, b) for w, b in zip(weights, biases)]
     x2 = x if x.dim() == 2 else x.reshape(n, x.shape[-1])
-    if n == 1:   # the row twice: (2, in) contiguous; column 0 of the (out, 2) product is the answer
-        y = torch.mm(weight, torch.cat([x2, x2]).t()).select(1, 0)      # (out,), strided
-    else:        # contiguous rows (x2^T a transposed view) are MKL's fast case, not a row-major x2^T
-        y = torch.mm(weight, x2.contiguous().t()).t()                    # (n, out), strided
-    if bias is not None:
-        y = y + bias
-    return y.view(*x.shape[:-1], weight.shape[0])
+    # one row: passed twice, (2, in) contiguous, and column 0 of the (out, 2) product is the answer;
+    # more rows: contiguous rows (x2^T a transposed view) are MKL's fast case, a row-major x2^T is not
+    xt = (torch.cat([x2, x2]) if n == 1 else x2.contiguous()).t()
+    outs = []
+    for w, b in zip(weights, biases):
+        y = torch.mm(w, xt)
+        y = y.select(1, 0) if n == 1 else y.t()                          # (out,) or (n, out), strided
+        if b is not None:
+            y = y + b
+        outs.append(y.view(*x.shape[:-1], w.shape[0]))
+    return outs
 
 
 class MLP(nn.Module):
@@ -122,4 +134,5 @@ class MLP(nn.Module):
         self.w3 = nn.Linear(dim, inter, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(F.silu(linear(x, self.w1.weight)) * linear(x, self.w3.weight), self.w2.weight)
+        a, b = linears(x, (self.w1.weight, self.w3.weight))
+        return linear(F.silu(a) * b, self.w2.weight)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.model.config import ModelConfig
-from nanoseek.model.layers import RMSNorm, apply_rope, linear
+from nanoseek.model.layers import RMSNorm, apply_rope, linear, linears
 
 
 class LatentCache(Protocol):
@@ -76,12 +76,13 @@ class MLA(nn.Module):
         B, T, _ = x.shape
         H = self.n_heads
         if self.q_lora_rank is None:
-            q = linear(x, self.wq.weight)
+            q, kv = linears(x, (self.wq.weight, self.wkv_a.weight), (None, self.wkv_a.bias))
         else:
-            q = linear(self.q_norm(linear(x, self.wq_a.weight, self.wq_a.bias)), self.wq_b.weight)
+            q, kv = linears(x, (self.wq_a.weight, self.wkv_a.weight), (self.wq_a.bias, self.wkv_a.bias))
+            q = linear(self.q_norm(q), self.wq_b.weight)
         q = q.view(B, T, H, self.qk_dim)                                   # (B, T, H, nope+rope)
         q_nope, q_pe = q.split([self.nope, self.rope], dim=-1)
-        kv, k_pe = linear(x, self.wkv_a.weight, self.wkv_a.bias).split([self.kv_lora_rank, self.rope], dim=-1)
+        kv, k_pe = kv.split([self.kv_lora_rank, self.rope], dim=-1)
         kv = self.kv_norm(kv)                                             # (B, T, kv_lora)
         if cache is None:
             q_pe = apply_rope(q_pe, cos, sin)                             # (B, T, H, rope)

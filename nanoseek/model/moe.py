@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.model.config import ModelConfig
-from nanoseek.model.layers import MLP, linear
+from nanoseek.model.layers import MLP, linear, linears
 
 
 @dataclass
@@ -88,7 +88,8 @@ class Experts(nn.Module):
 
     @staticmethod
     def expert(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return linear(F.silu(linear(x, w1)) * linear(x, w3), w2)
+        a, b = linears(x, (w1, w3))
+        return linear(F.silu(a) * b, w2)
 
     def forward(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
         if not torch.is_grad_enabled() and r.indices.numel() <= 8:
