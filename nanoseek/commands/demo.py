@@ -382,7 +382,7 @@ def run_demo(args: argparse.Namespace) -> None:
         "args": vars(args), "settings": S, "model": mcfg.to_hf_dict(), "parameters": n_params,
         "device": str(device), "dtype": str(amp_dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "corpus": corpus_stats}, indent=2) + "\n")
-    (run / "report.md").write_text(_report(S, args, n_params, corpus_stats, before, after, gain, gain_sampled,
+    (run / "report.md").write_text(_report(S, args, mcfg, n_params, corpus_stats, before, after, gain, gain_sampled,
                                            summary, heldout, final_dir))
     print(f"[6/6 report] {run / 'report.md'}")
 
@@ -490,7 +490,7 @@ def _pts(x: float) -> str:
     return f"{100 * x:+.1f} pts"
 
 
-def _report(S: dict, args: argparse.Namespace, n_params: dict, corpus: dict, before: dict, after: dict,
+def _report(S: dict, args: argparse.Namespace, mcfg, n_params: dict, corpus: dict, before: dict, after: dict,
             gain: dict, gain_sampled: dict, summary: dict, heldout: list, final_dir: Path) -> str:
     n, k = len(heldout), S["eval"]["samples"]
     b, a, bs, as_ = before["greedy"], after["greedy"], before["sampled"], after["sampled"]
@@ -545,7 +545,8 @@ def _report(S: dict, args: argparse.Namespace, n_params: dict, corpus: dict, bef
     return f"""# nanoseek demo: R1-Zero in miniature
 
 A {n_params['total'] / 1e6:.2f}M-parameter DeepSeek-V3-style model ({n_params['active'] / 1e6:.2f}M active;
-MLA, DeepSeekMoE with 8 routed experts top-2 + 1 shared and aux-loss-free balancing, one MTP module)
+MLA, DeepSeekMoE with {mcfg.n_routed_experts} routed experts top-{mcfg.num_experts_per_tok} + {mcfg.n_shared_experts} shared and aux-loss-free balancing,
+{mcfg.num_nextn_predict_layers} MTP module(s); {mcfg.num_hidden_layers} layers, hidden size {mcfg.hidden_size})
 pretrained from scratch on synthetic arithmetic, then trained with GRPO against the task's verifier.
 Task: `arithmetic` with {', '.join(f'{kk}={vv}' for kk, vv in knobs.items())} ("What is 7*8-5?"). Held-out
 problems come from the task's hash split and appear in no training text (their one-step facts such as
