@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from nanoseek.model.config import ModelConfig
-from nanoseek.model.layers import RMSNorm
+from nanoseek.model.layers import RMSNorm, linear
 
 
 class MTPModule(nn.Module):
@@ -29,5 +29,5 @@ class MTPModule(nn.Module):
                 **attn_kwargs) -> tuple[torch.Tensor, list]:
         """h: (B, T, dim) previous depth's hidden states (main model: before the final norm);
         emb_next: (B, T, dim) embeddings of the tokens one step further. Returns (hidden, routing)."""
-        x = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h)], dim=-1))  # (B, T, dim)
+        x = linear(torch.cat([self.enorm(emb_next), self.hnorm(h)], dim=-1), self.eh_proj.weight)  # (B, T, dim)
         return self.block(x, cos, sin, **attn_kwargs)
