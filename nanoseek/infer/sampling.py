@@ -10,9 +10,10 @@
   counting output tokens only;
 - filtered tokens get -inf; greedy rows (temperature 0) take the argmax of the penalized logits.
 
-Randomness comes in as tensors the caller draws from each request's own generator (exponential noise
-for the "exponential race": argmax_i p_i / E_i with E_i ~ Exp(1) is a sample from p), so a seeded
-request gives the same tokens whatever else shares its batch.
+Randomness comes in as tensors the caller draws (exponential noise for the "exponential race":
+argmax_i p_i / E_i with E_i ~ Exp(1) is a sample from p): the engine draws a seeded request's rows from
+its own generator, so it gives the same tokens whatever else shares its batch, and all unseeded rows
+in one call.
 
 `speculative_accept` is the speculative-sampling rule (Leviathan et al. 2023; Chen et al. 2023): keep
 the draft with probability min(1, p/q), else draw from norm(max(0, p - q)); the result is distributed
