@@ -153,6 +153,73 @@ def test_decode_fast_paths_equal_reference_paths():
     assert torch.equal(norm(x), norm.weight * F.rms_norm(x, (64,), eps=norm.eps))
 
 
+def test_shared_prompt_prefill_equals_one_by_one():
+    """Identical prompts admitted together are prefilled once (full blocks shared, the last one copied):
+    greedy and seeded outputs as when run alone, alongside unshared prompts, with chunked prefill and a
+    prompt that fills its blocks exactly; every block back at the end."""
+    m = tiny()
+    a, b, c = prompts(10, 7, 8, seed=3)          # block_size 4: a ends mid-block, c fills two blocks
+    ps = [a, b, a, c, a, c, b]
+    sp = [SamplingParams(max_tokens=9, **GREEDY), SamplingParams(max_tokens=6, temperature=1.1, seed=1),
+          SamplingParams(max_tokens=9, temperature=0.8, top_k=30, seed=2), SamplingParams(max_tokens=7, **GREEDY),
+          SamplingParams(max_tokens=3, temperature=1.2, seed=3),                 # stops early
+          SamplingParams(max_tokens=8, temperature=1.0, seed=4), SamplingParams(max_tokens=5, **GREEDY)]
+    alone = [Engine(m).generate([p], s)[0].token_ids for p, s in zip(ps, sp)]
+    for budget in (2048, 6):                     # 6: a is prefilled in chunks, its followers wait
+        eng = Engine(m, max_batch=8, block_size=4, max_prefill_tokens=budget)
+        assert [c.token_ids for c in eng.generate(ps, sp)] == alone
+        assert eng.stats["shared_prefills"] == 4
+        assert eng.stats["prefill_tokens"] == len(a) + len(b) + len(c)
+        assert eng.cache.num_free == eng.cache.num_blocks - 1
+    # the same seed on the same prompt gives the same tokens, shared or not
+    twins = Engine(m, max_batch=4).generate([a, a], SamplingParams(max_tokens=8, temperature=1.0, seed=9))
+    assert twins[0].token_ids == twins[1].token_ids
+
+
+def test_shared_prompt_blocks_counted_and_freed_on_cancel():
+    """Followers hold the leader's full blocks by reference: 4 requests on a 10-token prompt (block 4)
+    use 3 + 3 x 1 blocks, not 12. A cancelled leader hands its followers on (the next one prefills);
+    a cancelled follower gives back only its own blocks; the free count returns to the start."""
+    m = tiny()
+    p = prompts(10, seed=5)[0]
+    sp = SamplingParams(max_tokens=12, **GREEDY)
+    want = Engine(m).generate([p], sp)[0].token_ids
+    eng = Engine(m, max_batch=4, block_size=4)
+    free0 = eng.cache.num_free
+    reqs = [eng.add_request(p, sp) for _ in range(4)]
+    eng.step()                                   # prefill + first decode step (positions 10, 11: block 2)
+    assert free0 - eng.cache.num_free == 3 + 3 and eng.stats["shared_prefills"] == 3
+    reqs[1].cancel()
+    for _ in range(3):
+        eng.step()
+    assert free0 - eng.cache.num_free == 3 + 2 + 3      # block 3 (positions 12..15) for each of 3
+    reqs[0].cancel()                             # the shared blocks stay while others use them
+    while eng.step():
+        pass
+    assert [r.result().token_ids for r in reqs[2:]] == [want, want]
+    assert eng.cache.num_free == free0
+    # the leader leaves halfway through a chunked prefill: the first follower prefills for the other
+    eng = Engine(m, max_batch=4, block_size=4, max_prefill_tokens=4)
+    reqs = [eng.add_request(p, sp) for _ in range(3)]
+    eng.step()                                   # the leader's first 4 tokens
+    assert not any(r.finished for r in reqs) and eng.stats["shared_prefills"] == 0
+    reqs[0].cancel()
+    while eng.step():
+        pass
+    assert [r.result().token_ids for r in reqs[1:]] == [want, want]
+    assert eng.stats["shared_prefills"] == 1 and eng.stats["prefill_tokens"] == 4 + 10
+    assert eng.cache.num_free == eng.cache.num_blocks - 1
+    # the pool runs dry: preempted leaders and followers are recomputed from their tokens
+    q = prompts(6, seed=7)[0]
+    sp = SamplingParams(max_tokens=20, **GREEDY)
+    want_p, want_q = (Engine(m).generate([x], sp)[0].token_ids for x in (p, q))
+    eng = Engine(m, max_batch=5, block_size=4, num_blocks=15, max_prefill_tokens=8)
+    outs = eng.generate([p, p, q, p, p], sp)
+    assert eng.stats["preempted"] > 0 and eng.stats["shared_prefills"] >= 3
+    assert [c.token_ids for c in outs] == [want_p, want_p, want_q, want_p, want_p]
+    assert eng.cache.num_free == 14
+
+
 def test_continuous_batching_join_and_leave():
     m = tiny()
     ps = prompts(6, 13, 4, 9, 2)

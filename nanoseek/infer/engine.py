@@ -9,7 +9,8 @@ One scheduler iteration (`step`):
   1. cancelled requests leave (their cache blocks go back to the pool at once);
   2. waiting requests join while a batch row and cache blocks for their prompt are free, and are
      prefilled: prompts of different lengths padded into one forward on the clear MLA path, long
-     ones in chunks of `max_prefill_tokens`;
+     ones in chunks of `max_prefill_tokens`; identical prompts admitted together (GRPO's G samples per
+     problem, OpenAI's n) are prefilled once and share their full cache blocks;
   3. every running request decodes one token together on the absorbed MLA path; with `speculative`
      the MTP module's draft is verified instead (two positions per row, up to two tokens per step).
 When a running request needs a block and none is free, the most recently admitted one is preempted
@@ -215,6 +216,8 @@ class _Seq:
         self.slot = -1                                # batch row slot (penalty counts, draft distribution)
         self.order = 0                                # admission order: the newest is preempted first
         self.draft: int | None = None
+        self.leader: _Seq | None = None               # same prompt, admitted alongside: it prefills for both
+        self.followers: list[_Seq] = []               # requests waiting for this one's prefill
         # a seeded request draws from its own generator (the same tokens whatever shares its batch);
         # unseeded ones draw from the engine's, all rows in one call
         self.gen: torch.Generator | None = None
@@ -268,7 +271,8 @@ class Engine:
             one_seq = -(-self.max_seq_len // block_size)
             num_blocks = max(min(max_batch * one_seq, cache_bytes // per_block), one_seq) + 1
         self.cache = PagedCache(cfg, num_blocks, block_size, dtype=self.dtype, device=self.device, layers=layers)
-        self.stats = dict(drafted=0, accepted=0, steps=0, prefill_tokens=0, generated_tokens=0, preempted=0)
+        self.stats = dict(drafted=0, accepted=0, steps=0, prefill_tokens=0, generated_tokens=0, preempted=0,
+                          shared_prefills=0)
         self._gen = torch.Generator(device=self.device)        # unseeded requests' noise
         self._gen.manual_seed(random.getrandbits(63))
 
@@ -432,16 +436,36 @@ class Engine:
             self._finish(s, "abort")
 
     def _admit(self) -> None:
+        """Waiting requests join while a batch slot and blocks are free. A request whose tokens equal
+        those of one admitted with it (the same prompt n times: GRPO groups, OpenAI's n) is prefilled
+        by that one (its leader): it holds the leader's full blocks by reference and its own block for
+        the partly filled last one, which the leader's prefill is copied into (vLLM's n > 1 sampling).
+        Not with speculation: the MTP layer's latent at the last prompt position depends on the
+        sampled token."""
         # keep ~1% of the blocks for running sequences to grow into (vLLM's watermark), so that a new
         # request is not admitted only to be preempted again at the next decode step
         watermark = max(1, (self.cache.num_blocks - 1) // 100)
+        leaders: dict[tuple[int, ...], _Seq] = {}
+        if self.waiting and not self.speculative:
+            leaders = {tuple(s.tokens): s for s in self.running
+                       if not s.prefilled and s.cached == 0 and s.leader is None}
         while self.waiting and self._free_slots:
             s = self.waiting[0]
-            need = self.cache.blocks_for(len(s.tokens))
+            key = tuple(s.tokens) if not self.speculative else None
+            leader = leaders.get(key)
+            shared = len(s.tokens) // self.cache.block_size if leader is not None else 0
+            need = self.cache.blocks_for(len(s.tokens)) - shared
             if need + (watermark if self.running else 0) > self.cache.num_free:
                 break
             self.waiting.popleft()
-            s.blocks = self.cache.allocate(need)
+            if leader is not None:
+                s.blocks = self.cache.share(leader.blocks[:shared]) + self.cache.allocate(need)
+                s.leader = leader
+                leader.followers.append(s)
+            else:
+                s.blocks = self.cache.allocate(need)
+                if key is not None:
+                    leaders.setdefault(key, s)
             s.slot = self._free_slots.pop()
             s.order = next(self._admitted)
             s.cached, s.prefilled, s.draft = 0, False, None
@@ -450,6 +474,15 @@ class Engine:
             self.running.append(s)
 
     def _release(self, s: _Seq) -> None:
+        if s.leader is not None:          # leaves before its leader's prefill
+            s.leader.followers.remove(s)
+            s.leader = None
+        if s.followers:                   # leaves before its prefill: the first follower prefills itself
+            new, *rest = s.followers      # (into the full blocks it shares) for the others
+            new.leader, new.followers = None, rest
+            for f in rest:
+                f.leader = new
+            s.followers = []
         self.cache.release(s.blocks)
         s.blocks = []
         if s.slot >= 0:
@@ -494,7 +527,7 @@ class Engine:
     def _prefill(self, seqs: list[_Seq]) -> None:
         budget = self.max_prefill_tokens
         rows, lens, T = [], [], 0
-        for s in sorted(seqs, key=lambda s: s.order):
+        for s in sorted((s for s in seqs if s.leader is None), key=lambda s: s.order):
             n = min(len(s.tokens) - s.cached, budget)
             if rows and (len(rows) + 1) * max(T, n) > budget:
                 break
@@ -517,10 +550,15 @@ class Engine:
         starts = [s.cached for s in rows]
         for s, n in zip(rows, lens):
             s.cached += n
-        done = [b for b, s in enumerate(rows) if s.cached == len(s.tokens)]
+        done, done_rows = [], []
+        for b, s in enumerate(rows):
+            if s.cached == len(s.tokens):
+                for f in [s] + s.followers:   # followers sample from the leader's logits, each its own way
+                    done.append(b)
+                    done_rows.append(f)
+                self._handover(s)
         if done:
             last = logits[torch.tensor(done, device=self.device), 0]                    # (D, V)
-            done_rows = [rows[b] for b in done]
             tokens, lps, tops = self._sample(done_rows, last)
             for s, t, lp, top in zip(done_rows, tokens, lps, tops):
                 s.prefilled = True
@@ -536,6 +574,18 @@ class Engine:
                     nxt[i, :n] = torch.tensor(s.tokens[st + 1:st + n + 1])
                 self._mtp([rows[b] for b in alive], hidden[alive], nxt, starts=[starts[b] for b in alive],
                           lengths=[lens[b] for b in alive], draft_at=[lens[b] - 1 for b in alive], absorb=False)
+
+    def _handover(self, s: _Seq) -> None:
+        """s's prefill is complete: its followers hold the same cached tokens. Each gets its own copy
+        of the partly filled last block (copy-on-write: before anyone decodes into it)."""
+        bs = self.cache.block_size
+        for f in s.followers:
+            k = s.cached // bs
+            if s.cached % bs:
+                self.cache.copy_block(s.blocks[k], f.blocks[k])
+            f.cached, f.leader = s.cached, None
+            self.stats["shared_prefills"] += 1
+        s.followers = []
 
     def _decode(self, seqs: list[_Seq]) -> None:
         rows = self._reserve(seqs, 1)

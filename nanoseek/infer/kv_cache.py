@@ -6,7 +6,10 @@ different lengths. It implements what the model calls: `prepare(T)` and `update(
 
 `PagedCache` is the engine's: one pool of fixed-size blocks per layer, a free list, and a block table
 per sequence (vLLM's PagedAttention layout, on the latent). Long and short sequences share the pool
-without copying; a finished sequence hands its blocks back at once. The engine `bind`s the rows of
+without copying; a finished sequence hands its blocks back at once. Blocks are reference-counted:
+requests with the same prompt share its full blocks (`share`), each with its own copy of the partly
+filled last one (`copy_block`), and a block is free again when its last user releases it. The engine
+`bind`s the rows of
 each forward (block tables, cached lengths, new lengths) and passes the positions and mask it returns
 to the model, which calls `update` per layer.
 """
@@ -80,6 +83,7 @@ class PagedCache:
         self._layers = list(zip(self.kv.unbind(0), self.pe.unbind(0)))   # per-layer views, made once
         self._rows = list(zip(self.kv[:, None].unbind(0), self.pe[:, None].unbind(0)))   # (1, slots, .) each
         self._free = list(range(num_blocks - 1, 0, -1))     # pop() hands out low ids first
+        self._refs = [0] * num_blocks                        # users of each block (sequences holding it)
         self._write: torch.Tensor | None = None               # (B*T,) slots written by the bound forward
         self._read: torch.Tensor | None = None                # (B*S,) slots read back
         self._span: tuple[int, int, int] | None = None        # one row in consecutive slots: (first, write, S)
@@ -96,10 +100,29 @@ class PagedCache:
     def allocate(self, n: int) -> list[int]:
         if n > len(self._free):
             raise RuntimeError(f"cache has {len(self._free)} free blocks, {n} asked")
-        return [self._free.pop() for _ in range(n)]
+        blocks = [self._free.pop() for _ in range(n)]
+        for b in blocks:
+            self._refs[b] = 1
+        return blocks
+
+    def share(self, blocks: list[int]) -> list[int]:
+        """Another user of these (already written) blocks: they are freed when the last user releases."""
+        for b in blocks:
+            self._refs[b] += 1
+        return list(blocks)
 
     def release(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        refs = self._refs
+        for b in reversed(blocks):
+            refs[b] -= 1
+            if refs[b] == 0:
+                self._free.append(b)
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Copy-on-write: block src's latents (every layer) into block dst, before dst's owner writes."""
+        bs = self.block_size
+        self.kv[:, dst * bs:(dst + 1) * bs] = self.kv[:, src * bs:(src + 1) * bs]
+        self.pe[:, dst * bs:(dst + 1) * bs] = self.pe[:, src * bs:(src + 1) * bs]
 
     def bytes(self) -> int:
         return self.kv.numel() * self.kv.element_size() + self.pe.numel() * self.pe.element_size()
