@@ -285,6 +285,7 @@ class Engine:
         self._counts: torch.Tensor | None = None       # (max_batch, V) output-token counts for penalties
         self._prompt_seen: torch.Tensor | None = None  # (max_batch, V) bool
         self._draft_q: torch.Tensor | None = None      # (max_batch, V) draft distributions (speculative sampling)
+        self._params_cache: dict[str, tuple[list[_Seq], smp.BatchParams | None]] = {}
         self._step_lock = threading.RLock()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -617,7 +618,7 @@ class Engine:
         positions, mask = self._bind(rows, [2] * B, 2)
         out = self.model(ids, cache=self.cache, positions=positions, mask=mask, absorb=True, return_hidden=True)
         logits, hidden = out["logits"], out["hidden"]                               # (B, 2, V), (B, 2, dim)
-        bp = None if self._plain_greedy(rows) else smp.batch_params([s.params for s in rows], dev)
+        bp = self._batch_params(rows, "verify")
         if bp is None:
             first = logits[:, 0].argmax(-1)
             bonus = logits[:, 1].argmax(-1)
@@ -628,13 +629,9 @@ class Engine:
             q = torch.zeros_like(p0).scatter_(1, drafts[:, None], 1.0)       # greedy drafts: one-hot
             if not bp.all_greedy:
                 q = torch.where(bp.greedy[:, None], q, self._draft_q[[s.slot for s in rows]])
-            # greedy rows may draw too: q and p are one-hot there, and u < p(d) for any u < 1 iff p(d) = 1
-            uniform = torch.rand(B, generator=self._gen, device=dev)
-            for b, s in enumerate(rows):
-                if s.gen is not None:
-                    uniform[b] = torch.rand((), generator=s.gen, device=dev)
-            first, accepted = smp.speculative_accept(p0, q, drafts, uniform, self._noise(rows, p0))
-            bonus = smp.sample(p1, self._noise(rows, p1))
+            # greedy rows draw too: q and p are one-hot there, and u < p(d) for any u < 1 iff p(d) = 1
+            first, accepted = smp.speculative_accept(p0, q, drafts, self._uniform(rows), self._noise(rows, p0))
+            bonus = smp.sample_cdf(p1, self._uniform(rows))
         want_lp = [s.params.logprobs for s in rows if s.params.logprobs is not None]
         if want_lp:
             lp0 = self._logprobs(logits[:, 0], first, max(want_lp))
@@ -678,12 +675,12 @@ class Engine:
         dev = self.device
         sel = [rows[b] for b in needs]
         last = logits[torch.tensor(needs, device=dev), 0]                             # (D, V)
-        bp = None if self._plain_greedy(sel) else smp.batch_params([s.params for s in sel], dev)
+        bp = self._batch_params(sel, "draft")
         if bp is None:
             drafts = last.argmax(-1)
         else:
             q = self._distribution(sel, bp, last)
-            drafts = smp.sample(q, self._noise(sel, q))
+            drafts = smp.sample_cdf(q, self._uniform(sel))
             if not bp.all_greedy:       # speculative sampling needs q again at verification
                 if self._draft_q is None:
                     self._draft_q = torch.zeros(self.max_batch, self.vocab_size, device=dev)
@@ -694,12 +691,12 @@ class Engine:
     # --- sampling
     def _sample(self, rows: list[_Seq], logits: torch.Tensor):
         """logits (B, V) -> (tokens, chosen logprobs, top logprobs) as Python lists (one host sync)."""
-        bp = None if self._plain_greedy(rows) else smp.batch_params([s.params for s in rows], self.device)
+        bp = self._batch_params(rows, "sample")
         if bp is None:
             chosen = logits.argmax(dim=-1)
         else:
             probs = self._distribution(rows, bp, logits)
-            chosen = smp.sample(probs, self._noise(rows, probs))
+            chosen = smp.sample_cdf(probs, self._uniform(rows))
         want_lp = [s.params.logprobs for s in rows if s.params.logprobs is not None]
         tokens = chosen.tolist()
         if not want_lp:
@@ -724,10 +721,19 @@ class Engine:
     def _token_str(self, t: int) -> str:
         return self.tokenizer.decode([t]) if self.tokenizer is not None else str(t)
 
-    @staticmethod
-    def _plain_greedy(rows: list[_Seq]) -> bool:
-        """Argmax of the raw logits is all these rows need (no parameter tensors to build)."""
-        return all(s.params.temperature == 0 and not s.penalized for s in rows)
+    def _batch_params(self, rows: list[_Seq], site: str) -> smp.BatchParams | None:
+        """The rows' sampling parameters as tensors, or None when argmax of the raw logits is all they
+        need. Built again only when the rows change (a decode step's rows are usually the previous
+        step's): one entry per call site."""
+        last = self._params_cache.get(site)
+        if last is not None and last[0] == rows:      # list ==: element identity (_Seq has no __eq__)
+            return last[1]
+        if all(s.params.temperature == 0 and not s.penalized for s in rows):
+            bp = None
+        else:
+            bp = smp.batch_params([s.params for s in rows], self.device)
+        self._params_cache[site] = (list(rows), bp)
+        return bp
 
     def _distribution(self, rows: list[_Seq], bp: smp.BatchParams, logits: torch.Tensor,
                       counting: torch.Tensor | None = None) -> torch.Tensor:
@@ -740,6 +746,17 @@ class Engine:
             if counting is not None:
                 counts[torch.arange(len(rows), device=self.device), counting] += 1
         return smp.probabilities(smp.process_logits(logits, bp, counts, seen), bp.greedy, bp.any_greedy)
+
+    def _uniform(self, rows: list[_Seq]) -> torch.Tensor:
+        """U[0, 1) per row (B,) in fp64: the unseeded rows' in one draw from the engine's generator, a
+        seeded row's from its own. Greedy rows draw too (harmless: their distribution is one-hot)."""
+        dev = self.device
+        u = torch.rand(len(rows), generator=self._gen, dtype=torch.float64, device=dev)
+        seeded = [(b, s.gen) for b, s in enumerate(rows) if s.gen is not None]
+        if seeded:
+            u[[b for b, _ in seeded]] = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=dev)
+                                                    for _, g in seeded])
+        return u
 
     def _noise(self, rows: list[_Seq], like: torch.Tensor) -> torch.Tensor:
         """Exp(1) noise (B, V): the unseeded rows' in one draw from the engine's generator, a seeded
@@ -835,6 +852,9 @@ class Engine:
             if not s.new_ids and s.finish_reason is None:
                 continue
             done = s.finish_reason is not None
+            if not done and s.req._sink is None and not s.req._keep:     # nobody reads it (generate)
+                s.new_ids, s.new_lps, s.new_tops = [], [], []
+                continue
             end = len(s.text) if done else len(s.text) - self._held(s.text, s.sent, s.params.stop)
             text = s.text[s.sent:end]
             s.sent = max(s.sent, end)

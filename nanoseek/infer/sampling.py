@@ -10,10 +10,10 @@
   counting output tokens only;
 - filtered tokens get -inf; greedy rows (temperature 0) take the argmax of the penalized logits.
 
-Randomness comes in as tensors the caller draws (exponential noise for the "exponential race":
-argmax_i p_i / E_i with E_i ~ Exp(1) is a sample from p): the engine draws a seeded request's rows from
-its own generator, so it gives the same tokens whatever else shares its batch, and all unseeded rows
-in one call.
+Randomness comes in as tensors the caller draws: one uniform per row for an inverse-CDF draw
+(`sample_cdf`), or exponential noise for the "exponential race" (`sample`: argmax_i p_i / E_i with
+E_i ~ Exp(1) is a sample from p). The engine draws a seeded request's from its own generator, so it
+gives the same tokens whatever else shares its batch, and all unseeded rows' in one call.
 
 `speculative_accept` is the speculative-sampling rule (Leviathan et al. 2023; Chen et al. 2023): keep
 the draft with probability min(1, p/q), else draw from norm(max(0, p - q)); the result is distributed
@@ -155,6 +155,17 @@ def sample(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Exponential race: argmax_i p_i / E_i is a draw from p (unnormalized p is fine).
     probs (B, V) >= 0; noise (B, V) ~ Exp(1) (ones for greedy one-hot rows). -> (B,) long."""
     return (probs / noise.clamp_min(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+
+
+def sample_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw: the first token whose running probability sum exceeds u * total.
+    probs (B, V) >= 0 (unnormalized is fine); u (B,) ~ U[0, 1), fp64 for full resolution. -> (B,) long.
+    One uniform per row instead of V exponentials (3x less work at V = 512). The sums run in fp64: in
+    fp32 the intervals near the top of a 100k vocabulary are rounded by ~3e-8 (3% of p = 1e-6).
+    A zero-probability token's interval is empty, and u * total < total, so it is never drawn."""
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)                    # (B, V)
+    target = u.to(torch.float64)[:, None] * cdf[:, -1:]                # (B, 1) in [0, total)
+    return torch.searchsorted(cdf, target, right=True)[:, 0]
 
 
 def speculative_accept(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, uniform: torch.Tensor,
