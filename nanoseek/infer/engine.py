@@ -178,17 +178,28 @@ class Request:
 class _Detokenizer:
     """Incremental detokenization (the window scheme of HF TGI / vLLM): decode a short window of ids
     before and after the new token and take the difference, holding back text that ends in an
-    incomplete UTF-8 character (byte-level BPE decodes a partial character to U+FFFD)."""
+    incomplete UTF-8 character (byte-level BPE decodes a partial character to U+FFFD).
+    pieces: a cache of one-token decodes shared by the engine's requests (the window before the new
+    token is usually the previous token alone)."""
 
-    def __init__(self, tokenizer, context: list[int]):
+    def __init__(self, tokenizer, context: list[int], pieces: dict[int, str] | None = None):
         self.tok = tokenizer
         self.ids = list(context)
         self.prefix = 0
         self.read = len(self.ids)
+        self.pieces = {} if pieces is None else pieces
+
+    def _decode(self, ids: list[int]) -> str:
+        if len(ids) != 1:
+            return self.tok.decode(ids)
+        text = self.pieces.get(ids[0])
+        if text is None:
+            text = self.pieces[ids[0]] = self.tok.decode(ids)
+        return text
 
     def step(self, token: int) -> str:
         self.ids.append(token)
-        before = self.tok.decode(self.ids[self.prefix:self.read])
+        before = self._decode(self.ids[self.prefix:self.read])
         after = self.tok.decode(self.ids[self.prefix:])
         if len(after) > len(before) and not after.endswith("\ufffd"):
             self.prefix, self.read = self.read, len(self.ids)
@@ -196,7 +207,7 @@ class _Detokenizer:
         return ""
 
     def flush(self) -> str:
-        before = self.tok.decode(self.ids[self.prefix:self.read])
+        before = self._decode(self.ids[self.prefix:self.read])
         after = self.tok.decode(self.ids[self.prefix:])
         self.prefix = self.read = len(self.ids)
         return after[len(before):]
@@ -225,7 +236,8 @@ class _Seq:
             self.gen = torch.Generator(device=eng.device)
             self.gen.manual_seed(p.seed)
         self.penalized = p.repetition_penalty != 1 or p.frequency_penalty != 0 or p.presence_penalty != 0
-        self.detok = _Detokenizer(eng.tokenizer, req.prompt_ids[-4:]) if eng.tokenizer is not None else None
+        self.detok = (_Detokenizer(eng.tokenizer, req.prompt_ids[-4:], eng._pieces)
+                      if eng.tokenizer is not None else None)
         self.text = ""                                # output text so far (stop string cut off)
         self.sent = 0                                 # characters of `text` already emitted
         self.logprobs: list[float] | None = [] if p.logprobs is not None else None
@@ -285,6 +297,7 @@ class Engine:
         self._counts: torch.Tensor | None = None       # (max_batch, V) output-token counts for penalties
         self._prompt_seen: torch.Tensor | None = None  # (max_batch, V) bool
         self._draft_q: torch.Tensor | None = None      # (max_batch, V) draft distributions (speculative sampling)
+        self._pieces: dict[int, str] = {}              # token id -> its text alone (detokenizer windows)
         self._params_cache: dict[str, tuple[list[_Seq], smp.BatchParams | None]] = {}
         self._step_lock = threading.RLock()
         self._cv = threading.Condition()

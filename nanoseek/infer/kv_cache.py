@@ -143,10 +143,8 @@ class PagedCache:
         pos = start[:, None] + np.minimum(t[None, :], length[:, None] - 1)          # (B, T)
         keys = np.arange(S)
         nblk = -(-S // bs)
-        table = np.zeros((B, nblk), dtype=np.int64)
-        for b, tab in enumerate(tables):
-            k = min(len(tab), nblk)
-            table[b, :k] = tab[:k]
+        table = np.array([tab[:nblk] if len(tab) >= nblk else tab + [0] * (nblk - len(tab)) for tab in tables],
+                         dtype=np.int64)                                        # (B, nblk)
         slots = table[:, keys // bs] * bs + keys % bs                               # (B, S)
         write = np.take_along_axis(slots, pos, axis=1)                              # (B, T)
         padded = t[None, :] >= length[:, None]

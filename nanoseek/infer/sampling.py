@@ -46,6 +46,7 @@ class BatchParams:
     any_min_p: bool = False
     any_penalty: bool = False
     any_greedy: bool = False
+    any_temperature: bool = True       # a sampling row with temperature != 1
     all_greedy: bool = False
     max_top_k: int = 0
 
@@ -71,7 +72,8 @@ def batch_params(rows: list, device: torch.device | str = "cpu") -> BatchParams:
         any_top_p=any(p < 1.0 for p, g in zip(top_p, greedy) if not g),
         any_min_p=any(m > 0.0 for m, g in zip(min_p, greedy) if not g),
         any_penalty=any(r != 1.0 for r in rep) or any(f != 0.0 for f in freq) or any(p != 0.0 for p in pres),
-        any_greedy=any(greedy), all_greedy=all(greedy), max_top_k=max(top_k, default=0))
+        any_greedy=any(greedy), all_greedy=all(greedy), max_top_k=max(top_k, default=0),
+        any_temperature=any(t not in (0.0, 1.0) for t in temp))
 
 
 # --- logit processors (each takes and returns (B, V) float logits)
@@ -128,7 +130,8 @@ def process_logits(logits: torch.Tensor, p: BatchParams, output_counts: torch.Te
         logits = apply_penalties(logits, output_counts, prompt_mask, p.repetition, p.frequency, p.presence)
     if p.all_greedy:
         return logits
-    logits = apply_temperature(logits, p.temperature)
+    if p.any_temperature:
+        logits = apply_temperature(logits, p.temperature)
     if p.any_top_k:
         logits = apply_top_k(logits, torch.where(p.greedy, 0, p.top_k), p.max_top_k)
     if p.any_top_p:
