@@ -27,6 +27,7 @@ import itertools
 import queue
 import random
 import threading
+import time
 import traceback
 import uuid
 from collections import deque
@@ -423,9 +424,15 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cv:
+                idle = not self.has_work()
                 self._cv.wait_for(lambda: self._stopping or self.has_work())
                 if self._stopping:
                     return
+            if idle:
+                # woken from idle by the first request of what is often a burst (a server request's n
+                # choices are queued one after another): let the rest arrive, so that they are admitted,
+                # and their shared prompt prefilled, together
+                time.sleep(0.001)
             try:
                 self.step()
             except Exception as e:  # never die silently: fail the requests in flight, keep serving

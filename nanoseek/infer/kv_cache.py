@@ -9,9 +9,8 @@ per sequence (vLLM's PagedAttention layout, on the latent). Long and short seque
 without copying; a finished sequence hands its blocks back at once. Blocks are reference-counted:
 requests with the same prompt share its full blocks (`share`), each with its own copy of the partly
 filled last one (`copy_block`), and a block is free again when its last user releases it. The engine
-`bind`s the rows of
-each forward (block tables, cached lengths, new lengths) and passes the positions and mask it returns
-to the model, which calls `update` per layer.
+`bind`s the rows of each forward (block tables, cached lengths, new lengths) and passes the positions
+and mask it returns to the model, which calls `update` per layer.
 """
 
 from __future__ import annotations
