@@ -371,6 +371,10 @@ def test_seeded_sampling_reproducible_and_batch_independent():
     other_seed = Engine(m).generate([p], SamplingParams(max_tokens=12, temperature=1.5, top_p=0.95, seed=99,
                                                         ignore_eos=True))[0].token_ids
     assert other_seed != alone
+    # past the 64 uniforms a seeded request draws at a time
+    long = SamplingParams(max_tokens=70, temperature=1.0, seed=5, ignore_eos=True)
+    alone = Engine(m).generate([p], long)[0].token_ids
+    assert Engine(m, max_batch=3).generate([others[0], p], [sp, long])[1].token_ids == alone
 
 
 def test_penalties_match_reference():

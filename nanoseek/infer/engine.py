@@ -236,6 +236,7 @@ class _Seq:
         if p.seed is not None and p.temperature > 0:
             self.gen = torch.Generator(device=eng.device)
             self.gen.manual_seed(p.seed)
+        self._uniforms: list[float] = []              # the next uniforms of gen, drawn 64 at a time
         self.penalized = p.repetition_penalty != 1 or p.frequency_penalty != 0 or p.presence_penalty != 0
         self.detok = (_Detokenizer(eng.tokenizer, req.prompt_ids[-4:], eng._pieces)
                       if eng.tokenizer is not None else None)
@@ -247,6 +248,14 @@ class _Seq:
         self.new_ids: list[int] = []
         self.new_lps: list[float] = []
         self.new_tops: list[dict[str, float]] = []
+
+    def uniform(self) -> float:
+        """The next U[0, 1) of this request's own generator (seeded requests): one tensor call per 64
+        draws instead of one per token; the sequence depends on the seed alone."""
+        if not self._uniforms:
+            self._uniforms = torch.rand(64, generator=self.gen, dtype=torch.float64,
+                                        device=self.gen.device).tolist()[::-1]
+        return self._uniforms.pop()
 
     @property
     def out(self) -> list[int]:
@@ -772,10 +781,9 @@ class Engine:
         seeded row's from its own. Greedy rows draw too (harmless: their distribution is one-hot)."""
         dev = self.device
         u = torch.rand(len(rows), generator=self._gen, dtype=torch.float64, device=dev)
-        seeded = [(b, s.gen) for b, s in enumerate(rows) if s.gen is not None]
+        seeded = [b for b, s in enumerate(rows) if s.gen is not None]
         if seeded:
-            u[[b for b, _ in seeded]] = torch.cat([torch.rand(1, generator=g, dtype=torch.float64, device=dev)
-                                                    for _, g in seeded])
+            u[seeded] = torch.tensor([rows[b].uniform() for b in seeded], dtype=torch.float64, device=dev)
         return u
 
     def _noise(self, rows: list[_Seq], like: torch.Tensor) -> torch.Tensor:
