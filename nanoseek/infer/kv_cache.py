@@ -146,22 +146,30 @@ class PagedCache:
                 return (torch.tensor([[st]], device=self.device),
                         torch.ones(1, 1, st + 1, dtype=torch.bool, device=self.device))
         start = np.asarray(starts, dtype=np.int64)
-        length = np.asarray(lengths, dtype=np.int64)
-        S = int((start + length).max())
-        t = np.arange(T)
-        pos = start[:, None] + np.minimum(t[None, :], length[:, None] - 1)          # (B, T)
+        decode = T == 1                 # one new token per row (lengths are >= 1): no padding
+        if decode:
+            S = int(start.max()) + 1
+            pos = start[:, None]                                                    # (B, 1)
+        else:
+            length = np.asarray(lengths, dtype=np.int64)
+            S = int((start + length).max())
+            t = np.arange(T)
+            pos = start[:, None] + np.minimum(t[None, :], length[:, None] - 1)      # (B, T)
         keys = np.arange(S)
         nblk = -(-S // bs)
         table = np.array([tab[:nblk] if len(tab) >= nblk else tab + [0] * (nblk - len(tab)) for tab in tables],
                          dtype=np.int64)                                        # (B, nblk)
         slots = table[:, keys // bs] * bs + keys % bs                               # (B, S)
-        write = np.take_along_axis(slots, pos, axis=1)                              # (B, T)
-        padded = t[None, :] >= length[:, None]
-        write[padded] = 0
+        if decode:
+            write = slots[np.arange(B), start][:, None]                             # (B, 1)
+        else:
+            write = np.take_along_axis(slots, pos, axis=1)                          # (B, T)
+            padded = t[None, :] >= length[:, None]
+            write[padded] = 0
         mask = keys[None, None, :] <= pos[:, :, None]                               # (B, T, S)
         self._shape = (B, S)
         self._span = None
-        if B == 1 and not padded.any() and (np.diff(table[0]) == 1).all():
+        if B == 1 and (decode or not padded.any()) and (np.diff(table[0]) == 1).all():
             # one sequence in consecutive blocks (the usual case at batch 1, as the free list hands out
             # low ids first): read and write the pool in place, no gather
             self._span = (int(slots[0, 0]), int(write[0, 0]), S)
