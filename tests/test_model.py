@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from nanoseek.infer.kv_cache import ContiguousCache
 from nanoseek.model import ModelConfig, Transformer, preset
-from nanoseek.model.layers import apply_rope, rope_inv_freq
+from nanoseek.model.layers import RMSNorm, RMSNormFunction, apply_rope, rope_inv_freq
 from nanoseek.model.mla import BlockCausalAttention, causal_attention
 from nanoseek.model.moe import Gate
 
@@ -110,6 +110,23 @@ def test_training_attention_path_equals_sdpa_path():
         outs.append((y, m.layers[0].attn.wq_a.weight.grad.clone(), m.layers[0].attn.wkv_a.weight.grad.clone()))
     for a, b in zip(*outs):
         assert (a - b).abs().max() < 1e-5 * max(1.0, b.abs().max().item())
+
+
+def test_rmsnorm_backward_equals_autograd():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 64, dtype=torch.float64, requires_grad=True)
+    w = (1 + 0.3 * torch.randn(64, dtype=torch.float64)).requires_grad_()
+    g = torch.randn(3, 5, 64, dtype=torch.float64)
+    ours = RMSNormFunction.apply(x, w, 1e-6)
+    ref = w * F.rms_norm(x, (64,), eps=1e-6)
+    assert (ours - ref).abs().max() < 1e-12
+    for a, b in zip(torch.autograd.grad(ours, (x, w), g), torch.autograd.grad(ref, (x, w), g)):
+        assert (a - b).abs().max() < 1e-10
+    norm = RMSNorm(64)
+    norm.weight.data = w.detach().float()
+    with torch.no_grad():
+        plain = norm(x.float())
+    assert torch.equal(norm(x.float()), plain)                     # training path: the same forward
 
 
 def test_grouped_moe_equals_loop():
