@@ -119,7 +119,7 @@ class Experts(nn.Module):
         # dim-wide output: fewer elements to multiply, and to reduce for the gate's gradient.
         outs = [F.linear(F.silu(F.linear(chunk, w1[e])) * (F.linear(chunk, w3[e]) * g), w2[e])
                 for e, (chunk, g) in enumerate(zip(xs.split(counts), gw.split(counts))) if counts[e]]
-        return torch.zeros_like(x).index_add_(0, token, torch.cat(outs))
+        return torch.zeros_like(x).index_add_(0, token, torch.cat(outs).to(x.dtype))   # bf16 under autocast
 
     def forward_reference(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
         """The plain loop over every expert (the reference's shape): tests compare against it."""
