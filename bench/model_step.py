@@ -3,6 +3,7 @@ same weights, in the same run, plus model FLOP utilisation against a matmul peak
 
     .venv/bin/python bench/model_step.py                 # small preset, batch 8 x 512
     .venv/bin/python bench/model_step.py --preset tiny --batch 4 --seq 128 --iters 3   # quick look
+    .venv/bin/python bench/model_step.py --modes fp32 --threads 1    # on a machine shared with other work
 
 Timings alternate between the two models so that machine noise hits both alike.
 """
@@ -68,7 +69,10 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--device", default=None)
     p.add_argument("--modes", default="fp32,bf16")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared machine)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = pick_device(args.device)
     torch.manual_seed(0)
 

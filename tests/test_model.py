@@ -5,10 +5,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from nanoseek.infer.kv_cache import ContiguousCache
 from nanoseek.model import ModelConfig, Transformer, preset
-from nanoseek.model.layers import apply_rope, rope_inv_freq
+from nanoseek.model.layers import RMSNorm, RMSNormFunction, apply_rope, rope_inv_freq
+from nanoseek.model.mla import BlockCausalAttention, causal_attention
 from nanoseek.model.moe import Gate
 
 
@@ -70,6 +72,63 @@ def test_cache_rows_of_different_lengths():
         assert (out[1, -1] - m(b[None])[0, -1]).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("T", [1, 37, 64, 200])
+def test_block_causal_attention_equals_sdpa(T):
+    # the CPU training path (explicit matmuls in blocks, recomputing backward) against SDPA, with gradients;
+    # T = 200 is not a multiple of the block and its heads split into unequal groups
+    torch.manual_seed(0)
+    B, H, qk, vd = 2, 3, 24, 16
+    q, k, v = (torch.randn(B, T, H, d, dtype=torch.float64, requires_grad=True) for d in (qk, qk, vd))
+    dout = torch.randn(B, T, H, vd, dtype=torch.float64)
+    old = BlockCausalAttention.BLOCK_FLOATS
+    BlockCausalAttention.BLOCK_FLOATS = 2 * 64 * T            # two heads per block: 6 heads -> 3 groups
+    try:
+        ours = causal_attention(q, k, v, 0.3)
+        grads = torch.autograd.grad(ours, (q, k, v), dout)
+    finally:
+        BlockCausalAttention.BLOCK_FLOATS = old
+    ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), F.pad(v, (0, qk - vd)).transpose(1, 2),
+                                         is_causal=True, scale=0.3)[..., :vd].transpose(1, 2)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
+    assert (ours - ref).abs().max() < 1e-10
+    for g, r in zip(grads, ref_grads):
+        assert (g - r).abs().max() < 1e-10
+
+
+def test_training_attention_path_equals_sdpa_path():
+    # fp32 CPU forward without a mask takes the block path; an all-True causal mask forces SDPA
+    m = make(**VARIANTS["v3"]).train()
+    ids = torch.randint(0, 512, (2, 70))
+    causal = torch.ones(70, 70, dtype=torch.bool).tril()[None].expand(2, 70, 70)
+    outs = []
+    for mask in (None, causal):
+        m.zero_grad()
+        x = m.embed(ids)
+        cos, sin = m.rope(torch.arange(70)[None])
+        y = m.layers[0].attn(x, cos, sin, mask=mask)
+        y.square().sum().backward()
+        outs.append((y, m.layers[0].attn.wq_a.weight.grad.clone(), m.layers[0].attn.wkv_a.weight.grad.clone()))
+    for a, b in zip(*outs):
+        assert (a - b).abs().max() < 1e-5 * max(1.0, b.abs().max().item())
+
+
+def test_rmsnorm_backward_equals_autograd():
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 64, dtype=torch.float64, requires_grad=True)
+    w = (1 + 0.3 * torch.randn(64, dtype=torch.float64)).requires_grad_()
+    g = torch.randn(3, 5, 64, dtype=torch.float64)
+    ours = RMSNormFunction.apply(x, w, 1e-6)
+    ref = w * F.rms_norm(x, (64,), eps=1e-6)
+    assert (ours - ref).abs().max() < 1e-12
+    for a, b in zip(torch.autograd.grad(ours, (x, w), g), torch.autograd.grad(ref, (x, w), g)):
+        assert (a - b).abs().max() < 1e-10
+    norm = RMSNorm(64)
+    norm.weight.data = w.detach().float()
+    with torch.no_grad():
+        plain = norm(x.float())
+    assert torch.equal(norm(x.float()), plain)                     # training path: the same forward
+
+
 def test_grouped_moe_equals_loop():
     m = make(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=4)
     ids = torch.randint(0, 512, (4, 32))
@@ -80,6 +139,11 @@ def test_grouped_moe_equals_loop():
     g1 = torch.autograd.grad(fast.square().mean(), m.layers[1].ffn.experts.w1)[0]
     g2 = torch.autograd.grad(m(ids, moe_reference=True).square().mean(), m.layers[1].ffn.experts.w1)[0]
     assert (g1 - g2).abs().max() < 1e-6
+    # and under CPU bf16 autocast (expert matmuls in bf16, the residual stream fp32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fast, slow = m(ids), m(ids, moe_reference=True)
+    assert fast.dtype == torch.bfloat16 and (fast.float() - slow.float()).abs().max() < 0.05 * slow.abs().max()
+    fast.float().square().mean().backward()
 
 
 def test_selection_bias_chooses_but_does_not_weight():
