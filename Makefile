@@ -23,7 +23,7 @@ $(VENV)/.test-deps: pyproject.toml
 	$(BIN)/pip install -e ".[test]"
 	touch $@
 
-# the main job: R1-Zero in miniature (pretrain, evaluate, GRPO, evaluate) into runs/demo, ~5 min on a CPU
+# the main job: R1-Zero in miniature (pretrain, evaluate, GRPO, evaluate) into runs/demo, ~4 min on a CPU
 demo: $(VENV)/.demo-deps
 	$(BIN)/nanoseek demo
 
