@@ -121,8 +121,15 @@ def tok():
     return make_tokenizer()
 
 
+def paced(model, seconds: float = 0.02):
+    """The model with every forward delayed: a tiny model steps in about a millisecond, so several SSE
+    chunks would reach the page in one read and land in one DOM update; a real model takes longer."""
+    model.register_forward_pre_hook(lambda module, args: time.sleep(seconds))
+    return model
+
+
 def test_chat_page_streams_reasoning_and_keeps_the_conversation(browser, tok):
-    engine = Engine(scripted_model(tok), tok, max_batch=4, max_seq_len=256)
+    engine = Engine(paced(scripted_model(tok)), tok, max_batch=4, max_seq_len=256)
     try:
         with Server(engine, tok, "scripted") as srv:
             page = browser
@@ -207,6 +214,18 @@ def test_chat_page_stop_button_frees_the_slot(browser, tok):
             page.goto(srv.base + "/")
             page.wait("document.getElementById('model').textContent === 'tiny'", what="model name")
             page.js("document.getElementById('max-tokens').value = '480'")     # far more than we wait for
+            # a random model ends with eos within 15 tokens ~3% of the time: ask the server (vLLM's
+            # ignore_eos extension) to keep going until the stop button ends it
+            page.js("""(() => {
+                const f = window.fetch;
+                window.fetch = (url, opts) => {
+                    if (opts && opts.body) {
+                        const body = JSON.parse(opts.body);
+                        if (body.messages) opts = {...opts, body: JSON.stringify({...body, ignore_eos: true})};
+                    }
+                    return f(url, opts);
+                };
+            })()""")
             page.type("#input", "tell me a long story")
             page.click("#send")
             page.wait("document.querySelector('.msg.assistant .reasoning-text')?.textContent.length > 10",
