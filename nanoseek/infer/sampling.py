@@ -11,9 +11,8 @@
 - filtered tokens get -inf; greedy rows (temperature 0) take the argmax of the penalized logits.
 
 Randomness comes in as tensors the caller draws: one uniform per row for an inverse-CDF draw
-(`sample_cdf`), or exponential noise for the "exponential race" (`sample`: argmax_i p_i / E_i with
-E_i ~ Exp(1) is a sample from p). The engine draws a seeded request's from its own generator, so it
-gives the same tokens whatever else shares its batch, and all unseeded rows' in one call.
+(`sample_cdf`). The engine draws a seeded request's from its own generator, so it gives the same
+tokens whatever else shares its batch, and all unseeded rows' in one call.
 
 `speculative_accept` is the speculative-sampling rule (Leviathan et al. 2023; Chen et al. 2023): keep
 the draft with probability min(1, p/q), else draw from norm(max(0, p - q)); the result is distributed
@@ -154,12 +153,6 @@ def probabilities(processed: torch.Tensor, greedy: torch.Tensor, any_greedy: boo
 
 # --- drawing
 
-def sample(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """Exponential race: argmax_i p_i / E_i is a draw from p (unnormalized p is fine).
-    probs (B, V) >= 0; noise (B, V) ~ Exp(1) (ones for greedy one-hot rows). -> (B,) long."""
-    return (probs / noise.clamp_min(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
-
-
 def sample_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draw: the first token whose running probability sum exceeds u * total.
     probs (B, V) >= 0 (unnormalized is fine); u (B,) ~ U[0, 1), fp64 for full resolution. -> (B,) long.
@@ -172,10 +165,10 @@ def sample_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 def speculative_accept(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, uniform: torch.Tensor,
-                       noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """p, q (B, V): target and draft distributions; draft (B,) drawn from q; uniform (B,) ~ U[0, 1);
-    noise (B, V) ~ Exp(1). Returns (token (B,), accepted (B,) bool): the draft when u < p(d)/q(d),
-    else a draw from max(0, p - q) (renormalized). The token is distributed as p."""
+                       u_residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """p, q (B, V): target and draft distributions; draft (B,) drawn from q; uniform, u_residual (B,)
+    ~ U[0, 1). Returns (token (B,), accepted (B,) bool): the draft when u < p(d)/q(d), else an
+    inverse-CDF draw (u_residual) from max(0, p - q). The token is distributed as p."""
     pd = p.gather(1, draft[:, None])[:, 0]
     qd = q.gather(1, draft[:, None])[:, 0]
     accepted = uniform * qd < pd                                        # u < p/q without dividing by q
@@ -183,7 +176,7 @@ def speculative_accept(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, un
     # p == q up to rounding leaves no residual mass; a rejection then has probability ~0, draw from p
     empty = residual.sum(dim=-1, keepdim=True) <= 0
     residual = torch.where(empty, p, residual)
-    token = torch.where(accepted, draft, sample(residual, noise))
+    token = torch.where(accepted, draft, sample_cdf(residual, u_residual))
     return token, accepted
 
 
