@@ -213,6 +213,7 @@ def run_demo(args: argparse.Namespace) -> None:
     optimizer = build_optimizer(model, P["optimizer"], P["lr"], P["weight_decay"])
     batch_gen = torch.Generator().manual_seed(args.seed)
     B, T = P["batch_size"], P["seq_len"]
+    window = torch.arange(T + 1)
     t0 = time.perf_counter()
     bar = tqdm(range(P["steps"]), desc="pretrain", dynamic_ncols=True, mininterval=2)
     for step in bar:
@@ -220,7 +221,7 @@ def run_demo(args: argparse.Namespace) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr
         starts = torch.randint(0, len(stream_t) - T - 1, (B,), generator=batch_gen)     # random windows
-        rows = torch.stack([stream_t[s:s + T + 1] for s in starts.tolist()]).to(device)  # (B, T + 1)
+        rows = stream_t[starts[:, None] + window].to(device)                             # (B, T + 1)
         with autocast(device, amp_dtype):
             loss, parts, counts = pretrain_loss(model, rows[:, :-1], rows[:, 1:], mtp_weight=P["mtp_weight"],
                                                 balance_alpha=P["balance_alpha"])
