@@ -150,6 +150,12 @@ def linears(x: torch.Tensor, weights: tuple[torch.Tensor, ...], biases: tuple | 
     return outs
 
 
+def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:
+    """w2(silu(w1 x) * w3 x): the dense MLP and every expert (decode-fast `linear`s)."""
+    a, b = linears(x, (w1, w3))
+    return linear(F.silu(a) * b, w2)
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward: w2(silu(w1 x) * w3 x). Used dense and as the shared expert."""
 
@@ -160,5 +166,4 @@ class MLP(nn.Module):
         self.w3 = nn.Linear(dim, inter, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = linears(x, (self.w1.weight, self.w3.weight))
-        return linear(F.silu(a) * b, self.w2.weight)
+        return swiglu(x, self.w1.weight, self.w2.weight, self.w3.weight)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.model.config import ModelConfig
-from nanoseek.model.layers import MLP, linear, linears
+from nanoseek.model.layers import MLP, swiglu
 
 
 @dataclass
@@ -86,11 +86,6 @@ class Experts(nn.Module):
         # expert instead makes autograd zero-fill and add a full (E, inter, dim) gradient per expert.
         return self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0)
 
-    @staticmethod
-    def expert(w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        a, b = linears(x, (w1, w3))
-        return linear(F.silu(a) * b, w2)
-
     def forward(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
         if not torch.is_grad_enabled() and r.indices.numel() <= 8:
             return self.forward_few(x, r)
@@ -107,7 +102,7 @@ class Experts(nn.Module):
             xn = x if x.shape[0] == 1 else x[n:n + 1]
             y = None
             for e, wk in zip(chosen, weights[n]):
-                yk = self.expert(self.w1.select(0, e), self.w2.select(0, e), self.w3.select(0, e), xn) * wk
+                yk = swiglu(xn, self.w1.select(0, e), self.w2.select(0, e), self.w3.select(0, e)) * wk
                 y = yk if y is None else y + yk
             rows.append(y)
         return rows[0] if len(rows) == 1 else torch.cat(rows)
@@ -136,7 +131,7 @@ class Experts(nn.Module):
         for e in range(self.w1.shape[0]):
             tok, slot = (r.indices == e).nonzero(as_tuple=True)
             if tok.numel():
-                y = self.expert(self.w1[e], self.w2[e], self.w3[e], x[tok])
+                y = swiglu(x[tok], self.w1[e], self.w2[e], self.w3[e])
                 out[tok] += y * r.weights[tok, slot, None].to(x.dtype)
         return out
 
