@@ -146,6 +146,35 @@ def test_grouped_moe_equals_loop():
     fast.float().square().mean().backward()
 
 
+def test_dense_moe_equals_loop():
+    """Every expert on every token with zero weight off the chosen ones: the same outputs and the same
+    gradients (experts, input, gate weights) as the loop over experts."""
+    from nanoseek.model.moe import MoE
+    m = make(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=3)
+    moe = next(mod for mod in m.modules() if isinstance(mod, MoE))
+    ex = moe.experts
+    x = torch.randn(10, 64, requires_grad=True)
+    outs, grads = [], []
+    for fn in (ex.forward_dense, ex.forward_reference):
+        r = moe.gate(x)
+        y = fn(x, r)
+        outs.append(y)
+        grads.append(torch.autograd.grad(y.square().sum(), (x, ex.w1, ex.w2, ex.w3, moe.gate.weight)))
+    assert (outs[0] - outs[1]).abs().max() < 1e-5
+    for a, b in zip(*grads):
+        assert (a - b).abs().max() < 1e-5 * max(1.0, b.abs().max().item())
+    # the dispatch rule: few tokens that keep every expert busy go dense, a long sequence is grouped
+    r = moe.gate(x[:8].detach())
+    E, inter, dim = ex.w1.shape
+    assert 6 * 8 * E * inter * dim <= ex.DENSE_MAX_FLOPS < 6 * 1000 * E * inter * dim and 8 * 3 >= E
+    calls = []
+    ex.forward_dense, ex.forward_grouped = (lambda *a: calls.append("dense") or ex.forward_reference(*a),
+                                            lambda *a: calls.append("grouped") or ex.forward_reference(*a))
+    ex(x[:8].detach(), r)
+    ex(torch.randn(1000, 64), moe.gate(torch.randn(1000, 64)))
+    assert calls == ["dense", "grouped"]
+
+
 def test_selection_bias_chooses_but_does_not_weight():
     torch.manual_seed(0)
     g = Gate(ModelConfig(n_group=1, topk_group=1))
