@@ -236,9 +236,9 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean policy entropy over the valid tokens, for logging: logits (B, T, V), mask (B, T) -> 0-dim.
-    H_t = logsumexp(z) - sum_v softmax(z)_v z_v; a collapse toward 0 warns of lost exploration."""
-    z = logits.float()
-    p = torch.softmax(z, dim=-1)
-    h = torch.logsumexp(z, dim=-1) - (p * z).sum(dim=-1)              # (B, T)
+    H_t = -sum_v p_v log p_v; a collapse toward 0 warns of lost exploration. One log-softmax and one
+    exp over (B, T, V) (softmax and logsumexp separately were twice the passes)."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    h = -(lp.exp() * lp).sum(dim=-1)                                  # (B, T)
     m = mask.float()
     return (h * m).sum() / m.sum().clamp(min=1)
