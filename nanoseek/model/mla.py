@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.model.config import ModelConfig
-from nanoseek.model.layers import RMSNorm, apply_rope, linear, linears
+from nanoseek.model.layers import RMSNorm, apply_rope, derived, linear, linears
 
 
 class LatentCache(Protocol):
@@ -196,8 +196,11 @@ class MLA(nn.Module):
     def _absorbed(self, q_nope, q_pe, kv, k_pe, mask):
         B, T, H, _ = q_nope.shape
         S, c = kv.shape[1], self.kv_lora_rank
-        wkv_b = self.wkv_b.weight.view(H, self.nope + self.v_dim, c)
-        w_uk, w_uv = wkv_b[:, : self.nope], wkv_b[:, self.nope:]          # (H, nope, c), (H, v, c)
+        if torch.is_grad_enabled():
+            wkv_b = self.wkv_b.weight.view(H, self.nope + self.v_dim, c)
+            w_uk, w_uv_t = wkv_b[:, : self.nope], wkv_b[:, self.nope:].transpose(1, 2)   # (H, nope, c), (H, c, v)
+        else:   # decoding: bmm copies a strided operand on every call, so keep contiguous copies
+            w_uk, w_uv_t = derived((self.wkv_b.weight,), "absorbed", self._split_wkv_b)
         # per-head matmuls as bmm over heads (einsum would add its own permutes and parsing per call);
         # rows of the score matrix are (head, position) pairs, H*T per sequence
         if T == 1:   # a decode step: every reshape below is a view
@@ -217,13 +220,19 @@ class MLA(nn.Module):
             mask = torch.ones(T, S, dtype=torch.bool, device=kv.device).tril(S - T)[None]
         if mask is not None:
             scores = scores.float().view(B, H, T, S).masked_fill(~mask[:, None], float("-inf")).view(B, H * T, S)
-        p = scores.softmax(dim=-1, dtype=torch.float32)                   # (B, H*T, S)
-        if p.dtype != kv.dtype:
-            p = p.to(kv.dtype)
+        if scores.dtype == kv.dtype and kv.device.type == "cpu":
+            p = scores.softmax(dim=-1)    # CPU's bf16 softmax computes in fp32 and rounds once: one op less
+        else:
+            p = scores.softmax(dim=-1, dtype=torch.float32).to(kv.dtype)  # (B, H*T, S)
         o_lat = torch.bmm(p, kv)                                          # (B, H*T, c)
         if T == 1:
-            o = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2))    # (H, B, v)
+            o = torch.bmm(o_lat.transpose(0, 1), w_uv_t)                  # (H, B, v)
             return o.transpose(0, 1).unsqueeze(1)                         # (B, 1, H, v)
         o_lat = o_lat.view(B, H, T, c).transpose(0, 1).reshape(H, B * T, c)   # (H, B*T, c)
-        o = torch.bmm(o_lat, w_uv.transpose(1, 2))                        # (H, B*T, v)
+        o = torch.bmm(o_lat, w_uv_t)                                      # (H, B*T, v)
         return o.view(H, B, T, self.v_dim).permute(1, 2, 0, 3)            # (B, T, H, v)
+
+    def _split_wkv_b(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """wkv_b (H*(nope+v), c) -> contiguous W_UK (H, nope, c) and W_UV^T (H, c, v)."""
+        wkv_b = w.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank)
+        return wkv_b[:, : self.nope].contiguous(), wkv_b[:, self.nope:].transpose(1, 2).contiguous()
