@@ -111,15 +111,16 @@ def small_model(dtype):
     return m.eval().to(dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cached_decode_matches_full_forward_and_follows_weight_updates(dtype):
+@pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.bfloat16, torch.float32)])
+def test_cached_decode_matches_full_forward_and_follows_weight_updates(dtype, cache_dtype):
     m = small_model(dtype)
     ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(1))
     tol = 1e-4 if dtype == torch.float32 else 0.08     # bf16: one rounding per op, in another order
 
     def decode():
-        cache = ContiguousCache(m.config, 2, 16, dtype=dtype)
-        steps = [m(ids[:, :4], cache=cache)[:, -1]]
+        cache = ContiguousCache(m.config, 2, 16, dtype=cache_dtype)
+        steps = [m(ids[:, :4], cache=cache, absorb=False)[:, -1]]      # prefill on the clear path
         steps += [m(ids[:, t:t + 1], cache=cache)[:, 0] for t in range(4, 10)]
         return torch.stack(steps, 1).float()                             # (B, 7, V)
 
@@ -132,3 +133,19 @@ def test_cached_decode_matches_full_forward_and_follows_weight_updates(dtype):
         full2 = m(ids)[:, 3:].float()
         assert (full2 - full).abs().max() > 10 * tol
         assert (decode() - full2).abs().max() < tol
+
+
+def test_engine_keeps_fp32_latents_for_bf16_weights_on_cpu():
+    from nanoseek.infer import Engine, SamplingParams
+    m = small_model(torch.bfloat16)
+    eng = Engine(m, max_batch=2, max_seq_len=32)
+    assert eng.cache.kv.dtype == torch.float32 and eng.cache.dtype == torch.float32
+    assert Engine(small_model(torch.float32), max_batch=2, max_seq_len=32).cache.kv.dtype == torch.float32
+    assert Engine(m, max_batch=2, max_seq_len=32, cache_dtype=torch.bfloat16).cache.kv.dtype == torch.bfloat16
+    prompt = [5, 17, 33, 2, 90]
+    [c] = eng.generate([prompt], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    ids = list(prompt)
+    with torch.inference_mode():        # greedy by full forwards: the same tokens
+        for _ in range(6):
+            ids.append(int(m(torch.tensor([ids]))[0, -1].float().argmax()))
+    assert c.token_ids == ids[len(prompt):]
