@@ -50,6 +50,22 @@ def test_bf16_linear_strided_input_and_expert_views():
             assert (layers.linear(x, w).float() - ref).abs().max().item() <= bound
 
 
+@pytest.mark.skipif(not (layers._FP16_GEMV and layers._ONEDNN), reason="needs FBGEMM and oneDNN")
+def test_one_row_fp16_gemv_only_where_fp16_holds_the_weights():
+    torch.manual_seed(0)
+    x = torch.randn(1, 1, 64).bfloat16()
+    small = (torch.randn(32, 64) * 0.02).bfloat16()
+    small[0, :4] = torch.tensor([1e-6, -3e-7, 5e-8, 2.0**-20])          # fp16 subnormals: rounded, by < 3e-8
+    big = torch.randn(32, 64).bfloat16()
+    big[3, 5] = 1e5                                                      # beyond fp16's range: not packed
+    with torch.inference_mode():
+        for w in (small, big):
+            ref, bound = bf16_error_bound(x, w)
+            assert (layers.linear(x, w).float() - ref).abs().max().item() <= bound
+        assert layers.derived((small,), "fp16", layers._fp16_pack) is not None
+        assert layers.derived((big,), "fp16", layers._fp16_pack) is None
+
+
 def test_fp32_linear_equals_f_linear():
     torch.manual_seed(0)
     w, b = torch.randn(96, 48), torch.randn(96)
