@@ -5,9 +5,12 @@
 
 A random-init model is saved with save_pretrained and loaded by both sides (transformers'
 DeepseekV3ForCausalLM via from_pretrained). For each batch size it reports prefill and decode
-tokens/s, checks that both produced the same greedy tokens, and prints the ratio. Decode speed is
-(B * (new - 1)) / (time(new tokens) - time(1 token)), so the prefill is taken out. Each figure is the
-best of --repeats runs, the two sides alternating so that machine noise hits both alike.
+tokens/s and the ratio, and how far the two agree: identical greedy sequences and common prefixes
+(in bf16 these part at the first near-tie that the two roundings decide differently), and top-1
+agreement on one fixed sequence (teacher-forced), with transformers' own decode-vs-full-forward
+agreement as the floor. Decode speed is (B * (new - 1)) / (time(new tokens) - time(1 token)), so the
+prefill is taken out. Each figure is the best of --repeats runs, the two sides alternating so that
+machine noise hits both alike.
 
 Then MTP speculation: on random weights acceptance is meaningless (the MTP head guesses), so the
 tiny model is also trained for a few hundred steps on repetitive text (main + MTP loss, ~1 min) and
@@ -29,7 +32,7 @@ import torch.nn.functional as F
 
 from nanoseek.common import pick_device, pick_dtype
 from nanoseek.infer import Engine, SamplingParams
-from nanoseek.infer.kv_cache import latent_bytes_per_token, mha_bytes_per_token
+from nanoseek.infer.kv_cache import ContiguousCache, latent_bytes_per_token, mha_bytes_per_token
 from nanoseek.model import Transformer, preset
 
 
@@ -69,15 +72,34 @@ def hf_cache_bytes_per_token(cache, batch: int) -> tuple[float, str]:
     return total / (batch * seq), what
 
 
-def same_prefix(a: list[list[int]], b: list[list[int]]) -> tuple[int, int]:
-    """(rows identical, shortest common prefix)."""
+def same_prefix(a: list[list[int]], b: list[list[int]]) -> tuple[int, int, float]:
+    """(rows identical, shortest common prefix, mean common prefix)."""
     common = []
     for x, y in zip(a, b):
         k = 0
         while k < min(len(x), len(y)) and x[k] == y[k]:
             k += 1
         common.append(k)
-    return sum(x == y for x, y in zip(a, b)), min(common)
+    return sum(x == y for x, y in zip(a, b)), min(common), sum(common) / len(common)
+
+
+def teacher_forced_agreement(ours: Transformer, hf, prompts: torch.Tensor, hf_tokens: list[list[int]],
+                             cache_dtype: torch.dtype) -> tuple[float, float]:
+    """Greedy sequences part at the first near-tie that rounding decides differently, and in bf16 that
+    comes early, so compare next-token choices on one fixed sequence instead: prompt + transformers'
+    greedy tokens. Reference: transformers' full forward over it (argmax at each generated position).
+    Returns the share of positions where (nanoseek's decode path, one cached step at a time, the
+    engine's cache dtype) and (transformers' own generate, i.e. its decode path) pick the reference token."""
+    B, P = prompts.shape
+    seq = torch.cat([prompts, torch.tensor(hf_tokens, device=prompts.device)], dim=1)     # (B, P + N)
+    N = seq.shape[1] - P
+    with torch.inference_mode():
+        ref = hf(seq).logits[:, P - 1:-1].float().argmax(-1)                            # (B, N)
+        cache = ContiguousCache(ours.config, B, seq.shape[1], dtype=cache_dtype, device=prompts.device)
+        steps = [ours(seq[:, :P], cache=cache, absorb=False)[:, -1]]                    # prefill, as the engine
+        steps += [ours(seq[:, t:t + 1], cache=cache, absorb=True)[:, 0] for t in range(P, P + N - 1)]
+        mine = torch.stack(steps, 1).float().argmax(-1)                                  # (B, N)
+    return (mine == ref).float().mean().item(), (seq[:, P:] == ref).float().mean().item()
 
 
 # --- MTP training on repetitive text
@@ -172,9 +194,12 @@ def main() -> None:
             print(f"{B:>5} {name:<22} {prefill:>14.0f} {decode:>13.1f} {1e3 * (tn - t1) / (args.new - 1):>8.2f}")
         ref = best["transformers"][2]
         for name in [n for n in best if n != "transformers"]:
-            same, prefix = same_prefix(best[name][2], ref)
-            print(f"      same greedy tokens ({name} vs transformers): {same}/{B} sequences identical, "
-                  f"all agree on the first {prefix} tokens")
+            same, prefix, mean = same_prefix(best[name][2], ref)
+            print(f"      greedy tokens ({name} vs transformers): {same}/{B} sequences identical; common prefix "
+                  f"shortest {prefix}, mean {mean:.1f} of {args.new}")
+        ours_top1, hf_top1 = teacher_forced_agreement(ours, hf, prompts.to(device), ref, engines[False].cache_dtype)
+        print(f"      teacher-forced on transformers' tokens, top-1 agreement with transformers' full forward: "
+              f"nanoseek decode steps {ours_top1:.1%}, transformers' own generate {hf_top1:.1%} (its rounding floor)")
         for name in [n for n in best if n != "transformers"]:
             pre = rows[(B, name)][0] / rows[(B, "transformers")][0]
             dec = rows[(B, name)][1] / rows[(B, "transformers")][1]
@@ -187,9 +212,11 @@ def main() -> None:
     # --- KV cache bytes per token
     _, cache = hf_generate(hf, torch.randint(0, cfg.vocab_size, (1, 8), device=device), 4)
     hf_bytes, what = hf_cache_bytes_per_token(cache, 1)
-    print(f"\nKV cache per token ({dtype}): nanoseek {latent_bytes_per_token(cfg, dtype):,} B "
+    cdt = engines[False].cache_dtype
+    print(f"\nKV cache per token: nanoseek {latent_bytes_per_token(cfg, cdt):,} B in {cdt} "
           f"(latent {cfg.kv_lora_rank} + rope key {cfg.qk_rope_head_dim} per layer; "
-          f"+MTP layer when speculating: {latent_bytes_per_token(cfg, dtype, mtp=True):,} B); "
+          f"+MTP layer when speculating: {latent_bytes_per_token(cfg, cdt, mtp=True):,} B; "
+          f"{latent_bytes_per_token(cfg, dtype):,} B in {dtype}); "
           f"transformers stores {hf_bytes:,.0f} B ({what}) but re-expands it through kv_b_proj every step; "
           f"plain MHA would be {mha_bytes_per_token(cfg, dtype):,} B")
 

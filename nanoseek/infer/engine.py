@@ -269,14 +269,21 @@ class _Seq:
 class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch: int = 32, max_seq_len: int | None = None,
                  block_size: int = 16, num_blocks: int | None = None, speculative: bool = False,
-                 device=None, dtype=None, max_prefill_tokens: int = 2048, cache_bytes: int = 1 << 30):
+                 device=None, dtype=None, max_prefill_tokens: int = 2048, cache_bytes: int = 1 << 30,
+                 cache_dtype: torch.dtype | None = None):
         """model: a nanoseek Transformer (moved to device/dtype when given). num_blocks defaults to room
-        for max_batch sequences of max_seq_len, capped at `cache_bytes`, never below one full sequence."""
+        for max_batch sequences of max_seq_len, capped at `cache_bytes`, never below one full sequence.
+        cache_dtype: the latents' dtype, which decode attention computes in. Default: the model's, except
+        fp32 for a 16-bit model on CPU, where fp32 attention is both faster (MKL against oneDNN's fixed
+        cost per bf16 bmm: small preset, bf16, one thread, batch 1: 11.6 -> 10.7 ms a step) and rounds less."""
         if device is not None or dtype is not None:
             model.to(device=device, dtype=dtype)
         param = next(model.parameters())
         self.model, self.tokenizer = model, tokenizer
         self.device, self.dtype = param.device, param.dtype
+        if cache_dtype is None:
+            cache_dtype = torch.float32 if self.device.type == "cpu" and param.element_size() < 4 else self.dtype
+        self.cache_dtype = cache_dtype
         cfg = self.config = model.config
         if speculative and cfg.num_nextn_predict_layers < 1:
             raise ValueError("speculative=True needs a model with an MTP module (num_nextn_predict_layers >= 1)")
@@ -289,10 +296,10 @@ class Engine:
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
         layers = cfg.num_hidden_layers + (1 if speculative else 0)     # MTP depth 1 keeps its own latents
         if num_blocks is None:
-            per_block = layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * block_size * param.element_size()
+            per_block = layers * (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * block_size * cache_dtype.itemsize
             one_seq = -(-self.max_seq_len // block_size)
             num_blocks = max(min(max_batch * one_seq, cache_bytes // per_block), one_seq) + 1
-        self.cache = PagedCache(cfg, num_blocks, block_size, dtype=self.dtype, device=self.device, layers=layers)
+        self.cache = PagedCache(cfg, num_blocks, block_size, dtype=cache_dtype, device=self.device, layers=layers)
         self.stats = dict(drafted=0, accepted=0, steps=0, prefill_tokens=0, generated_tokens=0, preempted=0,
                           shared_prefills=0)
         self._gen = torch.Generator(device=self.device)        # unseeded requests' noise

@@ -43,6 +43,11 @@ class ContiguousCache:
         self._write: torch.Tensor | None = None   # (B, T) positions being written by the current forward
         self._S = 0
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The latents' dtype: attention computes in it (mla.MLA._absorbed)."""
+        return self.kv.dtype
+
     def prepare(self, T: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Reserve T new positions per row; return their positions (B, T) and the mask (B, T, S)."""
         pos = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)   # (B, T)
@@ -87,6 +92,11 @@ class PagedCache:
         self._read: torch.Tensor | None = None                # (B*S,) slots read back
         self._span: tuple[int, int, int] | None = None        # one row in consecutive slots: (first, write, S)
         self._shape = (0, 0)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The latents' dtype: attention computes in it (mla.MLA._absorbed)."""
+        return self.kv.dtype
 
     # --- blocks
     @property

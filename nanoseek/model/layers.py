@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import weakref
+from typing import Callable, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -116,13 +118,83 @@ def rope_cis(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return torch.complex(cos, sin)[:, :, None]
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear, except for 1-8 rows of fp32 on CPU without autograd (decoding): there y^T = W x^T.
+# --- decode-time linears
+# A decode step multiplies a handful of rows by every weight once. On CPU it costs the weight stream
+# plus a fixed cost per matmul call, and both depend on how the library is called (see `linear`).
+_DERIVED: dict[tuple, tuple] = {}
+_T = TypeVar("_T")
 
-    MKL's sgemm for y = x W^T with a handful of rows streams W 2-4x slower than the same product
-    with W as the tall operand, and one row passed twice beats its gemv (small preset, one thread:
-    the 8192x512 head 1.7 -> 0.8 ms at 1 row, 3.4 -> 0.8 ms at 2). The result is a strided view;
-    the products are the same dot products (summed in another order).
+
+def derived(weights: tuple[torch.Tensor, ...], tag: str, make: Callable[..., _T]) -> _T:
+    """`make(*weights)` (a repacked, concatenated or transposed copy) computed once and reused while
+    the weights stay the same. An entry is keyed by the weights' addresses and layouts and checked
+    against their base tensors (weakrefs: a new tensor at a freed address never matches) and versions
+    (an in-place update such as an optimizer step makes a fresh copy). Entries go when a base is freed.
+    Inference only: nothing here is differentiable."""
+    if len(weights) == 1:
+        w = weights[0]
+        key = (tag, w.data_ptr(), w.shape, w.stride())
+    else:
+        key = (tag, *[(w.data_ptr(), w.shape, w.stride()) for w in weights])
+    hit = _DERIVED.get(key)
+    if hit is not None:
+        refs, versions, value = hit
+        for r, v, w in zip(refs, versions, weights):
+            if r() is not (w if w._base is None else w._base) or w._version != v:
+                break
+        else:
+            return value
+    value = make(*weights)
+    _DERIVED[key] = (tuple(weakref.ref(w if w._base is None else w._base, _drop_derived) for w in weights),
+                     tuple(w._version for w in weights), value)
+    return value
+
+
+def _drop_derived(ref: weakref.ref) -> None:
+    for k in [k for k, hit in _DERIVED.items() if any(r is ref for r in hit[0])]:
+        del _DERIVED[k]
+
+
+def _onednn_pack(*weights: torch.Tensor) -> torch.Tensor:
+    w = weights[0] if len(weights) == 1 else torch.cat(weights)
+    return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 1)
+
+
+def _fp16_pack(*weights: torch.Tensor) -> torch.Tensor | None:
+    """FBGEMM's fp16 GEMV format, for one bf16 row: it streams the weight faster than oneDNN's bf16
+    kernel (cold weights, one thread: 3072x512 234 -> 128 us, the 8192x512 head 497 -> 321 us). fp16
+    holds every bf16 value of magnitude 2^-14 .. 65504 exactly (its mantissa is wider); smaller ones
+    round to a multiple of 2^-24, an error under 3e-8, far below the bf16 rounding of the output. A
+    weight with larger errors (a value over fp16's range) is not packed: None, oneDNN runs it."""
+    w = (weights[0] if len(weights) == 1 else torch.cat(weights)).float()
+    if (w.half().float() - w).abs().max().item() > 2.0**-25:
+        return None
+    return torch.ops.quantized.linear_prepack_fp16(w, None)
+
+
+_FP16_GEMV = ("fbgemm" in torch.backends.quantized.supported_engines
+              and hasattr(torch.ops.quantized, "linear_dynamic_fp16"))
+
+
+# oneDNN's linear on a weight reordered once into its blocked layout. F.linear in bf16 reorders it on
+# every call (small preset, one thread, 1 row, cold weights: the 8192x512 head 930 -> 540 us,
+# 384x512 61 -> 44 us).
+_ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+           and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+PACKED_MAX_ROWS = 64
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, faster for a few rows on CPU without autograd (decoding), the same dot products
+    summed in another order:
+
+    - fp32, 1-8 rows: y^T = W x^T. MKL's sgemm for y = x W^T with a handful of rows streams W 2-4x
+      slower than the same product with W as the tall operand, and one row passed twice beats its
+      gemv (small preset, one thread: the 8192x512 head 1.7 -> 0.8 ms at 1 row, 3.4 -> 0.8 ms at 2).
+      The result is a strided view.
+    - bf16, one row: FBGEMM's fp16 GEMV on the weight packed once (`derived`, `_fp16_pack`), the row
+      widened to fp32 exactly, fp32 accumulation, one rounding of the result to bf16 (as F.linear).
+    - bf16, up to PACKED_MAX_ROWS rows: oneDNN with the weight packed once.
     """
     return linears(x, (weight,), (bias,))[0]
 
@@ -130,24 +202,43 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def linears(x: torch.Tensor, weights: tuple[torch.Tensor, ...], biases: tuple | None = None,
             ) -> list[torch.Tensor]:
     """`linear` of one input by several weights (q and kv projections, an expert's w1 and w3): the
-    transposed operand of the decode case is made once."""
-    biases = biases or (None,) * len(weights)
-    n = x.numel() // x.shape[-1] if x.dim() else 0
-    if (not 0 < n <= 8 or torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32
-            or any(w.dtype != torch.float32 for w in weights)):
-        return [F.linear(x, w, b) for w, b in zip(weights, biases)]
-    x2 = x if x.dim() == 2 else x.reshape(n, x.shape[-1])
-    # one row: passed twice, (2, in) contiguous, and column 0 of the (out, 2) product is the answer;
-    # more rows: contiguous rows (x2^T a transposed view) are MKL's fast case, a row-major x2^T is not
-    xt = (torch.cat([x2, x2]) if n == 1 else x2.contiguous()).t()
-    outs = []
-    for w, b in zip(weights, biases):
-        y = torch.mm(w, xt)
-        y = y.select(1, 0) if n == 1 else y.t()                          # (out,) or (n, out), strided
-        if b is not None:
-            y = y + b
-        outs.append(y.view(*x.shape[:-1], w.shape[0]))
-    return outs
+    transposed operand of the fp32 case is made once; in bf16 the weights are packed together and
+    run as one matmul."""
+    if torch.is_grad_enabled() or x.device.type != "cpu" or x.dim() == 0:
+        return [F.linear(x, w, b) for w, b in zip(weights, biases or (None,) * len(weights))]
+    d = x.shape[-1]
+    n = x.numel() // d
+    dt = x.dtype
+    packed = None
+    if dt == torch.bfloat16 and n == 1 and _FP16_GEMV and _all_dtype(weights, dt):
+        packed = derived(weights, "fp16", _fp16_pack)       # None where fp16 cannot hold the weights
+    if packed is not None:
+        y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(1, d).float(), packed).to(dt)   # (1, sum of outs)
+        outs = (y,) if len(weights) == 1 else y.split([w.shape[0] for w in weights], dim=-1)
+    elif dt == torch.bfloat16 and 0 < n <= PACKED_MAX_ROWS and _ONEDNN and _all_dtype(weights, dt):
+        y = torch.ops.mkldnn._linear_pointwise(x.view(n, d) if x.is_contiguous() else x.reshape(n, d),
+                                               derived(weights, "onednn", _onednn_pack), None, "none", [], "")
+        outs = (y,) if len(weights) == 1 else y.split([w.shape[0] for w in weights], dim=-1)   # (n, out) each
+    elif dt == torch.float32 and 0 < n <= 8 and _all_dtype(weights, dt):
+        x2 = x if x.dim() == 2 else x.reshape(n, d)
+        # one row: passed twice, (2, in) contiguous, and column 0 of the (out, 2) product is the answer;
+        # more rows: contiguous rows (x2^T a transposed view) are MKL's fast case, a row-major x2^T is not
+        xt = (torch.cat([x2, x2]) if n == 1 else x2.contiguous()).t()
+        outs = [torch.mm(w, xt) for w in weights]
+        outs = [y.select(1, 0) for y in outs] if n == 1 else [y.t() for y in outs]   # (out,) or (n, out), strided
+    else:
+        return [F.linear(x, w, b) for w, b in zip(weights, biases or (None,) * len(weights))]
+    lead = x.shape[:-1]
+    if biases is None or all(b is None for b in biases):
+        return [y.view(*lead, w.shape[0]) for y, w in zip(outs, weights)]
+    return [(y if b is None else y + b).view(*lead, w.shape[0]) for y, w, b in zip(outs, weights, biases)]
+
+
+def _all_dtype(weights: tuple[torch.Tensor, ...], dtype: torch.dtype) -> bool:
+    for w in weights:
+        if w.dtype != dtype:
+            return False
+    return True
 
 
 def swiglu(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> torch.Tensor:

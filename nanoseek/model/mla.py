@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.model.config import ModelConfig
-from nanoseek.model.layers import RMSNorm, apply_rope, linear, linears
+from nanoseek.model.layers import RMSNorm, apply_rope, derived, linear, linears
 
 
 class LatentCache(Protocol):
@@ -27,6 +27,7 @@ class LatentCache(Protocol):
 
     `update` stores this step's latent (B, T, kv_lora_rank) and rotated rope key (B, T, rope)
     for `layer` and returns everything cached so far for those rows: (B, S, kv_lora_rank), (B, S, rope).
+    A cache may also have a `dtype` wider than the model's: attention then computes in it.
     """
 
     def update(self, layer: int, kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -159,13 +160,21 @@ class MLA(nn.Module):
         else:
             # inference: the shared rope key rides along as head H+1, one rotation instead of two
             # (a decode step is bound by the number of small ops, not by their size)
-            pe = apply_rope(torch.cat([q_pe, k_pe[:, :, None]], dim=2), cos, sin)   # (B, T, H+1, rope)
+            pe = torch.cat([q_pe, k_pe[:, :, None]], dim=2)               # (B, T, H+1, rope)
+            # A cache wider than the weights (the engine's fp32 latents for bf16 weights on CPU) keeps
+            # the rotation and the absorbed attention in its dtype (see `_absorbed`).
+            wide = getattr(cache, "dtype", x.dtype)
+            pe = apply_rope(pe if wide == x.dtype else pe.to(wide), cos, sin)
             q_pe, k_pe = pe[:, :, :H], pe[:, :, H]
             kv, k_pe = cache.update(layer, kv, k_pe)                      # (B, S, kv_lora), (B, S, rope)
             if absorb is None:
                 absorb = self.absorb_is_cheaper(T)
+            if not absorb and kv.dtype != x.dtype:                        # the clear path: the weights' dtype
+                q_pe, kv, k_pe = q_pe.to(x.dtype), kv.to(x.dtype), k_pe.to(x.dtype)
         if absorb:
             o = self._absorbed(q_nope, q_pe, kv, k_pe, mask)
+            if o.dtype != x.dtype:
+                o = o.to(x.dtype)
         else:
             o = self._clear(q_nope, q_pe, kv, k_pe, mask)
         return linear(o.flatten(2), self.wo.weight, self.wo.bias)         # (B, T, dim)
@@ -194,10 +203,20 @@ class MLA(nn.Module):
         return o.transpose(1, 2)[..., : self.v_dim]                       # (B, T, H, v)
 
     def _absorbed(self, q_nope, q_pe, kv, k_pe, mask):
+        """Attention on the latents. The cache's dtype is the compute dtype: with fp32 latents for bf16
+        weights, fp32 copies of W_UK / W_UV and the bf16 q_nope widened exactly. On CPU that is the
+        faster way (bf16 bmm goes through oneDNN at ~20 us a call whatever its size, fp32 bmm through
+        MKL at ~6 us) and the more exact one (nothing is rounded to bf16 between the matmuls)."""
         B, T, H, _ = q_nope.shape
         S, c = kv.shape[1], self.kv_lora_rank
-        wkv_b = self.wkv_b.weight.view(H, self.nope + self.v_dim, c)
-        w_uk, w_uv = wkv_b[:, : self.nope], wkv_b[:, self.nope:]          # (H, nope, c), (H, v, c)
+        if torch.is_grad_enabled():
+            wkv_b = self.wkv_b.weight.view(H, self.nope + self.v_dim, c)
+            w_uk, w_uv_t = wkv_b[:, : self.nope], wkv_b[:, self.nope:].transpose(1, 2)   # (H, nope, c), (H, c, v)
+        else:   # decoding: bmm copies a strided operand on every call, so keep contiguous copies
+            w_uk, w_uv_t = derived((self.wkv_b.weight,), f"absorbed-{kv.dtype}",
+                                   lambda w: self._split_wkv_b(w, kv.dtype))
+        if q_nope.dtype != kv.dtype:
+            q_nope, q_pe = q_nope.to(kv.dtype), q_pe.to(kv.dtype)
         # per-head matmuls as bmm over heads (einsum would add its own permutes and parsing per call);
         # rows of the score matrix are (head, position) pairs, H*T per sequence
         if T == 1:   # a decode step: every reshape below is a view
@@ -217,13 +236,19 @@ class MLA(nn.Module):
             mask = torch.ones(T, S, dtype=torch.bool, device=kv.device).tril(S - T)[None]
         if mask is not None:
             scores = scores.float().view(B, H, T, S).masked_fill(~mask[:, None], float("-inf")).view(B, H * T, S)
-        p = scores.softmax(dim=-1, dtype=torch.float32)                   # (B, H*T, S)
-        if p.dtype != kv.dtype:
-            p = p.to(kv.dtype)
+        if scores.dtype == kv.dtype and kv.device.type == "cpu":
+            p = scores.softmax(dim=-1)    # CPU's bf16 softmax computes in fp32 and rounds once: one op less
+        else:
+            p = scores.softmax(dim=-1, dtype=torch.float32).to(kv.dtype)  # (B, H*T, S)
         o_lat = torch.bmm(p, kv)                                          # (B, H*T, c)
         if T == 1:
-            o = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2))    # (H, B, v)
+            o = torch.bmm(o_lat.transpose(0, 1), w_uv_t)                  # (H, B, v)
             return o.transpose(0, 1).unsqueeze(1)                         # (B, 1, H, v)
         o_lat = o_lat.view(B, H, T, c).transpose(0, 1).reshape(H, B * T, c)   # (H, B*T, c)
-        o = torch.bmm(o_lat, w_uv.transpose(1, 2))                        # (H, B*T, v)
+        o = torch.bmm(o_lat, w_uv_t)                                      # (H, B*T, v)
         return o.view(H, B, T, self.v_dim).permute(1, 2, 0, 3)            # (B, T, H, v)
+
+    def _split_wkv_b(self, w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """wkv_b (H*(nope+v), c) -> contiguous W_UK (H, nope, c) and W_UV^T (H, c, v) in `dtype`."""
+        wkv_b = w.view(self.n_heads, self.nope + self.v_dim, self.kv_lora_rank).to(dtype)
+        return wkv_b[:, : self.nope].contiguous(), wkv_b[:, self.nope:].transpose(1, 2).contiguous()
