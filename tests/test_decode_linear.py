@@ -109,6 +109,26 @@ def test_derived_entries_die_with_their_weights():
             assert not any(k[1] == ptr for k in layers._DERIVED if k[0] == "onednn" and len(k) == 4)
 
 
+def test_derived_copies_stop_at_their_byte_budget(monkeypatch):
+    """Past DERIVED_MAX_BYTES no copy is made: the linear and the absorbed attention take their plain
+    paths, with the same results; freed weights give their bytes back."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 32).bfloat16()
+    w = torch.randn(64, 32).bfloat16()
+    monkeypatch.setattr(layers, "DERIVED_MAX_BYTES", layers._derived_bytes + w.numel() * 2 - 1)
+    with torch.no_grad():
+        n = len(layers._DERIVED)
+        torch.testing.assert_close(layers.linear(x, w), F.linear(x, w))
+        assert len(layers._DERIVED) == n
+        monkeypatch.setattr(layers, "DERIVED_MAX_BYTES", layers._derived_bytes + w.numel() * 2)
+        torch.testing.assert_close(layers.linear(x, w), F.linear(x, w), atol=0.05, rtol=0.02)
+        assert len(layers._DERIVED) == n + 1
+        used = layers._derived_bytes
+        del w
+        gc.collect()
+        assert layers._derived_bytes == used - 64 * 32 * 2 and len(layers._DERIVED) == n
+
+
 def test_fallback_without_onednn(monkeypatch):
     monkeypatch.setattr(layers, "_ONEDNN", False)
     x, w = torch.randn(2, 16).bfloat16(), torch.randn(8, 16).bfloat16()
@@ -129,7 +149,10 @@ def small_model(dtype):
 
 @pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                (torch.bfloat16, torch.float32)])
-def test_cached_decode_matches_full_forward_and_follows_weight_updates(dtype, cache_dtype):
+@pytest.mark.parametrize("copies", ["derived", "no budget for copies"])
+def test_cached_decode_matches_full_forward_and_follows_weight_updates(dtype, cache_dtype, copies, monkeypatch):
+    if copies != "derived":
+        monkeypatch.setattr(layers, "DERIVED_MAX_BYTES", 0)       # every fast path on its plain fallback
     m = small_model(dtype)
     ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(1))
     tol = 1e-4 if dtype == torch.float32 else 0.08     # bf16: one rounding per op, in another order

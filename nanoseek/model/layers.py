@@ -123,14 +123,20 @@ def rope_cis(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 # plus a fixed cost per matmul call, and both depend on how the library is called (see `linear`).
 _DERIVED: dict[tuple, tuple] = {}
 _T = TypeVar("_T")
+# The copies `derived` keeps are about as large as the weights they come from (an fp32 copy of bf16
+# weights twice). Past this many bytes of them no new copy is made and the callers take their plain
+# paths: a model that fills the machine's memory is never doubled by its decode caches.
+DERIVED_MAX_BYTES = 4 << 30
+_derived_bytes = 0
 
 
-def derived(weights: tuple[torch.Tensor, ...], tag: str, make: Callable[..., _T]) -> _T:
+def derived(weights: tuple[torch.Tensor, ...], tag: str, make: Callable[..., _T]) -> _T | None:
     """`make(*weights)` (a repacked, concatenated or transposed copy) computed once and reused while
     the weights stay the same. An entry is keyed by the weights' addresses and layouts and checked
     against their base tensors (weakrefs: a new tensor at a freed address never matches) and versions
     (an in-place update such as an optimizer step makes a fresh copy). Entries go when a base is freed.
-    Inference only: nothing here is differentiable."""
+    None when a new copy would pass DERIVED_MAX_BYTES. Inference only: nothing here is differentiable."""
+    global _derived_bytes
     if len(weights) == 1:
         w = weights[0]
         key = (tag, w.data_ptr(), w.shape, w.stride())
@@ -138,21 +144,28 @@ def derived(weights: tuple[torch.Tensor, ...], tag: str, make: Callable[..., _T]
         key = (tag, *[(w.data_ptr(), w.shape, w.stride()) for w in weights])
     hit = _DERIVED.get(key)
     if hit is not None:
-        refs, versions, value = hit
+        refs, versions, value, nbytes = hit
         for r, v, w in zip(refs, versions, weights):
             if r() is not (w if w._base is None else w._base) or w._version != v:
                 break
         else:
             return value
+        del _DERIVED[key]
+        _derived_bytes -= nbytes
+    nbytes = sum(w.numel() * w.element_size() for w in weights)
+    if _derived_bytes + nbytes > DERIVED_MAX_BYTES:
+        return None
     value = make(*weights)
     _DERIVED[key] = (tuple(weakref.ref(w if w._base is None else w._base, _drop_derived) for w in weights),
-                     tuple(w._version for w in weights), value)
+                     tuple(w._version for w in weights), value, nbytes)
+    _derived_bytes += nbytes
     return value
 
 
 def _drop_derived(ref: weakref.ref) -> None:
+    global _derived_bytes
     for k in [k for k, hit in _DERIVED.items() if any(r is ref for r in hit[0])]:
-        del _DERIVED[k]
+        _derived_bytes -= _DERIVED.pop(k)[3]
 
 
 def _onednn_pack(*weights: torch.Tensor) -> torch.Tensor:
@@ -215,9 +228,10 @@ def linears(x: torch.Tensor, weights: tuple[torch.Tensor, ...], biases: tuple | 
     if packed is not None:
         y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(1, d).float(), packed).to(dt)   # (1, sum of outs)
         outs = (y,) if len(weights) == 1 else y.split([w.shape[0] for w in weights], dim=-1)
-    elif dt == torch.bfloat16 and 0 < n <= PACKED_MAX_ROWS and _ONEDNN and _all_dtype(weights, dt):
+    elif (dt == torch.bfloat16 and 0 < n <= PACKED_MAX_ROWS and _ONEDNN and _all_dtype(weights, dt)
+          and (onednn := derived(weights, "onednn", _onednn_pack)) is not None):
         y = torch.ops.mkldnn._linear_pointwise(x.view(n, d) if x.is_contiguous() else x.reshape(n, d),
-                                               derived(weights, "onednn", _onednn_pack), None, "none", [], "")
+                                               onednn, None, "none", [], "")
         outs = (y,) if len(weights) == 1 else y.split([w.shape[0] for w in weights], dim=-1)   # (n, out) each
     elif dt == torch.float32 and 0 < n <= 8 and _all_dtype(weights, dt):
         x2 = x if x.dim() == 2 else x.reshape(n, d)

@@ -209,12 +209,13 @@ class MLA(nn.Module):
         MKL at ~6 us) and the more exact one (nothing is rounded to bf16 between the matmuls)."""
         B, T, H, _ = q_nope.shape
         S, c = kv.shape[1], self.kv_lora_rank
-        if torch.is_grad_enabled():
-            wkv_b = self.wkv_b.weight.view(H, self.nope + self.v_dim, c)
-            w_uk, w_uv_t = wkv_b[:, : self.nope], wkv_b[:, self.nope:].transpose(1, 2)   # (H, nope, c), (H, c, v)
-        else:   # decoding: bmm copies a strided operand on every call, so keep contiguous copies
-            w_uk, w_uv_t = derived((self.wkv_b.weight,), f"absorbed-{kv.dtype}",
-                                   lambda w: self._split_wkv_b(w, kv.dtype))
+        # decoding: bmm copies a strided operand on every call, so keep contiguous copies
+        split = None if torch.is_grad_enabled() else derived(
+            (self.wkv_b.weight,), f"absorbed-{kv.dtype}", lambda w: self._split_wkv_b(w, kv.dtype))
+        if split is None:
+            wkv_b = self.wkv_b.weight.view(H, self.nope + self.v_dim, c).to(kv.dtype)
+            split = wkv_b[:, : self.nope], wkv_b[:, self.nope:].transpose(1, 2)   # (H, nope, c), (H, c, v)
+        w_uk, w_uv_t = split
         if q_nope.dtype != kv.dtype:
             q_nope, q_pe = q_nope.to(kv.dtype), q_pe.to(kv.dtype)
         # per-head matmuls as bmm over heads (einsum would add its own permutes and parsing per call);
