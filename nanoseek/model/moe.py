@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.model.config import ModelConfig
-from nanoseek.model.layers import MLP, swiglu
+from nanoseek.model.layers import MLP, linear, linears, swiglu
 
 
 @dataclass
@@ -126,8 +126,7 @@ class Experts(nn.Module):
         E, inter, dim = self.w1.shape
         N = x.shape[0]
         g = torch.zeros(N, E, dtype=x.dtype, device=x.device).scatter(1, r.indices, r.weights.to(x.dtype))
-        a = F.linear(x, self.w1.view(E * inter, dim)).view(N, E, inter)
-        b = F.linear(x, self.w3.view(E * inter, dim)).view(N, E, inter)
+        a, b = (y.view(N, E, inter) for y in linears(x, (self.w1.view(E * inter, dim), self.w3.view(E * inter, dim))))
         h = F.silu(a) * (b * g[:, :, None])                               # (N, E, inter), zero off the chosen
         return torch.bmm(h.transpose(0, 1), self.w2.transpose(1, 2)).sum(0)   # (E, N, dim) -> (N, dim)
 
@@ -145,8 +144,12 @@ class Experts(nn.Module):
         # split (not slicing in a loop): its backward is one cat instead of a zero-fill per expert.
         # The gate weight scales the inter-wide hidden before w2 (linear, so the same sum), not the
         # dim-wide output: fewer elements to multiply, and to reduce for the gate's gradient.
-        outs = [F.linear(F.silu(F.linear(chunk, w1[e])) * (F.linear(chunk, w3[e]) * g), w2[e])
-                for e, (chunk, g) in enumerate(zip(xs.split(counts), gw.split(counts))) if counts[e]]
+        # (layers.linear(s): F.linear under autograd; packed weights when decoding a batch)
+        outs = []
+        for e, (chunk, g) in enumerate(zip(xs.split(counts), gw.split(counts))):
+            if counts[e]:
+                a, b = linears(chunk, (w1[e], w3[e]))
+                outs.append(linear(F.silu(a) * (b * g), w2[e]))
         return torch.zeros_like(x).index_add_(0, token, torch.cat(outs).to(x.dtype))   # bf16 under autocast
 
     def forward_reference(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
