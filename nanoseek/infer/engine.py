@@ -39,6 +39,7 @@ import torch
 
 from nanoseek.infer import sampling as smp
 from nanoseek.infer.kv_cache import PagedCache
+from nanoseek.infer.one_row import OneRowDecoder
 
 
 @dataclass
@@ -270,12 +271,14 @@ class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch: int = 32, max_seq_len: int | None = None,
                  block_size: int = 16, num_blocks: int | None = None, speculative: bool = False,
                  device=None, dtype=None, max_prefill_tokens: int = 2048, cache_bytes: int = 1 << 30,
-                 cache_dtype: torch.dtype | None = None):
+                 cache_dtype: torch.dtype | None = None, one_row: bool = True):
         """model: a nanoseek Transformer (moved to device/dtype when given). num_blocks defaults to room
         for max_batch sequences of max_seq_len, capped at `cache_bytes`, never below one full sequence.
         cache_dtype: the latents' dtype, which decode attention computes in. Default: the model's, except
         fp32 for a 16-bit model on CPU, where fp32 attention is both faster (MKL against oneDNN's fixed
-        cost per bf16 bmm: small preset, bf16, one thread, batch 1: 11.6 -> 10.7 ms a step) and rounds less."""
+        cost per bf16 bmm: small preset, bf16, one thread, batch 1: 11.6 -> 10.7 ms a step) and rounds less.
+        one_row: a step that decodes a single row on CPU runs `OneRowDecoder` (the same math in about half
+        the ops) where it supports the model; False always runs the model's forward."""
         if device is not None or dtype is not None:
             model.to(device=device, dtype=dtype)
         param = next(model.parameters())
@@ -288,6 +291,7 @@ class Engine:
         if speculative and cfg.num_nextn_predict_layers < 1:
             raise ValueError("speculative=True needs a model with an MTP module (num_nextn_predict_layers >= 1)")
         self.speculative = speculative
+        self.one_row = OneRowDecoder(model) if one_row and OneRowDecoder.supports(model, cache_dtype) else None
         self.max_batch = max_batch
         self.max_seq_len = int(max_seq_len or cfg.max_position_embeddings)
         self.max_prefill_tokens = max(max_prefill_tokens, 1)
@@ -632,7 +636,9 @@ class Engine:
         positions, mask = self._bind(rows, [1] * len(rows), 1)
         if len({s.cached for s in rows}) == 1:
             mask = None     # every row sees all S cached positions: no masking op in any layer
-        logits = self.model(ids, cache=self.cache, positions=positions, mask=mask, absorb=True)[:, 0]
+        logits = None if self.one_row is None or len(rows) > 1 else self.one_row.step(rows[0].tokens[-1], positions, self.cache)
+        if logits is None:
+            logits = self.model(ids, cache=self.cache, positions=positions, mask=mask, absorb=True)[:, 0]
         tokens, lps, tops = self._sample(rows, logits)
         self.stats["steps"] += 1
         for s, t, lp, top in zip(rows, tokens, lps, tops):

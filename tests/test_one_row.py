@@ -1,0 +1,93 @@
+"""The engine's one-row decode step (infer/one_row.py) against the model's own full forward."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanoseek.infer import Engine, SamplingParams
+from nanoseek.infer.one_row import OneRowDecoder
+from nanoseek.model import ModelConfig, Transformer
+from nanoseek.model import layers
+
+BASE = dict(vocab_size=96, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=3,
+            num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+            v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, n_group=2, topk_group=1,
+            first_k_dense_replace=1, n_shared_experts=1)
+CONFIGS = {
+    "v3": {},
+    "no q_lora, yarn, no shared expert": dict(q_lora_rank=None, n_shared_experts=0, rope_scaling={
+        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32, "beta_slow": 1,
+        "mscale": 1.0, "mscale_all_dim": 1.0}),
+    "v2 softmax": dict(model_type="deepseek_v2", scoring_func="softmax", topk_method="group_limited_greedy",
+                       norm_topk_prob=False, routed_scaling_factor=1.0),
+}
+
+
+def model_for(name: str, dtype=torch.float32) -> Transformer:
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(**{**BASE, **CONFIGS[name]}))
+    m.init_weights(0.1)
+    if m.layers[1].ffn.gate.bias is not None:
+        m.layers[1].ffn.gate.bias.normal_(0, 0.1)
+    return m.eval().to(dtype)
+
+
+def greedy_with_logprobs(m, prompt, n, one_row=True):
+    eng = Engine(m, max_batch=2, max_seq_len=64, one_row=one_row)
+    calls = []
+    if eng.one_row is not None:
+        step = eng.one_row.step
+        eng.one_row.step = lambda *a: calls.append(1) or step(*a)
+    c = eng.generate([prompt], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=0))[0]
+    return c.token_ids, torch.tensor(c.logprobs), len(calls)
+
+
+def full_forward_logprobs(m, prompt, tokens):
+    with torch.no_grad():
+        logits = m(torch.tensor([prompt + tokens]))[0].float()                     # (L, V)
+    lp = F.log_softmax(logits[len(prompt) - 1:-1], dim=-1)                          # predicts tokens
+    return lp, lp.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_one_row_decode_equals_the_full_forward(name):
+    m = model_for(name)
+    prompt = [3, 17, 5, 42, 8, 9, 11]
+    tokens, lps, calls = greedy_with_logprobs(m, prompt, 20)
+    assert calls == 19                          # every decode step after the prefill's token took this path
+    full, ref = full_forward_logprobs(m, prompt, tokens)
+    assert tokens == full.argmax(-1).tolist()
+    assert (lps - ref).abs().max() < 1e-4
+    # and it follows an in-place weight update (an optimizer step): its packed copies are rebuilt
+    with torch.no_grad():
+        for p in m.parameters():
+            p.mul_(1.3)
+    tokens2, lps2, _ = greedy_with_logprobs(m, prompt, 20)
+    full2, ref2 = full_forward_logprobs(m, prompt, tokens2)
+    assert tokens2 == full2.argmax(-1).tolist() and (lps2 - ref2).abs().max() < 1e-4
+    assert tokens2 != tokens or (lps2 - lps).abs().max() > 1e-3
+
+
+@pytest.mark.skipif(not layers._FP16_GEMV, reason="torch built without FBGEMM's fp16 GEMV")
+def test_one_row_decode_of_bf16_weights():
+    """bf16 weights, fp32 activations (the model path rounds to bf16 between ops): against the fp32 full
+    forward of the same bf16 weights it is at least as close as the model's own bf16 path."""
+    m = model_for("v3", torch.bfloat16)
+    ref_model = model_for("v3", torch.bfloat16).float()
+    prompt = [3, 17, 5, 42, 8, 9, 11]
+    tokens, lps, calls = greedy_with_logprobs(m, prompt, 16)
+    tokens_m, lps_m, calls_m = greedy_with_logprobs(m, prompt, 16, one_row=False)
+    assert calls == 15 and calls_m == 0
+    _, ref = full_forward_logprobs(ref_model, prompt, tokens)
+    _, ref_m = full_forward_logprobs(ref_model, prompt, tokens_m)
+    err, err_m = (lps - ref).abs().max().item(), (lps_m - ref_m).abs().max().item()
+    assert err < 0.05 and err <= err_m + 1e-3       # (the prefill ran the model path: bf16 latents)
+
+
+def test_one_row_support_rules():
+    m = model_for("v3")
+    assert OneRowDecoder.supports(m, torch.float32)
+    assert not OneRowDecoder.supports(m, torch.bfloat16)             # attention computes in the cache's dtype
+    assert Engine(m, max_batch=2, max_seq_len=32, one_row=False).one_row is None
+    biased = Transformer(ModelConfig(**{**BASE, "attention_bias": True}))
+    assert not OneRowDecoder.supports(biased, torch.float32)
