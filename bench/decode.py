@@ -7,8 +7,8 @@ A random-init model is saved with save_pretrained and loaded by both sides (tran
 DeepseekV3ForCausalLM via from_pretrained). For each batch size it reports prefill and decode
 tokens/s and the ratio, and how far the two agree: identical greedy sequences and common prefixes
 (in bf16 these part at the first near-tie that the two roundings decide differently), and top-1
-agreement on one fixed sequence (teacher-forced), with transformers' own decode-vs-full-forward
-agreement as the floor. Decode speed is (B * (new - 1)) / (time(new tokens) - time(1 token)), so the
+agreement on one fixed sequence (teacher-forced) with the fp32 forward of the same weights, for
+both sides' decode paths. Decode speed is (B * (new - 1)) / (time(new tokens) - time(1 token)), so the
 prefill is taken out. Each figure is the best of --repeats runs, the two sides alternating so that
 machine noise hits both alike.
 
@@ -23,6 +23,7 @@ with more runnable threads than cores every op can stall for a scheduler tick (r
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import tempfile
 import time
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from nanoseek.common import pick_device, pick_dtype
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.infer.kv_cache import ContiguousCache, latent_bytes_per_token, mha_bytes_per_token
+from nanoseek.infer.one_row import OneRowDecoder
 from nanoseek.model import Transformer, preset
 
 
@@ -83,21 +85,29 @@ def same_prefix(a: list[list[int]], b: list[list[int]]) -> tuple[int, int, float
     return sum(x == y for x, y in zip(a, b)), min(common), sum(common) / len(common)
 
 
-def teacher_forced_agreement(ours: Transformer, hf, prompts: torch.Tensor, hf_tokens: list[list[int]],
+def teacher_forced_agreement(ours: Transformer, exact, prompts: torch.Tensor, hf_tokens: list[list[int]],
                              cache_dtype: torch.dtype) -> tuple[float, float]:
     """Greedy sequences part at the first near-tie that rounding decides differently, and in bf16 that
     comes early, so compare next-token choices on one fixed sequence instead: prompt + transformers'
-    greedy tokens. Reference: transformers' full forward over it (argmax at each generated position).
-    Returns the share of positions where (nanoseek's decode path, one cached step at a time, the
-    engine's cache dtype) and (transformers' own generate, i.e. its decode path) pick the reference token."""
+    greedy tokens. Reference: `exact`, the fp32 full forward of the same weights (transformers' model
+    upcast), argmax at each generated position: the choice the weights make without rounding.
+    Returns the share of positions where (nanoseek's decode path at this batch size, one cached step at
+    a time, the engine's cache dtype) and (transformers' own generate) pick the reference token."""
     B, P = prompts.shape
     seq = torch.cat([prompts, torch.tensor(hf_tokens, device=prompts.device)], dim=1)     # (B, P + N)
     N = seq.shape[1] - P
     with torch.inference_mode():
-        ref = hf(seq).logits[:, P - 1:-1].float().argmax(-1)                            # (B, N)
+        ref = exact(seq).logits[:, P - 1:-1].float().argmax(-1)                         # (B, N)
         cache = ContiguousCache(ours.config, B, seq.shape[1], dtype=cache_dtype, device=prompts.device)
         steps = [ours(seq[:, :P], cache=cache, absorb=False)[:, -1]]                    # prefill, as the engine
-        steps += [ours(seq[:, t:t + 1], cache=cache, absorb=True)[:, 0] for t in range(P, P + N - 1)]
+        one_row = OneRowDecoder(ours) if B == 1 and OneRowDecoder.supports(ours, cache_dtype) else None
+        if one_row is not None:
+            one_row.patience = 0            # pack at once (the engine waits for the weights to hold still)
+        for t in range(P, P + N - 1):       # the decode path the engine takes at this batch size
+            if one_row is not None:
+                steps.append(one_row.step(int(seq[0, t]), cache.prepare(1)[0], cache))
+            else:
+                steps.append(ours(seq[:, t:t + 1], cache=cache, absorb=True)[:, 0])
         mine = torch.stack(steps, 1).float().argmax(-1)                                  # (B, N)
     return (mine == ref).float().mean().item(), (seq[:, P:] == ref).float().mean().item()
 
@@ -197,9 +207,11 @@ def main() -> None:
             same, prefix, mean = same_prefix(best[name][2], ref)
             print(f"      greedy tokens ({name} vs transformers): {same}/{B} sequences identical; common prefix "
                   f"shortest {prefix}, mean {mean:.1f} of {args.new}")
-        ours_top1, hf_top1 = teacher_forced_agreement(ours, hf, prompts.to(device), ref, engines[False].cache_dtype)
-        print(f"      teacher-forced on transformers' tokens, top-1 agreement with transformers' full forward: "
-              f"nanoseek decode steps {ours_top1:.1%}, transformers' own generate {hf_top1:.1%} (its rounding floor)")
+        exact = hf if dtype == torch.float32 else copy.deepcopy(hf).float()
+        ours_top1, hf_top1 = teacher_forced_agreement(ours, exact, prompts.to(device), ref, engines[False].cache_dtype)
+        del exact
+        print(f"      teacher-forced on transformers' tokens, top-1 agreement with the fp32 forward of the same "
+              f"weights: nanoseek decode steps {ours_top1:.1%}, transformers' generate {hf_top1:.1%}")
         for name in [n for n in best if n != "transformers"]:
             pre = rows[(B, name)][0] / rows[(B, "transformers")][0]
             dec = rows[(B, name)][1] / rows[(B, "transformers")][1]

@@ -32,14 +32,20 @@ def model_for(name: str, dtype=torch.float32) -> Transformer:
     return m.eval().to(dtype)
 
 
-def greedy_with_logprobs(m, prompt, n, one_row=True):
+def greedy_with_logprobs(m, prompt, n, one_row=True, patience=0):
     eng = Engine(m, max_batch=2, max_seq_len=64, one_row=one_row)
     calls = []
     if eng.one_row is not None:
+        eng.one_row.patience = patience
         step = eng.one_row.step
-        eng.one_row.step = lambda *a: calls.append(1) or step(*a)
+
+        def counted(*a):
+            out = step(*a)
+            calls.append(out is not None)
+            return out
+        eng.one_row.step = counted
     c = eng.generate([prompt], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=0))[0]
-    return c.token_ids, torch.tensor(c.logprobs), len(calls)
+    return c.token_ids, torch.tensor(c.logprobs), sum(calls)
 
 
 def full_forward_logprobs(m, prompt, tokens):
@@ -82,6 +88,18 @@ def test_one_row_decode_of_bf16_weights():
     _, ref_m = full_forward_logprobs(ref_model, prompt, tokens_m)
     err, err_m = (lps - ref).abs().max().item(), (lps_m - ref_m).abs().max().item()
     assert err < 0.05 and err <= err_m + 1e-3       # (the prefill ran the model path: bf16 latents)
+
+
+def test_bf16_packs_wait_for_the_weights_to_hold_still():
+    """After a weight change the one-row path waits `patience` steps (the model's forward runs) before
+    it packs the new weights: an RL loop's short single-row tails never pay for a repack."""
+    m = model_for("v3", torch.bfloat16)
+    assert Engine(m, max_batch=2, max_seq_len=64).one_row.patience > 0
+    prompt = [3, 17, 5, 42, 8, 9, 11]
+    tokens, _, used = greedy_with_logprobs(m, prompt, 16, patience=10)
+    assert used == 15 - 10
+    tokens_m, _, _ = greedy_with_logprobs(m, prompt, 16, one_row=False)
+    assert tokens[:3] == tokens_m[:3]
 
 
 def test_one_row_support_rules():
