@@ -45,12 +45,14 @@ class BlockCausalAttention(torch.autograd.Function):
     """Causal attention on CPU (fp32 or bf16), faster than SDPA's fused CPU kernel for training.
 
     The fused kernel's backward runs at ~20% of the matmul peak here (3x its forward for 2x the FLOPs;
-    in bf16 it is slower than this in fp32); plain bmm runs near the peak, but one (B*H, T, T) score
+    in bf16 it is 2x slower than this path); plain bmm runs near the peak, but one (B*H, T, T) score
     tensor is far larger than the caches and costs a fresh allocation per op. So: blocks of `QBLOCK`
     query rows against only the keys they may see (skipping the masked upper triangle, ~45% of the
-    work at T=512), a few heads at a time so a score block stays ~1 MiB; the backward recomputes the
-    probabilities block by block (FlashAttention's recomputation) instead of keeping (T, T) per head.
-    q, k: (N, T, qk), v: (N, T, v), contiguous, one dtype.
+    work at T=512), a few heads at a time so a score block stays ~`BLOCK_BYTES`. The probability blocks
+    are kept for the backward while they total at most `KEEP_BYTES` (19 MB per layer for `small` at
+    8 x 512 in bf16): recomputing them costs a score matmul and a softmax per block, about a quarter
+    of the backward. Longer sequences recompute them block by block (FlashAttention's recomputation)
+    instead of keeping (T, T) per head. q, k: (N, T, qk), v: (N, T, v), contiguous, one dtype.
 
     bf16: the matmuls run in bf16 (fp32 accumulation) and round their outputs to bf16, as eager
     attention under autocast does; the softmax reads the bf16 scores and normalises in fp32 inside the
@@ -59,14 +61,16 @@ class BlockCausalAttention(torch.autograd.Function):
     """
 
     QBLOCK = 64
-    BLOCK_FLOATS = 2**18          # score elements per block: heads per block = this // (QBLOCK * T)
+    BLOCK_BYTES = 2**20           # bytes per score block: heads per block = this // (QBLOCK * T * itemsize)
+    KEEP_BYTES = 2**26            # keep the probabilities for the backward up to this many bytes per call
 
     @staticmethod
-    def _blocks(N: int, T: int):
-        heads = max(1, BlockCausalAttention.BLOCK_FLOATS // (BlockCausalAttention.QBLOCK * T))
+    def _blocks(N: int, T: int, itemsize: int):
+        b = BlockCausalAttention.QBLOCK
+        heads = max(1, BlockCausalAttention.BLOCK_BYTES // (b * T * itemsize))
         for n0 in range(0, N, heads):
-            for t0 in range(0, T, BlockCausalAttention.QBLOCK):
-                yield slice(n0, n0 + heads), t0, min(t0 + BlockCausalAttention.QBLOCK, T)
+            for t0 in range(0, T, b):
+                yield slice(n0, n0 + heads), t0, min(t0 + b, T)
 
     @staticmethod
     def _mask(q: torch.Tensor) -> torch.Tensor:
@@ -85,9 +89,15 @@ class BlockCausalAttention(torch.autograd.Function):
         qs = q * scale                                                    # (N, T, qk)
         o = q.new_empty(N, T, v.shape[-1])                                # (N, T, v)
         mask = BlockCausalAttention._mask(q)
-        for n, t0, t1 in BlockCausalAttention._blocks(N, T):
+        b = BlockCausalAttention.QBLOCK
+        m = -(-T // b)
+        keep_bytes = N * q.element_size() * b * b * m * (m + 1) // 2      # all probability blocks
+        ctx.probs = [] if keep_bytes <= BlockCausalAttention.KEEP_BYTES else None
+        for n, t0, t1 in BlockCausalAttention._blocks(N, T, q.element_size()):
             p = BlockCausalAttention._probs(qs[n, t0:t1], k[n, :t1], t0, t1, mask)
             torch.bmm(p, v[n, :t1], out=o[n, t0:t1])
+            if ctx.probs is not None:
+                ctx.probs.append(p)
         ctx.save_for_backward(qs, k, v, o)
         ctx.scale = scale
         return o
@@ -95,15 +105,16 @@ class BlockCausalAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         qs, k, v, o = ctx.saved_tensors
+        probs, ctx.probs = ctx.probs, None
         N, T, _ = qs.shape
         do = do.contiguous()
         dq, dk, dv = torch.empty_like(qs), torch.zeros_like(k), torch.zeros_like(v)
         acc = torch.promote_types(do.dtype, torch.float32)               # summed in fp32 (fp64 stays fp64)
         delta = (do.to(acc) * o.to(acc)).sum(-1, keepdim=True).to(do.dtype)   # (N, T, 1): rowsum(dP * P)
         mask = BlockCausalAttention._mask(qs)
-        for n, t0, t1 in BlockCausalAttention._blocks(N, T):
+        for i, (n, t0, t1) in enumerate(BlockCausalAttention._blocks(N, T, qs.element_size())):
             qb, kb, vb, dob = qs[n, t0:t1], k[n, :t1], v[n, :t1], do[n, t0:t1]
-            p = BlockCausalAttention._probs(qb, kb, t0, t1, mask)         # (n, tq, t1)
+            p = probs[i] if probs is not None else BlockCausalAttention._probs(qb, kb, t0, t1, mask)  # (n, tq, t1)
             dv[n, :t1].baddbmm_(p.transpose(1, 2), dob)                   # dV += P^T dO
             ds = torch.bmm(dob, vb.transpose(1, 2))                       # dP = dO V^T
             ds = ds.sub_(delta[n, t0:t1]).mul_(p)                         # dS = P (dP - delta) (w.r.t. scaled scores)
