@@ -197,11 +197,16 @@ class MLA(nn.Module):
         S = kv.shape[1]
         kv = self.wkv_b(kv).view(B, S, H, self.nope + self.v_dim)         # (B, S, H, nope+v)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
-        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, S, H, self.rope)], dim=-1)  # (B, S, H, qk)
-        q = torch.cat([q_nope, q_pe], dim=-1)                             # (B, T, H, qk)
+        # heads first: one cat writes each of q and k in the layout attention reads (a cat and then
+        # a transposed copy made every element twice)
+        k = torch.cat([k_nope.transpose(1, 2), k_pe[:, None].expand(B, H, S, self.rope)], dim=-1)  # (B, H, S, qk)
+        q = torch.cat([q_nope.transpose(1, 2), q_pe.transpose(1, 2)], dim=-1)                       # (B, H, T, qk)
+        v = v.transpose(1, 2)                                             # (B, H, S, v)
         if (mask is None and S == T > 1 and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
                 and q.dtype == k.dtype == v.dtype):
-            return causal_attention(q, k, v, self.softmax_scale)          # (B, T, H, v)
+            o = BlockCausalAttention.apply(q.view(B * H, T, -1), k.view(B * H, S, -1),
+                                           v.reshape(B * H, S, self.v_dim), self.softmax_scale)   # (B*H, T, v)
+            return o.view(B, H, T, self.v_dim).transpose(1, 2)            # (B, T, H, v)
         # SDPA's fused (flash) kernels want one head dim for q, k and v: zero-pad the smaller side
         # (zeros change neither the scores nor the output; the explicit scale keeps qk_head_dim^-0.5).
         # On CPU this is 2-3x faster than the math fallback that unequal dims get.
@@ -209,7 +214,6 @@ class MLA(nn.Module):
             v = F.pad(v, (0, self.qk_dim - self.v_dim))
         elif self.v_dim > self.qk_dim:
             q, k = F.pad(q, (0, self.v_dim - self.qk_dim)), F.pad(k, (0, self.v_dim - self.qk_dim))
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, ·, D)
         if mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.softmax_scale)
         else:
