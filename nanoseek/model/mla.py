@@ -33,11 +33,10 @@ class LatentCache(Protocol):
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal softmax attention, q/k (B, T, H, qk), v (B, T, H, v) -> (B, T, H, v), as explicit matmuls
-    in cache-sized blocks (see `BlockCausalAttention`). Equals SDPA with is_causal=True."""
-    B, T, H, _ = q.shape
-    heads_first = [t.transpose(1, 2).reshape(B * H, T, t.shape[-1]) for t in (q, k, v)]  # (B*H, T, D)
-    o = BlockCausalAttention.apply(*heads_first, scale)                   # (B*H, T, v)
+    """Causal softmax attention, heads first: q/k (B, H, T, qk), v (B, H, T, v) -> (B, T, H, v), as
+    explicit matmuls in cache-sized blocks (see `BlockCausalAttention`). Equals SDPA with is_causal=True."""
+    B, H, T, _ = q.shape
+    o = BlockCausalAttention.apply(*(t.reshape(B * H, T, t.shape[-1]) for t in (q, k, v)), scale)  # (B*H, T, v)
     return o.view(B, H, T, -1).transpose(1, 2)                            # (B, T, H, v)
 
 
@@ -92,7 +91,7 @@ class BlockCausalAttention(torch.autograd.Function):
         b = BlockCausalAttention.QBLOCK
         m = -(-T // b)
         keep_bytes = N * q.element_size() * b * b * m * (m + 1) // 2      # all probability blocks
-        ctx.probs = [] if keep_bytes <= BlockCausalAttention.KEEP_BYTES else None
+        ctx.probs = [] if keep_bytes <= BlockCausalAttention.KEEP_BYTES and any(ctx.needs_input_grad) else None
         for n, t0, t1 in BlockCausalAttention._blocks(N, T, q.element_size()):
             p = BlockCausalAttention._probs(qs[n, t0:t1], k[n, :t1], t0, t1, mask)
             torch.bmm(p, v[n, :t1], out=o[n, t0:t1])
@@ -204,9 +203,7 @@ class MLA(nn.Module):
         v = v.transpose(1, 2)                                             # (B, H, S, v)
         if (mask is None and S == T > 1 and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
                 and q.dtype == k.dtype == v.dtype):
-            o = BlockCausalAttention.apply(q.view(B * H, T, -1), k.view(B * H, S, -1),
-                                           v.reshape(B * H, S, self.v_dim), self.softmax_scale)   # (B*H, T, v)
-            return o.view(B, H, T, self.v_dim).transpose(1, 2)            # (B, T, H, v)
+            return causal_attention(q, k, v, self.softmax_scale)          # (B, T, H, v)
         # SDPA's fused (flash) kernels want one head dim for q, k and v: zero-pad the smaller side
         # (zeros change neither the scores nor the output; the explicit scale keeps qk_head_dim^-0.5).
         # On CPU this is 2-3x faster than the math fallback that unequal dims get.
