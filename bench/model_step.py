@@ -20,6 +20,7 @@ import torch
 
 from nanoseek.common import pick_device
 from nanoseek.model import Transformer, count_parameters, preset
+from nanoseek.train.losses import cross_entropy
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: int = 10) -> float:
@@ -51,11 +52,16 @@ def flops_per_token(model: Transformer, T: int) -> float:
 
 
 def step_fn(model, ids, hf: bool, autocast):
+    """Forward + next-token loss + backward, each side with its own training loss: transformers'
+    `labels=` loss (fp32 log-softmax of the logits), nanoseek's `train.losses.cross_entropy` (fp32
+    arithmetic on the logits' row blocks). Both are the mean CE over the same B * (T-1) targets."""
     def run():
         model.zero_grad(set_to_none=True)
         with autocast():
-            logits = model(ids).logits if hf else model(ids)
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+            if hf:
+                loss = model(ids, labels=ids).loss                        # shifts the labels itself
+            else:
+                loss = cross_entropy(model(ids)[:, :-1], ids[:, 1:])
         loss.backward()
         return loss
     return run
@@ -89,12 +95,14 @@ def main() -> None:
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device)
     with torch.no_grad():
         diff = (ours(ids[:1, :64]) - theirs(ids[:1, :64]).logits).abs().max().item()
+        loss_diff = abs(cross_entropy(ours(ids[:2, :64])[:, :-1], ids[:2, 1:64]).item()
+                        - theirs(ids[:2, :64], labels=ids[:2, :64]).loss.item())
     fpt = flops_per_token(ours, args.seq)
     tokens = args.batch * args.seq
     print(f"{args.preset}: {count_parameters(ours)['total'] / 1e6:.1f}M params, "
           f"{count_parameters(ours)['active'] / 1e6:.1f}M active, batch {args.batch} x {args.seq}, "
           f"{fpt / 1e6:.0f} MFLOP/token (fwd+bwd), device {device}, threads {torch.get_num_threads()}, "
-          f"logit diff {diff:.1e}")
+          f"logit diff {diff:.1e}, loss diff {loss_diff:.1e}")
 
     results = {}
     for mode in args.modes.split(","):

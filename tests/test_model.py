@@ -72,27 +72,72 @@ def test_cache_rows_of_different_lengths():
         assert (out[1, -1] - m(b[None])[0, -1]).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("keep", [True, False])
 @pytest.mark.parametrize("T", [1, 37, 64, 200])
-def test_block_causal_attention_equals_sdpa(T):
-    # the CPU training path (explicit matmuls in blocks, recomputing backward) against SDPA, with gradients;
-    # T = 200 is not a multiple of the block and its heads split into unequal groups
+def test_block_causal_attention_equals_sdpa(T, keep, monkeypatch):
+    # the CPU training path (explicit matmuls in blocks; the backward reuses the forward's probabilities
+    # or recomputes them) against SDPA, with gradients; T = 200 is not a multiple of the block and its
+    # heads split into unequal groups
     torch.manual_seed(0)
     B, H, qk, vd = 2, 3, 24, 16
     q, k, v = (torch.randn(B, T, H, d, dtype=torch.float64, requires_grad=True) for d in (qk, qk, vd))
     dout = torch.randn(B, T, H, vd, dtype=torch.float64)
-    old = BlockCausalAttention.BLOCK_FLOATS
-    BlockCausalAttention.BLOCK_FLOATS = 2 * 64 * T            # two heads per block: 6 heads -> 3 groups
-    try:
-        ours = causal_attention(q, k, v, 0.3)
-        grads = torch.autograd.grad(ours, (q, k, v), dout)
-    finally:
-        BlockCausalAttention.BLOCK_FLOATS = old
+    monkeypatch.setattr(BlockCausalAttention, "BLOCK_BYTES", 2 * 64 * T * 8)   # two heads per block: 3 groups
+    monkeypatch.setattr(BlockCausalAttention, "KEEP_BYTES", 2**30 if keep else 0)
+    ours = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.3)
+    grads = torch.autograd.grad(ours, (q, k, v), dout)
     ref = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), F.pad(v, (0, qk - vd)).transpose(1, 2),
                                          is_causal=True, scale=0.3)[..., :vd].transpose(1, 2)
     ref_grads = torch.autograd.grad(ref, (q, k, v), dout)
     assert (ours - ref).abs().max() < 1e-10
     for g, r in zip(grads, ref_grads):
         assert (g - r).abs().max() < 1e-10
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_block_causal_attention_bf16_close_to_fp64(keep, monkeypatch):
+    # the bf16 path (bf16 matmuls and scores, softmax normalised in fp32) against an fp64 reference on
+    # the same bf16-rounded inputs: a few bf16 roundings off (SDPA's own bf16 kernel is ~2x closer, as
+    # it keeps fp32 scores), forward and all three gradients; T = 200 splits into uneven blocks
+    torch.manual_seed(0)
+    B, H, T, qk, vd = 2, 3, 200, 24, 16
+    q, k, v = (torch.randn(B, T, H, d).to(torch.bfloat16) for d in (qk, qk, vd))
+    dout = torch.randn(B, T, H, vd).to(torch.bfloat16)
+
+    def run(fn, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        o = fn(*leaves)
+        return (o, *torch.autograd.grad(o, leaves, dout.to(dtype)))
+
+    ref = run(lambda q, k, v: F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), F.pad(v, (0, qk - vd)).transpose(1, 2), is_causal=True,
+        scale=0.3)[..., :vd].transpose(1, 2), torch.float64)
+    monkeypatch.setattr(BlockCausalAttention, "BLOCK_BYTES", 2 * 64 * T * 2)   # two heads per block
+    monkeypatch.setattr(BlockCausalAttention, "KEEP_BYTES", 2**30 if keep else 0)
+    ours = run(lambda q, k, v: causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.3),
+               torch.bfloat16)
+    for a, r in zip(ours, ref):
+        assert a.dtype == torch.bfloat16
+        assert (a.double() - r).norm() < 1.5e-2 * r.norm()          # measured 5-6e-3 (bf16 unit roundoff 2e-3)
+        assert (a.double() - r).abs().max() < 3e-2 * r.abs().max()
+
+
+def test_rmsnorm_function_bf16_input_and_output():
+    # q_norm / kv_norm under autocast read a bf16 projection: computed in fp32, returned and
+    # back-propagated in bf16, the weight's gradient in fp32
+    torch.manual_seed(0)
+    x = torch.randn(4, 7, 64).to(torch.bfloat16)
+    w = 1 + 0.3 * torch.randn(64)
+    g = torch.randn(4, 7, 64).to(torch.bfloat16)
+    xb, wb = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y = RMSNormFunction.apply(xb, wb, 1e-6, torch.bfloat16)
+    dx, dw = torch.autograd.grad(y, (xb, wb), g)
+    assert y.dtype == dx.dtype == torch.bfloat16 and dw.dtype == torch.float32
+    xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
+    ref = wd * F.rms_norm(xd, (64,), eps=1e-6)
+    rdx, rdw = torch.autograd.grad(ref, (xd, wd), g.double())
+    for a, r in ((y, ref), (dx, rdx), (dw, rdw)):
+        assert (a.double() - r).abs().max() < 1e-2 * r.abs().max()
 
 
 def test_training_attention_path_equals_sdpa_path():

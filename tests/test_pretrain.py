@@ -99,10 +99,12 @@ def test_bias_update_balances_a_skewed_router():
     assert all(g.bias.requires_grad is False for g in gates)
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_resume_gives_identical_losses(shards, tmp_path, optimizer):
+@pytest.mark.parametrize("optimizer,dtype", [("adamw", "fp32"), ("muon", "fp32"), ("adamw", "bf16")])
+def test_resume_gives_identical_losses(shards, tmp_path, optimizer, dtype):
+    # bf16: autocast with fp32 master weights, the bf16 attention / norm / loss paths included
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    args = ["--data", str(shards), "--steps", "6", "--save-every", "3", "--keep", "0", "--optimizer", optimizer, *FAST]
+    args = ["--data", str(shards), "--steps", "6", "--save-every", "3", "--keep", "0", "--optimizer", optimizer,
+            "--dtype", dtype, *FAST]
     pretrain([*args, "--out", str(full)])
     pretrain(["--resume", str(full / "checkpoints" / "step_000003"), "--out", str(resumed)])
     a, b = train_rows(full), train_rows(resumed)

@@ -20,9 +20,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (torch.is_grad_enabled() and x.dtype == self.weight.dtype == torch.float32
-                and not torch.is_autocast_enabled(x.device.type)):
-            return RMSNormFunction.apply(x, self.weight, self.eps)     # same forward, leaner backward
+        if torch.is_grad_enabled() and self.weight.dtype == torch.float32 and x.dtype in (torch.float32, torch.bfloat16):
+            # training (fp32 master weight, also under autocast): the same forward, a leaner backward.
+            # The output keeps x's dtype: an fp32 residual stream stays fp32 into the MoE gate and dispatch.
+            return RMSNormFunction.apply(x, self.weight, self.eps, x.dtype)
         # Normalise in fp32, cast back before the weight (the HF / reference order). F.rms_norm is
         # one fused op instead of five: it matters when decoding runs thousands of small ops per token.
         if x.dtype == self.weight.dtype == torch.float32:   # the same numbers, the weight folded in
@@ -31,26 +32,35 @@ class RMSNorm(nn.Module):
 
 
 class RMSNormFunction(torch.autograd.Function):
-    """weight * rms_norm(x) in fp32 with a hand-written backward: autograd through F.rms_norm runs
-    a dozen full-size ops (3x slower at (8, 512, 512) on CPU). With xhat = x * rstd, g_w = g * weight:
-    dx = rstd * (g_w - xhat * mean(g_w * xhat)), dweight = sum over rows of g * xhat."""
+    """weight * rms_norm(x), computed in fp32 (at least) and returned in `out_dtype`, with a hand-written
+    backward: autograd through F.rms_norm runs a dozen full-size ops (3x slower at (8, 512, 512) on
+    CPU). With rstd = 1 / rms(x), xhat = x * rstd, g_w = g * weight:
+    dx = rstd * (g_w - xhat * mean(g_w * xhat)) = rstd * g_w - x * (rstd^3 * mean(g_w * x)),
+    dweight = sum over rows of g * xhat; the second form of dx needs no xhat tensor (8 passes over
+    (..., D) instead of 10). x may be bf16 (a bf16 projection's output) and out_dtype bf16 (autocast):
+    the gradient comes back in x's dtype, dweight in the weight's."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.eps = eps
-        return weight * F.rms_norm(x, (x.shape[-1],), eps=eps)
+        acc = torch.promote_types(x.dtype, weight.dtype)
+        y = F.rms_norm(x.to(acc), (x.shape[-1],), weight.to(acc), eps=eps)
+        return y if out_dtype is None or out_dtype == y.dtype else y.to(out_dtype)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        x, weight = ctx.saved_tensors
+        x_in, weight = ctx.saved_tensors
+        acc = torch.promote_types(x_in.dtype, weight.dtype)
+        x, g = x_in.to(acc), g.to(acc)
         D = x.shape[-1]
         rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(D).add_(ctx.eps).rsqrt_()  # (..., 1)
-        xhat = x * rstd
-        dweight = (g * xhat).flatten(0, -2).sum(0)                       # (D,)
-        gw = g * weight
-        dot = torch.linalg.vecdot(gw, xhat).unsqueeze(-1).div_(D)         # (..., 1) mean(g_w * xhat)
-        return gw.sub_(xhat.mul_(dot)).mul_(rstd), dweight, None
+        gw = g * weight.to(acc)
+        c = torch.linalg.vecdot(gw, x).unsqueeze(-1).mul_(rstd.pow(3)).div_(D)   # (..., 1) rstd^3 mean(g_w x)
+        dweight = (g * x).mul_(rstd).flatten(0, -2).sum(0)               # (D,)
+        dx = gw.mul_(rstd).addcmul_(x, c, value=-1)
+        return dx.to(x_in.dtype), dweight.to(weight.dtype), None, None
 
 
 def rope_inv_freq(cfg: ModelConfig) -> tuple[torch.Tensor, float]:

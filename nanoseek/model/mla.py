@@ -34,72 +34,93 @@ class LatentCache(Protocol):
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Causal softmax attention, q/k (B, T, H, qk), v (B, T, H, v) -> (B, T, H, v), as explicit matmuls
-    in cache-sized blocks (see `BlockCausalAttention`). Equals SDPA with is_causal=True."""
-    B, T, H, _ = q.shape
-    heads_first = [t.transpose(1, 2).reshape(B * H, T, t.shape[-1]) for t in (q, k, v)]  # (B*H, T, D)
-    o = BlockCausalAttention.apply(*heads_first, scale)                   # (B*H, T, v)
+    """Causal softmax attention, heads first: q/k (B, H, T, qk), v (B, H, T, v) -> (B, T, H, v), as
+    explicit matmuls in cache-sized blocks (see `BlockCausalAttention`). Equals SDPA with is_causal=True."""
+    B, H, T, _ = q.shape
+    o = BlockCausalAttention.apply(*(t.reshape(B * H, T, t.shape[-1]) for t in (q, k, v)), scale)  # (B*H, T, v)
     return o.view(B, H, T, -1).transpose(1, 2)                            # (B, T, H, v)
 
 
 class BlockCausalAttention(torch.autograd.Function):
-    """Causal attention on CPU (fp32), faster than SDPA's fused CPU kernel for training.
+    """Causal attention on CPU (fp32 or bf16), faster than SDPA's fused CPU kernel for training.
 
-    The fused kernel's backward runs at ~20% of the matmul peak here (3x its forward for 2x the FLOPs);
-    plain bmm runs near the peak, but one (B*H, T, T) score tensor is far larger than the caches and
-    costs a fresh allocation per op. So: blocks of `QBLOCK` query rows against only the keys they may
-    see (skipping the masked upper triangle, ~45% of the work at T=512), a few heads at a time so a
-    score block stays ~1 MiB; the backward recomputes the probabilities block by block (FlashAttention's
-    recomputation) instead of keeping (T, T) per head. q, k: (N, T, qk), v: (N, T, v), contiguous.
+    The fused kernel's backward runs at ~20% of the matmul peak here (3x its forward for 2x the FLOPs;
+    in bf16 it is 2x slower than this path); plain bmm runs near the peak, but one (B*H, T, T) score
+    tensor is far larger than the caches and costs a fresh allocation per op. So: blocks of `QBLOCK`
+    query rows against only the keys they may see (skipping the masked upper triangle, ~45% of the
+    work at T=512), a few heads at a time so a score block stays ~`BLOCK_BYTES`. The probability blocks
+    are kept for the backward while they total at most `KEEP_BYTES` (19 MB per layer for `small` at
+    8 x 512 in bf16): recomputing them costs a score matmul and a softmax per block, about a quarter
+    of the backward. Longer sequences recompute them block by block (FlashAttention's recomputation)
+    instead of keeping (T, T) per head. q, k: (N, T, qk), v: (N, T, v), contiguous, one dtype.
+
+    bf16: the matmuls run in bf16 (fp32 accumulation) and round their outputs to bf16, as eager
+    attention under autocast does; the softmax reads the bf16 scores and normalises in fp32 inside the
+    kernel, and delta = rowsum(dO * O) is summed in fp32. The scale is folded into q once (not into
+    every score block): ds then carries it into dK, and dQ gets it at the end.
     """
 
     QBLOCK = 64
-    BLOCK_FLOATS = 2**18          # score floats per block (1 MiB): heads per block = this // (QBLOCK * T)
+    BLOCK_BYTES = 2**20           # bytes per score block: heads per block = this // (QBLOCK * T * itemsize)
+    KEEP_BYTES = 2**26            # keep the probabilities for the backward up to this many bytes per call
 
     @staticmethod
-    def _blocks(N: int, T: int):
-        heads = max(1, BlockCausalAttention.BLOCK_FLOATS // (BlockCausalAttention.QBLOCK * T))
+    def _blocks(N: int, T: int, itemsize: int):
+        b = BlockCausalAttention.QBLOCK
+        heads = max(1, BlockCausalAttention.BLOCK_BYTES // (b * T * itemsize))
         for n0 in range(0, N, heads):
-            for t0 in range(0, T, BlockCausalAttention.QBLOCK):
-                yield slice(n0, n0 + heads), t0, min(t0 + BlockCausalAttention.QBLOCK, T)
+            for t0 in range(0, T, b):
+                yield slice(n0, n0 + heads), t0, min(t0 + b, T)
 
     @staticmethod
-    def _probs(q, k, t0, t1, scale, mask):
-        """Probabilities of query rows t0..t1 over keys 0..t1: (n, t1-t0, t1)."""
-        s = torch.bmm(q, k.transpose(1, 2)).mul_(scale)                   # (n, t1-t0, t1)
+    def _mask(q: torch.Tensor) -> torch.Tensor:
+        return torch.full((BlockCausalAttention.QBLOCK,) * 2, float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
+
+    @staticmethod
+    def _probs(qs, k, t0, t1, mask):
+        """Probabilities of query rows t0..t1 over keys 0..t1: (n, t1-t0, t1). qs is q * scale."""
+        s = torch.bmm(qs, k.transpose(1, 2))                              # (n, t1-t0, t1)
         s[:, :, t0:].add_(mask[: t1 - t0, : t1 - t0])                     # causal within the diagonal block
-        return s.softmax(dim=-1)
+        return s.softmax(dim=-1)                                          # bf16 in, fp32 inside, bf16 out
 
     @staticmethod
     def forward(ctx, q, k, v, scale):
         N, T, _ = q.shape
+        qs = q * scale                                                    # (N, T, qk)
         o = q.new_empty(N, T, v.shape[-1])                                # (N, T, v)
-        mask = torch.full((BlockCausalAttention.QBLOCK,) * 2, float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
-        for n, t0, t1 in BlockCausalAttention._blocks(N, T):
-            p = BlockCausalAttention._probs(q[n, t0:t1], k[n, :t1], t0, t1, scale, mask)
+        mask = BlockCausalAttention._mask(q)
+        b = BlockCausalAttention.QBLOCK
+        m = -(-T // b)
+        keep_bytes = N * q.element_size() * b * b * m * (m + 1) // 2      # all probability blocks
+        ctx.probs = [] if keep_bytes <= BlockCausalAttention.KEEP_BYTES and any(ctx.needs_input_grad) else None
+        for n, t0, t1 in BlockCausalAttention._blocks(N, T, q.element_size()):
+            p = BlockCausalAttention._probs(qs[n, t0:t1], k[n, :t1], t0, t1, mask)
             torch.bmm(p, v[n, :t1], out=o[n, t0:t1])
-        ctx.save_for_backward(q, k, v, o)
+            if ctx.probs is not None:
+                ctx.probs.append(p)
+        ctx.save_for_backward(qs, k, v, o)
         ctx.scale = scale
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o = ctx.saved_tensors
-        scale = ctx.scale
-        N, T, _ = q.shape
+        qs, k, v, o = ctx.saved_tensors
+        probs, ctx.probs = ctx.probs, None
+        N, T, _ = qs.shape
         do = do.contiguous()
-        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        delta = (do * o).sum(dim=-1, keepdim=True)                        # (N, T, 1): rowsum(dP * P)
-        mask = torch.full((BlockCausalAttention.QBLOCK,) * 2, float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
-        for n, t0, t1 in BlockCausalAttention._blocks(N, T):
-            qb, kb, vb, dob = q[n, t0:t1], k[n, :t1], v[n, :t1], do[n, t0:t1]
-            p = BlockCausalAttention._probs(qb, kb, t0, t1, scale, mask)  # (n, tq, t1)
+        dq, dk, dv = torch.empty_like(qs), torch.zeros_like(k), torch.zeros_like(v)
+        acc = torch.promote_types(do.dtype, torch.float32)               # summed in fp32 (fp64 stays fp64)
+        delta = (do.to(acc) * o.to(acc)).sum(-1, keepdim=True).to(do.dtype)   # (N, T, 1): rowsum(dP * P)
+        mask = BlockCausalAttention._mask(qs)
+        for i, (n, t0, t1) in enumerate(BlockCausalAttention._blocks(N, T, qs.element_size())):
+            qb, kb, vb, dob = qs[n, t0:t1], k[n, :t1], v[n, :t1], do[n, t0:t1]
+            p = probs[i] if probs is not None else BlockCausalAttention._probs(qb, kb, t0, t1, mask)  # (n, tq, t1)
             dv[n, :t1].baddbmm_(p.transpose(1, 2), dob)                   # dV += P^T dO
             ds = torch.bmm(dob, vb.transpose(1, 2))                       # dP = dO V^T
-            ds = ds.sub_(delta[n, t0:t1]).mul_(p).mul_(scale)             # dS = P (dP - delta), times the scale
-            torch.bmm(ds, kb, out=dq[n, t0:t1])                           # dQ = dS K
-            dk[n, :t1].baddbmm_(ds.transpose(1, 2), qb)                   # dK += dS^T Q
-        return dq, dk, dv, None
+            ds = ds.sub_(delta[n, t0:t1]).mul_(p)                         # dS = P (dP - delta) (w.r.t. scaled scores)
+            torch.bmm(ds, kb, out=dq[n, t0:t1])                           # dQs = dS K
+            dk[n, :t1].baddbmm_(ds.transpose(1, 2), qb)                   # dK += dS^T (Q * scale)
+        return dq.mul_(ctx.scale), dk, dv, None
 
 
 class MLA(nn.Module):
@@ -184,9 +205,13 @@ class MLA(nn.Module):
         S = kv.shape[1]
         kv = self.wkv_b(kv).view(B, S, H, self.nope + self.v_dim)         # (B, S, H, nope+v)
         k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)
-        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(B, S, H, self.rope)], dim=-1)  # (B, S, H, qk)
-        q = torch.cat([q_nope, q_pe], dim=-1)                             # (B, T, H, qk)
-        if mask is None and S == T > 1 and q.device.type == "cpu" and q.dtype == torch.float32:
+        # heads first: one cat writes each of q and k in the layout attention reads (a cat and then
+        # a transposed copy made every element twice)
+        k = torch.cat([k_nope.transpose(1, 2), k_pe[:, None].expand(B, H, S, self.rope)], dim=-1)  # (B, H, S, qk)
+        q = torch.cat([q_nope.transpose(1, 2), q_pe.transpose(1, 2)], dim=-1)                       # (B, H, T, qk)
+        v = v.transpose(1, 2)                                             # (B, H, S, v)
+        if (mask is None and S == T > 1 and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16)
+                and q.dtype == k.dtype == v.dtype):
             return causal_attention(q, k, v, self.softmax_scale)          # (B, T, H, v)
         # SDPA's fused (flash) kernels want one head dim for q, k and v: zero-pad the smaller side
         # (zeros change neither the scores nor the output; the explicit scale keeps qk_head_dim^-0.5).
@@ -195,7 +220,6 @@ class MLA(nn.Module):
             v = F.pad(v, (0, self.qk_dim - self.v_dim))
         elif self.v_dim > self.qk_dim:
             q, k = F.pad(q, (0, self.v_dim - self.qk_dim)), F.pad(k, (0, self.v_dim - self.qk_dim))
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, ·, D)
         if mask is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, scale=self.softmax_scale)
         else:
