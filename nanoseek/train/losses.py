@@ -101,6 +101,13 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        # h and weight come in one dtype already; autocast would upcast every bf16 logits block to
+        # fp32 as a separate copy before the softmax (which widens bf16 itself, in its kernel)
+        with torch.autocast(h.device.type, enabled=False):
+            return LinearCrossEntropy._forward(ctx, h, weight, labels, ignore_index)
+
+    @staticmethod
+    def _forward(ctx, h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
         N = h.shape[0]
         V = weight.shape[0]
         keep = labels != ignore_index
@@ -112,9 +119,17 @@ class LinearCrossEntropy(torch.autograd.Function):
         picked = torch.empty(N, dtype=acc, device=h.device)                  # p[label]
         wt = weight.t()
         R = LinearCrossEntropy.ROWS
+        # one logits block and one fp32 probability block, reused: a fresh multi-MB tensor per block
+        # costs its page faults (softmax(dtype=fp32) of a new bf16 block: 3.2 ms, in place here: 1.7 ms)
+        lbuf = h.new_empty(min(R, N), V)                                     # (R, V) h's dtype
+        pbuf = lbuf if acc == h.dtype else torch.empty_like(lbuf, dtype=acc)  # (R, V) fp32
         for r0 in range(0, N, R):
             r1 = min(r0 + R, N)
-            p = torch.softmax(torch.mm(h[r0:r1], wt), dim=-1, dtype=acc)     # (R, V)
+            lg = torch.mm(h[r0:r1], wt, out=lbuf[: r1 - r0])                 # (R, V)
+            p = pbuf[: r1 - r0]
+            if pbuf is not lbuf:
+                p.copy_(lg)
+            p = torch.ops.aten._softmax.out(p, -1, False, out=p)             # in place, fp32
             idx = safe[r0:r1, None]
             picked[r0:r1] = p.gather(1, idx)[:, 0]
             if grad:
