@@ -84,7 +84,14 @@ class Experts(nn.Module):
     def weights(self) -> tuple[tuple[torch.Tensor, ...], ...]:
         # unbind once per forward: its backward stacks the E gradients in one op. Indexing w1[e] per
         # expert instead makes autograd zero-fill and add a full (E, inter, dim) gradient per expert.
-        return self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0)
+        # Under autocast the stacked weights are cast once (autocast would cast each expert's slice,
+        # and autograd cast each slice's gradient back: 2 * 3 * E small copies per layer).
+        ws = (self.w1, self.w2, self.w3)
+        dev = self.w1.device.type
+        if torch.is_autocast_enabled(dev) and self.w1.dtype == torch.float32:
+            dt = torch.get_autocast_dtype(dev)
+            ws = tuple(w.to(dt) for w in ws)
+        return tuple(w.unbind(0) for w in ws)
 
     # forward_dense's extra work (all E experts on every token) is worth paying up to about this many
     # FLOPs (~0.1 ms of one CPU core): below it the layer is bound by its op count (tiny GRPO rollouts:
