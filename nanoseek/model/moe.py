@@ -135,7 +135,7 @@ class Experts(nn.Module):
         acc = torch.promote_types(x.dtype, torch.float32)                # gate weights and the sum in fp32
         g = torch.zeros(N, E, dtype=acc, device=x.device).scatter(1, r.indices, r.weights.to(acc))
         a, b = (y.view(N, E, inter) for y in linears(x, (self.w1.view(E * inter, dim), self.w3.view(E * inter, dim))))
-        h = F.silu(a) * (b * g[:, :, None])                               # (N, E, inter), zero off the chosen
+        h = (F.silu(a) * (b * g[:, :, None])).to(a.dtype)                 # (N, E, inter), zero off the chosen
         return torch.bmm(h.transpose(0, 1), self.w2.transpose(1, 2)).sum(0, dtype=acc)   # (E, N, dim) -> (N, dim)
 
     def forward_grouped(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
@@ -189,5 +189,7 @@ class MoE(nn.Module):
         r = self.gate(x)
         y = (self.experts.forward_reference if reference else self.experts)(x, r)
         if self.shared is not None:
-            y = y + self.shared(x)
+            y = y + self.shared(x)                                        # fp32 sums (see forward_grouped)
+        if y.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            y = y.to(x.dtype)       # a bf16 model keeps a bf16 residual stream; autocast's stays fp32
         return y.view(shape), r
