@@ -20,7 +20,7 @@ import torch
 
 from nanoseek.common import pick_device
 from nanoseek.model import Transformer, count_parameters, preset
-from nanoseek.train.losses import cross_entropy
+from nanoseek.train.losses import linear_cross_entropy
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: int = 10) -> float:
@@ -53,15 +53,16 @@ def flops_per_token(model: Transformer, T: int) -> float:
 
 def step_fn(model, ids, hf: bool, autocast):
     """Forward + next-token loss + backward, each side with its own training loss: transformers'
-    `labels=` loss (fp32 log-softmax of the logits), nanoseek's `train.losses.cross_entropy` (fp32
-    arithmetic on the logits' row blocks). Both are the mean CE over the same B * (T-1) targets."""
+    `labels=` loss (fp32 log-softmax of the logits), nanoseek's `train.losses.linear_cross_entropy`
+    on the final-normed hidden states (head=False: the head and fp32 CE a row block at a time, as
+    train.step.pretrain_loss runs them). Both are the mean CE over the same B * (T-1) targets."""
     def run():
         model.zero_grad(set_to_none=True)
         with autocast():
             if hf:
                 loss = model(ids, labels=ids).loss                        # shifts the labels itself
             else:
-                loss = cross_entropy(model(ids)[:, :-1], ids[:, 1:])
+                loss = linear_cross_entropy(model(ids, head=False)[:, :-1], model.head.weight, ids[:, 1:])
         loss.backward()
         return loss
     return run
@@ -95,7 +96,7 @@ def main() -> None:
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), device=device)
     with torch.no_grad():
         diff = (ours(ids[:1, :64]) - theirs(ids[:1, :64]).logits).abs().max().item()
-        loss_diff = abs(cross_entropy(ours(ids[:2, :64])[:, :-1], ids[:2, 1:64]).item()
+        loss_diff = abs(linear_cross_entropy(ours(ids[:2, :64], head=False)[:, :-1], ours.head.weight, ids[:2, 1:64]).item()
                         - theirs(ids[:2, :64], labels=ids[:2, :64]).loss.item())
     fpt = flops_per_token(ours, args.seq)
     tokens = args.batch * args.seq

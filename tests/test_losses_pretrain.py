@@ -1,6 +1,7 @@
 """Pretraining losses against small cases computed by hand."""
 
 import math
+from contextlib import nullcontext
 
 import torch
 
@@ -94,3 +95,64 @@ def test_bias_update_sign_rule():
     delta = bias_update(counts, 1e-3)
     assert torch.allclose(delta, torch.tensor([-1e-3, 1e-3, 1e-3, 1e-3]))
     assert bias_update(torch.full((4,), 3.0), 1e-3).abs().sum() == 0   # balanced: nothing moves
+
+
+def test_linear_cross_entropy_equals_head_then_cross_entropy():
+    # the head fused with the loss, row block by row block, against F.linear + F.cross_entropy:
+    # loss and gradients for h and the head, ignored labels, rows not a multiple of the block,
+    # a label far below the best logit (p underflows: the logsumexp fallback), fp32 tight, bf16 autocast loose
+    from nanoseek.train.losses import LinearCrossEntropy, linear_cross_entropy
+    torch.manual_seed(0)
+    F = torch.nn.functional
+    N, D, V = 300, 16, 37
+    h0 = torch.randn(3, N // 3, D, dtype=torch.float64)
+    w0 = torch.randn(V, D, dtype=torch.float64)
+    labels = torch.randint(0, V, (3, N // 3))
+    labels[0, :5] = -100
+    labels[2, 50:] = -100
+    h0[1, 0] = w0[0] * -20 + w0[1] * 20              # label 0 of row (1, 0) trails the best logit by far
+    labels[1, 0] = 0
+    old_rows = LinearCrossEntropy.ROWS
+    LinearCrossEntropy.ROWS = 64
+    try:
+        for dtype in (torch.float32, torch.bfloat16):
+            h, w = h0.float().requires_grad_(), w0.float().requires_grad_()
+            ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16 else nullcontext()
+            with ctx:
+                ours = linear_cross_entropy(h, w, labels)
+            gh, gw = torch.autograd.grad(ours, (h, w))
+            hd, wd = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+            ref = F.cross_entropy(F.linear(hd, wd).reshape(-1, V), labels.reshape(-1), ignore_index=-100)
+            rh, rw = torch.autograd.grad(ref, (hd, wd))
+            assert torch.isfinite(ours) and gh.dtype == gw.dtype == torch.float32
+            if dtype == torch.float32:
+                assert abs(ours.item() - ref.item()) < 1e-5 * ref.item()
+                assert (gh.double() - rh).abs().max() < 1e-6 and (gw.double() - rw).abs().max() < 1e-6
+            else:   # matmuls in bf16: logits rounded, gradients rounded
+                assert abs(ours.item() - ref.item()) < 2e-2 * ref.item()
+                assert (gh.double() - rh).abs().max() < 2e-2 * rh.abs().max()
+                assert (gw.double() - rw).abs().max() < 2e-2 * rw.abs().max()
+            assert (gh.reshape(-1, D)[labels.reshape(-1) == -100] == 0).all()
+        with torch.no_grad():                         # eval: the loss only, the same number
+            assert abs(linear_cross_entropy(h0.float(), w0.float(), labels).item() - ref.item()) < 1e-5 * ref.item()
+    finally:
+        LinearCrossEntropy.ROWS = old_rows
+
+
+def test_model_head_false_with_linear_cross_entropy_equals_logits_loss():
+    from nanoseek.model import ModelConfig, Transformer
+    from nanoseek.train.losses import linear_cross_entropy
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(num_nextn_predict_layers=1))
+    m.init_weights(0.1)
+    ids = torch.randint(0, m.config.vocab_size, (2, 24))
+    out = m(ids, return_mtp=True)
+    normed = m(ids, return_mtp=True, head=False)
+    assert normed["logits"].shape == (2, 24, m.config.hidden_size)
+    a = cross_entropy(out["logits"][:, :-1], ids[:, 1:])
+    b = linear_cross_entropy(normed["logits"][:, :-1], m.head.weight, ids[:, 1:])
+    assert abs(a.item() - b.item()) < 1e-5
+    y = ids[:, 1:]
+    a = mtp_loss([lg[:, :-1] for lg in out["mtp_logits"]], y, 0.3)
+    b = mtp_loss([h[:, :-1] for h in normed["mtp_logits"]], y, 0.3, head_weight=m.head.weight)
+    assert abs(a.item() - b.item()) < 1e-5

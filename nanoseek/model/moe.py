@@ -84,7 +84,14 @@ class Experts(nn.Module):
     def weights(self) -> tuple[tuple[torch.Tensor, ...], ...]:
         # unbind once per forward: its backward stacks the E gradients in one op. Indexing w1[e] per
         # expert instead makes autograd zero-fill and add a full (E, inter, dim) gradient per expert.
-        return self.w1.unbind(0), self.w2.unbind(0), self.w3.unbind(0)
+        # Under autocast the stacked weights are cast once (autocast would cast each expert's slice,
+        # and autograd cast each slice's gradient back: 2 * 3 * E small copies per layer).
+        ws = (self.w1, self.w2, self.w3)
+        dev = self.w1.device.type
+        if torch.is_autocast_enabled(dev) and self.w1.dtype == torch.float32:
+            dt = torch.get_autocast_dtype(dev)
+            ws = tuple(w.to(dt) for w in ws)
+        return tuple(w.unbind(0) for w in ws)
 
     # forward_dense's extra work (all E experts on every token) is worth paying up to about this many
     # FLOPs (~0.1 ms of one CPU core): below it the layer is bound by its op count (tiny GRPO rollouts:
@@ -125,10 +132,11 @@ class Experts(nn.Module):
         zero weight, so outputs and gradients are those of the sparse paths (up to summation order)."""
         E, inter, dim = self.w1.shape
         N = x.shape[0]
-        g = torch.zeros(N, E, dtype=x.dtype, device=x.device).scatter(1, r.indices, r.weights.to(x.dtype))
+        acc = torch.promote_types(x.dtype, torch.float32)                # gate weights and the sum in fp32
+        g = torch.zeros(N, E, dtype=acc, device=x.device).scatter(1, r.indices, r.weights.to(acc))
         a, b = (y.view(N, E, inter) for y in linears(x, (self.w1.view(E * inter, dim), self.w3.view(E * inter, dim))))
-        h = F.silu(a) * (b * g[:, :, None])                               # (N, E, inter), zero off the chosen
-        return torch.bmm(h.transpose(0, 1), self.w2.transpose(1, 2)).sum(0)   # (E, N, dim) -> (N, dim)
+        h = (F.silu(a) * (b * g[:, :, None])).to(a.dtype)                 # (N, E, inter), zero off the chosen
+        return torch.bmm(h.transpose(0, 1), self.w2.transpose(1, 2)).sum(0, dtype=acc)   # (E, N, dim) -> (N, dim)
 
     def forward_grouped(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
         """Grouped dispatch: sort the (token, slot) pairs by expert, run each active expert once
@@ -139,7 +147,9 @@ class Experts(nn.Module):
         counts = torch.bincount(flat, minlength=self.w1.shape[0]).tolist()  # one host sync per layer
         token = order // K                                                # source token of each sorted slot
         xs = x.index_select(0, token)                                     # (N*K, dim), grouped by expert
-        gw = r.weights.flatten()[order, None].to(xs.dtype)                # (N*K, 1) gate weight of each slot
+        acc = torch.promote_types(x.dtype, torch.float32)
+        # (N*K, 1) gate weight of each slot, fp32 (bf16 would round the routing weights under autocast)
+        gw = r.weights.flatten()[order, None].to(acc)
         w1, w2, w3 = self.weights()
         # split (not slicing in a loop): its backward is one cat instead of a zero-fill per expert.
         # The gate weight scales the inter-wide hidden before w2 (linear, so the same sum), not the
@@ -150,16 +160,18 @@ class Experts(nn.Module):
             if counts[e]:
                 a, b = linears(chunk, (w1[e], w3[e]))
                 outs.append(linear(F.silu(a) * (b * g), w2[e]))
-        return torch.zeros_like(x).index_add_(0, token, torch.cat(outs).to(x.dtype))   # bf16 under autocast
+        # summed in fp32 at least: x is bf16 under autocast (the norm's output) and a token's K expert
+        # outputs, and then the shared expert's, would otherwise be rounded to bf16 after every add
+        return x.new_zeros(x.shape, dtype=acc).index_add_(0, token, torch.cat(outs).to(acc))   # (N, dim)
 
     def forward_reference(self, x: torch.Tensor, r: Routing) -> torch.Tensor:
         """The plain loop over every expert (the reference's shape): tests compare against it."""
-        out = torch.zeros_like(x)
+        out = x.new_zeros(x.shape, dtype=torch.promote_types(x.dtype, torch.float32))   # summed in fp32
         for e in range(self.w1.shape[0]):
             tok, slot = (r.indices == e).nonzero(as_tuple=True)
             if tok.numel():
                 y = swiglu(x[tok], self.w1[e], self.w2[e], self.w3[e])
-                out[tok] += y * r.weights[tok, slot, None].to(x.dtype)
+                out[tok] += y * r.weights[tok, slot, None].to(out.dtype)
         return out
 
 
@@ -177,5 +189,7 @@ class MoE(nn.Module):
         r = self.gate(x)
         y = (self.experts.forward_reference if reference else self.experts)(x, r)
         if self.shared is not None:
-            y = y + self.shared(x)
+            y = y + self.shared(x)                                        # fp32 sums (see forward_grouped)
+        if y.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            y = y.to(x.dtype)       # a bf16 model keeps a bf16 residual stream; autocast's stays fp32
         return y.view(shape), r

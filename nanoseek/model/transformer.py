@@ -89,13 +89,16 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, *, cache=None, positions: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, absorb: bool | None = None, return_hidden: bool = False,
                 return_mtp: bool = False, return_routing: bool = False, moe_reference: bool = False,
-                logits_at: torch.Tensor | None = None) -> torch.Tensor | dict[str, Any]:
+                logits_at: torch.Tensor | None = None, head: bool = True) -> torch.Tensor | dict[str, Any]:
         """input_ids (B, T) -> logits (B, T, vocab).
 
         With any return_* flag a dict comes back: logits, hidden (before the final norm),
         mtp_logits (list over depths k=1..D, each (B, T-k, vocab), predicting token i+k+1), routing.
         logits_at (B, K) long: logits only at these positions of each row, (B, K, vocab); a prefill
         needs one per row, and (B, T, vocab) is a gigabyte for a 2k-token chunk at V3's vocabulary.
+        head=False: the final-normed hidden states (B, T|K, dim) that the head would multiply take the
+        place of every logits tensor (also in "logits" and "mtp_logits"), for a loss that applies the
+        head itself one row block at a time (train.losses.linear_cross_entropy).
         """
         B, T = input_ids.shape
         if cache is not None and positions is None:
@@ -111,7 +114,9 @@ class Transformer(nn.Module):
             x, r = layer(x, cos, sin, cache=cache, mask=mask, absorb=absorb, moe_reference=moe_reference)
             if r is not None:
                 routing.append(r)
-        logits = linear(self.norm(x if logits_at is None else _rows_at(x, logits_at)), self.head.weight)  # (B, T|K, vocab)
+        logits = self.norm(x if logits_at is None else _rows_at(x, logits_at))   # (B, T|K, dim)
+        if head:
+            logits = linear(logits, self.head.weight)                     # (B, T|K, vocab)
         if not (return_hidden or return_mtp or return_routing):
             return logits
         out: dict[str, Any] = {"logits": logits, "hidden": x, "routing": routing}
@@ -124,7 +129,7 @@ class Transformer(nn.Module):
                 if n <= 0:
                     break
                 lg, h, r = self.mtp_step(h[:, :n], input_ids[:, k:], depth=k - 1,
-                                         positions=positions[:, :n], moe_reference=moe_reference)
+                                         positions=positions[:, :n], moe_reference=moe_reference, head=head)
                 out["mtp_logits"].append(lg)
                 routing.extend(r)
         return out
@@ -132,11 +137,11 @@ class Transformer(nn.Module):
     def mtp_step(self, h: torch.Tensor, next_ids: torch.Tensor, *, depth: int = 0, cache=None,
                  positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                  absorb: bool | None = None, moe_reference: bool = False, logits_at: torch.Tensor | None = None,
-                 ) -> tuple[torch.Tensor, torch.Tensor, list[Routing]]:
+                 head: bool = True) -> tuple[torch.Tensor, torch.Tensor, list[Routing]]:
         """One MTP depth: h (B, T, dim) and the ids one step ahead (B, T) -> (logits, hidden, routing).
 
         Used by training (no cache) and by speculative decoding (cache slot = the module's layer_idx).
-        logits_at (B, K): logits only at these positions, as in forward.
+        logits_at (B, K): logits only at these positions, as in forward; head=False as in forward.
         """
         module = self.mtp[depth]
         if positions is None:
@@ -146,7 +151,9 @@ class Transformer(nn.Module):
             cos, sin = rope_cis(cos, sin), None
         hk, r = module(h, self.embed(next_ids), cos, sin, cache=cache, mask=mask, absorb=absorb,
                        moe_reference=moe_reference)
-        logits = linear(module.norm(hk if logits_at is None else _rows_at(hk, logits_at)), self.head.weight)
+        logits = module.norm(hk if logits_at is None else _rows_at(hk, logits_at))   # (B, T|K, dim)
+        if head:
+            logits = linear(logits, self.head.weight)                     # (B, T|K, vocab)
         return logits, hk, ([r] if r is not None else [])
 
     # --- HF-format directories (thin: checkpoint.py does the work)

@@ -13,7 +13,7 @@ from torch import nn
 
 from nanoseek.model import Transformer, count_parameters
 from nanoseek.model.moe import Gate, MoE
-from nanoseek.train.losses import bias_update, cross_entropy, expert_counts, mtp_loss, sequence_balance_loss
+from nanoseek.train.losses import bias_update, expert_counts, linear_cross_entropy, mtp_loss, sequence_balance_loss
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -38,12 +38,16 @@ def pretrain_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, mtp_wei
     routed-token counts per gate (n_gates, E) or None for a dense model).
     """
     want_mtp = mtp_weight > 0
-    out = model(x, return_mtp=want_mtp, return_routing=True)
-    ce = cross_entropy(out["logits"], y)
+    # head=False: "logits" and "mtp_logits" hold the final-normed hidden states, and the loss applies
+    # the head a row block at a time (no (B, T, V) logits). DDP keeps the Transformer in .module;
+    # FSDP2 leaves the root's (head's) parameters gathered after its forward, for the backward.
+    out = model(x, return_mtp=want_mtp, return_routing=True, head=False)
+    head = getattr(model, "module", model).head.weight
+    ce = linear_cross_entropy(out["logits"], head, y)
     loss = ce
     parts = {"ce": ce.detach()}
     if want_mtp and out.get("mtp_logits"):
-        mtp = mtp_loss(out["mtp_logits"], y, mtp_weight)
+        mtp = mtp_loss(out["mtp_logits"], y, mtp_weight, head_weight=head)
         loss = loss + mtp
         parts["mtp"] = mtp.detach()                    # weighted: what the objective adds
         parts["mtp_ce"] = mtp.detach() / mtp_weight    # mean CE over depths: comparable to ce
