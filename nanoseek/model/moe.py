@@ -159,7 +159,8 @@ class Experts(nn.Module):
         for e, (chunk, g) in enumerate(zip(xs.split(counts), gw.split(counts))):
             if counts[e]:
                 a, b = linears(chunk, (w1[e], w3[e]))
-                outs.append(linear(F.silu(a) * (b * g), w2[e]))
+                # back to the matmul dtype: a bf16 model's w2 takes bf16 (autocast would cast it too)
+                outs.append(linear((F.silu(a) * (b * g)).to(a.dtype), w2[e]))
         # summed in fp32 at least: x is bf16 under autocast (the norm's output) and a token's K expert
         # outputs, and then the shared expert's, would otherwise be rounded to bf16 after every add
         return x.new_zeros(x.shape, dtype=acc).index_add_(0, token, torch.cat(outs).to(acc))   # (N, dim)
