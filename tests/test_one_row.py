@@ -102,6 +102,19 @@ def test_bf16_packs_wait_for_the_weights_to_hold_still():
     assert tokens[:3] == tokens_m[:3]
 
 
+def test_forward_hooks_are_never_skipped():
+    """The one-row step calls no module: while a module has a forward hook, the model's forward runs."""
+    m = model_for("v3")
+    prompt = [3, 17, 5, 42, 8, 9, 11]
+    hits = []
+    handle = m.layers[1].ffn.register_forward_pre_hook(lambda mod, args: hits.append(1))
+    tokens, _, used = greedy_with_logprobs(m, prompt, 6)
+    assert used == 0 and len(hits) == 6                     # the prefill and 5 decode steps, all hooked
+    handle.remove()
+    tokens2, _, used2 = greedy_with_logprobs(m, prompt, 6)
+    assert used2 == 5 and tokens2 == tokens
+
+
 def test_one_row_support_rules():
     m = model_for("v3")
     assert OneRowDecoder.supports(m, torch.float32)

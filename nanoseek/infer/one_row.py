@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules import module as nn_module
 
 from nanoseek.model import layers
 from nanoseek.model.layers import apply_rope, rope_cis
@@ -55,11 +56,17 @@ class OneRowDecoder:
                 and size <= layers.DERIVED_MAX_BYTES)
 
     # --- packing, once per set of weights
-    def _state(self) -> tuple:
+    def _state(self) -> tuple | None:
         """The weights' addresses and versions: an optimizer step or a load changes them (the packs are
-        rebuilt). The parameter list is walked once (walking the module tree costs ~0.2 ms a step)."""
+        rebuilt). None while any module has forward hooks: this step calls no module, so a hook (a
+        probe, a profiler, a test's pacing) would be skipped silently; the model's forward runs instead.
+        The module and parameter lists are walked once (walking the tree costs ~0.2 ms a step)."""
         if self._params is None:
             self._params = list(self.model.parameters())
+            self._modules = list(self.model.modules())
+        if (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
+                or any(m._forward_hooks or m._forward_pre_hooks for m in self._modules)):
+            return None
         return tuple((p.data_ptr(), p._version) for p in self._params)
 
     def _pack(self, *ws: torch.Tensor):
@@ -116,6 +123,8 @@ class OneRowDecoder:
         """Logits (1, vocab) fp32 for `token` at positions (1, 1), the cache bound to this one row (the
         engine's `_bind`); None when these weights cannot take this path (the caller runs the model)."""
         key = self._state()
+        if key is None:
+            return None
         if key != self._key:
             if key != self._seen:
                 self._seen, self._waited = key, 0
