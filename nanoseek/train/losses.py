@@ -46,17 +46,10 @@ class SumCrossEntropy(torch.autograd.Function):
         R = SumCrossEntropy.ROWS
         for r0 in range(0, N, R):
             p = torch.softmax(logits[r0:r0 + R], dim=-1, dtype=acc)          # (R, V)
-            idx = safe[r0:r0 + R, None]
-            picked[r0:r0 + R] = p.gather(1, idx)[:, 0]
+            picked[r0:r0 + R] = _pick_and_grad_(p, safe[r0:r0 + R], keep[r0:r0 + R], grad is not None)
             if grad is not None:
-                grad[r0:r0 + R] = p.scatter_add_(1, idx, p.new_full((p.shape[0], 1), -1.0))
-        nll = picked.log_().neg_()                                           # (N,)
-        far = (nll > 80).nonzero()[:, 0]                                     # p[label] (nearly) underflowed
-        if far.numel():
-            rows = logits[far].to(acc)
-            nll[far] = torch.logsumexp(rows, dim=-1) - rows.gather(1, safe[far, None])[:, 0]
-        if grad is not None and not keep.all():
-            grad[~keep] = 0                                                  # ignored rows get no gradient
+                grad[r0:r0 + R] = p
+        nll = _label_nll(picked, safe, lambda rows: logits[rows])
         ctx.save_for_backward(grad)
         return (nll * keep).sum()
 
@@ -66,6 +59,30 @@ class SumCrossEntropy(torch.autograd.Function):
         # g is 0-d: bf16 * a 0-d fp32 tensor multiplies in fp32 (a bf16 1/N would bias the whole
         # gradient) on the fast path; an fp32 (N, 1) operand would take a 25x slower mixed-dtype loop
         return grad.mul_(g), None, None
+
+
+def _pick_and_grad_(p: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor, grad: bool) -> torch.Tensor:
+    """A block of softmax rows p (R, V) -> p[label] (R,); with grad, p becomes the logits' gradient in
+    place: softmax - onehot, zero on ignored rows (keep False)."""
+    idx = labels[:, None]
+    picked = p.gather(1, idx)[:, 0]
+    if grad:
+        p.scatter_add_(1, idx, p.new_full((p.shape[0], 1), -1.0))
+        if not keep.all():
+            p[~keep] = 0
+    return picked
+
+
+def _label_nll(picked: torch.Tensor, labels: torch.Tensor, logits_of) -> torch.Tensor:
+    """-log p[label] (N,) from the picked probabilities (consumed). p[label] underflows once the label
+    trails the best logit by ~87 (fp32): those rows take the exact logsumexp - logit, on the logits
+    logits_of(row indices) gives."""
+    nll = picked.log_().neg_()
+    far = (nll > 80).nonzero()[:, 0]
+    if far.numel():
+        rows = logits_of(far).to(nll.dtype)
+        nll[far] = torch.logsumexp(rows, dim=-1) - rows.gather(1, labels[far, None])[:, 0]
+    return nll
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -130,21 +147,13 @@ class LinearCrossEntropy(torch.autograd.Function):
             if pbuf is not lbuf:
                 p.copy_(lg)
             p = torch.ops.aten._softmax.out(p, -1, False, out=p)             # in place, fp32
-            idx = safe[r0:r1, None]
-            picked[r0:r1] = p.gather(1, idx)[:, 0]
+            picked[r0:r1] = _pick_and_grad_(p, safe[r0:r1], keep[r0:r1], grad)
             if grad:
-                p.scatter_add_(1, idx, p.new_full((r1 - r0, 1), -1.0))       # softmax - onehot
-                if not keep[r0:r1].all():
-                    p[~keep[r0:r1]] = 0                                      # ignored rows get no gradient
                 dl = dlogits[r0:r1]
                 dl.copy_(p)
                 if dh is not None:
                     torch.mm(dl, weight, out=dh[r0:r1])                      # (R, dim)
-        nll = picked.log_().neg_()                                           # (N,)
-        far = (nll > 80).nonzero()[:, 0]                                     # p[label] (nearly) underflowed
-        if far.numel():
-            rows = torch.mm(h[far], wt).to(acc)                              # (n, V)
-            nll[far] = torch.logsumexp(rows, dim=-1) - rows.gather(1, safe[far, None])[:, 0]
+        nll = _label_nll(picked, safe, lambda rows: torch.mm(h[rows], wt))
         dw = torch.mm(dlogits.t(), h) if ctx.needs_input_grad[1] else None   # (V, dim)
         ctx.save_for_backward(dh, dw)
         return (nll * keep).sum()
