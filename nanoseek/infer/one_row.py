@@ -112,8 +112,7 @@ class OneRowDecoder:
     def _mvs(x: torch.Tensor, pack) -> list[torch.Tensor]:
         """x (1, in) fp32 -> one (1, out_i) fp32 product per packed weight."""
         if isinstance(pack[0], torch.Tensor):           # fp32 weights: y^T = W x^T (see layers.linear)
-            xt = torch.cat([x, x]).t()
-            return [torch.mm(w, xt).select(1, 0).view(1, -1) for w in pack]
+            return [y.view(1, -1) for y in layers.tall_mm(x, pack)]
         y = torch.ops.quantized.linear_dynamic_fp16(x, pack[0])
         return [y] if len(pack[1]) == 1 else list(y.split(pack[1], dim=-1))
 

@@ -250,18 +250,24 @@ def linears(x: torch.Tensor, weights: tuple[torch.Tensor, ...], biases: tuple | 
                                                onednn, None, "none", [], "")
         outs = (y,) if len(weights) == 1 else y.split([w.shape[0] for w in weights], dim=-1)   # (n, out) each
     elif dt == torch.float32 and 0 < n <= 8 and _all_dtype(weights, dt):
-        x2 = x if x.dim() == 2 else x.reshape(n, d)
-        # one row: passed twice, (2, in) contiguous, and column 0 of the (out, 2) product is the answer;
-        # more rows: contiguous rows (x2^T a transposed view) are MKL's fast case, a row-major x2^T is not
-        xt = (torch.cat([x2, x2]) if n == 1 else x2.contiguous()).t()
-        outs = [torch.mm(w, xt) for w in weights]
-        outs = [y.select(1, 0) for y in outs] if n == 1 else [y.t() for y in outs]   # (out,) or (n, out), strided
+        outs = tall_mm(x if x.dim() == 2 else x.reshape(n, d), weights)
     else:
         return [F.linear(x, w, b) for w, b in zip(weights, biases or (None,) * len(weights))]
     lead = x.shape[:-1]
     if biases is None or all(b is None for b in biases):
         return [y.view(*lead, w.shape[0]) for y, w in zip(outs, weights)]
     return [(y if b is None else y + b).view(*lead, w.shape[0]) for y, w, b in zip(outs, weights, biases)]
+
+
+def tall_mm(x2: torch.Tensor, weights) -> list[torch.Tensor]:
+    """x2 (n, in) fp32, a few rows -> [x2 W^T for each W] as (W x2^T)^T, MKL's fast case (see `linear`).
+    One row is passed twice, (2, in) contiguous, and column 0 of the (out, 2) product is the answer;
+    more rows: contiguous rows (x2^T a transposed view), a row-major x2^T is not. Results are strided
+    views: (out,) for one row, (n, out) for more."""
+    n = x2.shape[0]
+    xt = (torch.cat([x2, x2]) if n == 1 else x2.contiguous()).t()
+    outs = [torch.mm(w, xt) for w in weights]
+    return [y.select(1, 0) for y in outs] if n == 1 else [y.t() for y in outs]
 
 
 def _all_dtype(weights: tuple[torch.Tensor, ...], dtype: torch.dtype) -> bool:
