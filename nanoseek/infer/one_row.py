@@ -33,7 +33,7 @@ class OneRowDecoder:
         self.model = model
         cfg = self.cfg = model.config
         self.H, self.nope, self.rope = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
-        self.c, self.v, self.dim, self.eps = cfg.kv_lora_rank, cfg.v_head_dim, cfg.hidden_size, cfg.rms_norm_eps
+        self.c, self.dim, self.eps = cfg.kv_lora_rank, cfg.hidden_size, cfg.rms_norm_eps
         self._key: tuple | None = None
         self._layers: list | None = None
         self._params: list | None = None
@@ -74,12 +74,14 @@ class OneRowDecoder:
         hold them), or the fp32 weights themselves."""
         if ws[0].dtype == torch.float32:
             return ws
-        return layers._fp16_pack(*ws), [w.shape[0] for w in ws]
+        packed = layers._fp16_pack(*ws)
+        if packed is None:
+            self._packable = False
+        return packed, [w.shape[0] for w in ws]
 
     def _build(self) -> None:
-        m, self._layers = self.model, []
+        m, self._layers, self._packable = self.model, [], True
         f32 = lambda w: w.detach().float()        # noqa: E731
-        packs = []
         for blk in m.layers:
             a, f = blk.attn, blk.ffn
             L = SimpleNamespace(n1=f32(blk.attn_norm.weight), n2=f32(blk.ffn_norm.weight),
@@ -91,8 +93,7 @@ class OneRowDecoder:
                 L.qkv, L.qn, L.qb = (self._pack(a.wq_a.weight, a.wkv_a.weight), f32(a.q_norm.weight),
                                      self._pack(a.wq_b.weight))
             L.wo = self._pack(a.wo.weight)
-            w = a.wkv_b.weight.detach().float().view(self.H, self.nope + self.v, self.c)
-            L.uk, L.uvt = w[:, : self.nope].contiguous(), w[:, self.nope:].transpose(1, 2).contiguous()
+            L.uk, L.uvt = a._split_wkv_b(a.wkv_b.weight.detach(), torch.float32)   # (H, nope, c), (H, c, v)
             dense = f.shared if L.moe else f
             L.s13 = None if dense is None else self._pack(dense.w1.weight, dense.w3.weight)
             L.s2 = None if dense is None else self._pack(dense.w2.weight)
@@ -100,12 +101,9 @@ class OneRowDecoder:
                 L.gate, ex = f.gate, f.experts
                 L.e13 = [self._pack(ex.w1[e], ex.w3[e]) for e in range(ex.w1.shape[0])]
                 L.e2 = [self._pack(ex.w2[e]) for e in range(ex.w2.shape[0])]
-                packs += L.e13 + L.e2
-            packs += [p for p in (L.qkv, L.qb, L.wo, L.s13, L.s2) if p is not None]
             self._layers.append(L)
         self._norm, self._head = f32(m.norm.weight), self._pack(m.head.weight)
-        packs.append(self._head)
-        if any(p[0] is None for p in packs if not isinstance(p[0], torch.Tensor)):
+        if not self._packable:
             self._layers = None        # a bf16 weight fp16 cannot hold: the model path runs instead
 
     @staticmethod
