@@ -461,6 +461,22 @@ def test_detokenizer_never_emits_half_a_character():
     assert sum(1 for piece in pieces if piece) < len(text.encode())   # multi-byte chars came out whole
 
 
+def test_generate_decodes_once_what_a_stream_decodes_token_by_token():
+    """generate() (nobody reads the text before the end) decodes each output once when it finishes; a
+    stream decodes token by token. Random bytes, invalid UTF-8 included, come out as the same text."""
+    m, tok = tiny(), ByteTokenizer()
+    ps = prompts(5, 9, 3, 7)
+    sps = [SamplingParams(max_tokens=40, temperature=1.0, seed=s) for s in range(len(ps))]
+    once = Engine(m, tok).generate(ps, sps)
+    eng = Engine(m, tok)
+    for p, sp, c in zip(ps, sps, once):
+        events = list(eng.add_request(p, sp))
+        assert [t for ev in events for t in ev.token_ids] == c.token_ids
+        assert "".join(ev.text for ev in events) == c.text
+        assert events[-1].finish_reason == c.finish_reason
+    assert any("\ufffd" in c.text for c in once)      # the invalid-UTF-8 case was exercised
+
+
 def test_stream_threads_and_async():
     m = tiny()
     ps = prompts(4, 8, 6)

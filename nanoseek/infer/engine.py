@@ -241,6 +241,9 @@ class _Seq:
         self.penalized = p.repetition_penalty != 1 or p.frequency_penalty != 0 or p.presence_penalty != 0
         self.detok = (_Detokenizer(eng.tokenizer, req.prompt_ids[-4:], eng._pieces)
                       if eng.tokenizer is not None else None)
+        # nobody reads this request's text before it finishes (generate(): no stream, no stop strings):
+        # its tokens are decoded once at the end instead of one window per token
+        self.lazy_text = self.detok is not None and not p.stop and req._sink is None and not req._keep
         self.text = ""                                # output text so far (stop string cut off)
         self.sent = 0                                 # characters of `text` already emitted
         self.logprobs: list[float] | None = [] if p.logprobs is not None else None
@@ -824,7 +827,9 @@ class Engine:
         if t in p.stop_token_ids or (not p.ignore_eos and t in self.eos_ids):
             self._finish(s, "stop", flush=True)
             return
-        if s.detok is not None:
+        if s.lazy_text:
+            s.detok.ids.append(t)
+        elif s.detok is not None:
             delta = s.detok.step(t)
             if delta:
                 old = len(s.text)
@@ -858,7 +863,7 @@ class Engine:
     def _finish(self, s: _Seq, reason: str, flush: bool = False) -> None:
         if s.finish_reason is not None:
             return
-        if flush and s.detok is not None:
+        if (flush or s.lazy_text) and s.detok is not None:
             rest = s.detok.flush()
             if rest and s.params.stop:
                 old = len(s.text)
