@@ -1,4 +1,4 @@
-"""One decode row on CPU: the model's own math for one token, in about half the ops.
+"""One decode row on CPU: the model's own math for one token, in about a third of the ops.
 
 At batch 1 a decode step of a small model is bound by the number of ops and Python calls around its
 ~70 matrix-vector products, not by their arithmetic. `OneRowDecoder.step` runs the absorbed-MLA
@@ -6,17 +6,25 @@ decode step of `Transformer.forward` for one token with everything prepared once
 
 - the matvecs on weights packed for the kernel that streams them fastest: bf16 weights through
   FBGEMM's fp16 GEMV (exact for them, see layers._fp16_pack), fp32 weights through MKL with the weight
-  as the tall operand (layers.linear); q_a|kv_a and w1|w3 as one product each (bf16);
-- W_UK and W_UV^T contiguous fp32, the norms' weights fp32, activations fp32 throughout (for bf16
-  weights that rounds less than the model path, which rounds to bf16 between ops);
-- no module calls, masks or casts; routing by the model's own Gate; the engine's paged cache.
+  as the tall operand (layers.tall_mm); weights that read the same input as one pack: q_a|kv_a,
+  w1|w3, and the MoE gate with the shared expert's w1|w3;
+- RMSNorm as one vector_norm read to the host: its weight multiplies the input, the 1/rms scalar
+  goes where it costs nothing (the query norm's into the softmax scale, the latent norm's into the
+  cache write), instead of the ~8 kernels of F.rms_norm;
+- RoPE as one small matmul by the step's rotation matrix (the same position in every layer), the
+  rotated key written straight into the cache; q's rows packed nope-first so every view is contiguous;
+- MoE routing (scores, selection bias, group-limited top-k) on the host from the gate's E logits:
+  ~20 us of Python instead of ~15 small ops per layer;
+- W_UK and W_UV^T contiguous fp32, activations fp32 throughout (for bf16 weights that rounds less
+  than the model path, which rounds to bf16 between ops); no module calls, masks or casts.
 
-Small preset, one thread: ~650 ops a step instead of ~1,200. tests/test_one_row.py holds its logits to
-the model's, and the engine's output with it to the output without it.
+tests/test_one_row.py holds its logits to the model's, and the engine's output with it to the output
+without it.
 """
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import torch
@@ -24,8 +32,10 @@ import torch.nn.functional as F
 from torch.nn.modules import module as nn_module
 
 from nanoseek.model import layers
-from nanoseek.model.layers import apply_rope, rope_cis
 from nanoseek.model.moe import MoE
+
+_vnorm = torch.linalg.vector_norm
+_gemv = torch.ops.quantized.linear_dynamic_fp16 if layers._FP16_GEMV else None
 
 
 class OneRowDecoder:
@@ -37,13 +47,13 @@ class OneRowDecoder:
         self._key: tuple | None = None
         self._layers: list | None = None
         self._params: list | None = None
-        # Packing bf16 weights takes a while (small preset: 0.4 s, ~65 steps of decoding), so after the
+        # Packing takes a while (small preset, bf16: 0.4 s, ~65 steps of decoding), so after the
         # weights change (an RL loop's optimizer step) the packs are rebuilt only once the new weights
-        # have held still for this many one-row steps; until then the model's forward runs. fp32 packs
-        # are views of the weights: rebuilt at once.
-        self.patience = 0 if next(model.parameters()).dtype == torch.float32 else 64
+        # have held still for this many one-row steps; until then the model's forward runs.
+        self.patience = 64
         self._seen: tuple | None = None
         self._waited = 0
+        self._rot_vals: torch.Tensor | None = None      # (positions, 2 * rope): the rotation's entries
 
     @staticmethod
     def supports(model, cache_dtype: torch.dtype) -> bool:
@@ -57,68 +67,111 @@ class OneRowDecoder:
 
     # --- packing, once per set of weights
     def _state(self) -> tuple | None:
-        """The weights' addresses and versions: an optimizer step or a load changes them (the packs are
-        rebuilt). None while any module has forward hooks: this step calls no module, so a hook (a
-        probe, a profiler, a test's pacing) would be skipped silently; the model's forward runs instead.
-        The module and parameter lists are walked once (walking the tree costs ~0.2 ms a step)."""
+        """The weights' (and the gates' selection biases') addresses and versions: an optimizer step,
+        a bias update or a load changes them (the packs are rebuilt). None while any module has forward
+        hooks: this step calls no module, so a hook (a probe, a profiler, a test's pacing) would be
+        skipped silently; the model's forward runs instead. The module and tensor lists are walked
+        once (walking the tree costs ~0.2 ms a step)."""
         if self._params is None:
-            self._params = list(self.model.parameters())
             self._modules = list(self.model.modules())
+            self._params = list(self.model.parameters()) + [
+                L.ffn.gate.bias for L in self.model.layers if isinstance(L.ffn, MoE) and L.ffn.gate.bias is not None]
         if (nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks
                 or any(m._forward_hooks or m._forward_pre_hooks for m in self._modules)):
             return None
         return tuple((p.data_ptr(), p._version) for p in self._params)
 
     def _pack(self, *ws: torch.Tensor):
-        """-> what _mvs takes: an fp16 GEMV pack of the concatenated bf16 weights (None if fp16 cannot
-        hold them), or the fp32 weights themselves."""
+        """The weights as one matrix for `_mv`: an fp16 GEMV pack of the concatenated bf16 weights
+        (None if fp16 cannot hold them: the model path runs), or fp32 weights (concatenated if several)."""
         if ws[0].dtype == torch.float32:
-            return ws
+            return (ws[0] if len(ws) == 1 else torch.cat(ws)).detach().contiguous()
+        if any(w.dtype != torch.bfloat16 for w in ws):
+            self._packable = False
+            return None
         packed = layers._fp16_pack(*ws)
         if packed is None:
             self._packable = False
-        return packed, [w.shape[0] for w in ws]
+        return packed
 
     def _build(self) -> None:
-        m, self._layers, self._packable = self.model, [], True
+        m, cfg, self._layers, self._packable = self.model, self.cfg, [], True
+        self._fp32 = next(m.parameters()).dtype == torch.float32
+        H, nope, rope = self.H, self.nope, self.rope
         f32 = lambda w: w.detach().float()        # noqa: E731
+
+        def nope_first(w):    # (H*(nope+rope), in) -> rows [every head's nope | every head's rope]
+            w = w.detach().view(H, nope + rope, -1)
+            return w[:, :nope].reshape(H * nope, -1), w[:, nope:].reshape(H * rope, -1)
+
         for blk in m.layers:
             a, f = blk.attn, blk.ffn
             L = SimpleNamespace(n1=f32(blk.attn_norm.weight), n2=f32(blk.ffn_norm.weight),
                                 kvn=f32(a.kv_norm.weight), idx=blk.layer_idx, moe=isinstance(f, MoE),
                                 scale=a.softmax_scale)
             if a.q_lora_rank is None:
-                L.qkv, L.qn, L.qb = self._pack(a.wq.weight, a.wkv_a.weight), None, None
+                L.qkv, L.Q, L.qn, L.qb = self._pack(*nope_first(a.wq.weight), a.wkv_a.weight), 0, None, None
             else:
-                L.qkv, L.qn, L.qb = (self._pack(a.wq_a.weight, a.wkv_a.weight), f32(a.q_norm.weight),
-                                     self._pack(a.wq_b.weight))
+                L.qkv, L.Q = self._pack(a.wq_a.weight, a.wkv_a.weight), a.q_lora_rank
+                L.qn, L.qb = f32(a.q_norm.weight), self._pack(*nope_first(a.wq_b.weight))
             L.wo = self._pack(a.wo.weight)
             L.uk, L.uvt = a._split_wkv_b(a.wkv_b.weight.detach(), torch.float32)   # (H, nope, c), (H, c, v)
-            dense = f.shared if L.moe else f
-            L.s13 = None if dense is None else self._pack(dense.w1.weight, dense.w3.weight)
-            L.s2 = None if dense is None else self._pack(dense.w2.weight)
+            shared = f.shared if L.moe else f
             if L.moe:
-                L.gate, ex = f.gate, f.experts
+                g = f.gate
+                L.E, L.inter = g.E, f.experts.w1.shape[1]
+                L.route = (g.E, g.topk, g.n_group, g.topk_group, g.topk_method, g.scoring_func == "sigmoid",
+                           g.norm_topk_prob, g.route_scale, None if g.bias is None else g.bias.tolist())
+                # the gate reads the same input as the shared expert: one product (fp32 logits either way)
+                gs = (g.weight,) if shared is None else (g.weight, shared.w1.weight, shared.w3.weight)
+                L.g13 = self._pack(*gs) if len({w.dtype for w in gs}) == 1 else None
+                if L.g13 is None:
+                    L.g13 = self._pack(g.weight)
+                    L.s13 = None if shared is None else self._pack(shared.w1.weight, shared.w3.weight)
+                else:
+                    L.s13 = None
+                ex = f.experts
                 L.e13 = [self._pack(ex.w1[e], ex.w3[e]) for e in range(ex.w1.shape[0])]
                 L.e2 = [self._pack(ex.w2[e]) for e in range(ex.w2.shape[0])]
+            else:
+                L.E, L.g13 = 0, None
+                L.s13 = self._pack(shared.w1.weight, shared.w3.weight)
+            L.s_inter = 0 if shared is None else shared.w1.weight.shape[0]
+            L.s2 = None if shared is None else self._pack(shared.w2.weight)
             self._layers.append(L)
         self._norm, self._head = f32(m.norm.weight), self._pack(m.head.weight)
+        # the rotation x -> x R of adjacent pairs (x[2i], x[2i+1]) by angle a_i: R[2i, 2i] = R[2i+1, 2i+1]
+        # = cos a_i, R[2i, 2i+1] = sin a_i, R[2i+1, 2i] = -sin a_i; the other entries stay 0
+        i = torch.arange(0, rope, 2)
+        self._rot_idx = torch.cat([i * rope + i, (i + 1) * rope + i, i * rope + i + 1, (i + 1) * rope + i + 1])
+        self._rot = torch.zeros(rope, rope)
+        self._zeros_c = torch.zeros(1, self.c)
         if not self._packable:
             self._layers = None        # a bf16 weight fp16 cannot hold: the model path runs instead
 
-    @staticmethod
-    def _mvs(x: torch.Tensor, pack) -> list[torch.Tensor]:
-        """x (1, in) fp32 -> one (1, out_i) fp32 product per packed weight."""
-        if isinstance(pack[0], torch.Tensor):           # fp32 weights: y^T = W x^T (see layers.linear)
-            return [y.view(1, -1) for y in layers.tall_mm(x, pack)]
-        y = torch.ops.quantized.linear_dynamic_fp16(x, pack[0])
-        return [y] if len(pack[1]) == 1 else list(y.split(pack[1], dim=-1))
+    def _rotation(self, pos: int) -> torch.Tensor:
+        """(rope, rope) fp32: x -> x R rotates a rope row for position `pos` as layers.apply_rope does
+        (cos/sin from the model's own `rope`, a table of them made once for a run of positions)."""
+        vals = self._rot_vals
+        if vals is None or pos >= vals.shape[0]:
+            n = max(1024, 2 * pos + 1)
+            cos, sin = self.model.rope(torch.arange(n)[None])              # (1, n, rope/2) each
+            vals = self._rot_vals = torch.cat([cos, -sin, sin, cos], dim=-1)[0]   # (n, 2 * rope)
+        self._rot.view(-1).index_copy_(0, self._rot_idx, vals[pos])
+        return self._rot
+
+    def _mv(self, x: torch.Tensor, pack) -> torch.Tensor:
+        """x (1, in) fp32 -> x W^T (1, out) fp32 (fp32: a strided view, see layers.tall_mm)."""
+        if self._fp32:
+            return torch.mm(pack, torch.cat([x, x]).t())[:, :1].t()
+        return _gemv(x, pack)
 
     # --- the step
     @torch.no_grad()
-    def step(self, token: int, positions: torch.Tensor, cache) -> torch.Tensor | None:
-        """Logits (1, vocab) fp32 for `token` at positions (1, 1), the cache bound to this one row (the
-        engine's `_bind`); None when these weights cannot take this path (the caller runs the model)."""
+    def step(self, token: int, position, cache) -> torch.Tensor | None:
+        """Logits (1, vocab) fp32 for `token` at `position` (an int, or a (1, 1) tensor), the cache bound
+        to this one row (the engine's `_bind` / `PagedCache.bind_one`, or a cache's `prepare(1)`); None
+        when these weights cannot take this path (the caller runs the model)."""
         key = self._state()
         if key is None:
             return None
@@ -132,36 +185,92 @@ class OneRowDecoder:
             self._key = key
         if self._layers is None:
             return None
-        m, mvs, eps, D = self.model, self._mvs, self.eps, self.dim
+        if not isinstance(position, int):
+            position = int(position.reshape(-1)[0])
+        mv, eps, D = self._mv, self.eps, self.dim
         H, nope, rope, c = self.H, self.nope, self.rope, self.c
-        rot = rope_cis(*m.rope(positions))                              # (1, 1, 1, rope/2) complex
-        x = m.embed.weight[token].float().view(1, D)
+        rot = self._rotation(position)                                   # (rope, rope)
+        span = getattr(cache, "_span", None)
+        if span is not None:                # the paged cache, this row's slots consecutive: written in place
+            first, w, S = span
+            pools = cache._layers
+        x = self.model.embed.weight[token].view(1, D).float()
         for L in self._layers:
-            h = F.rms_norm(x, (D,), L.n1, eps)
+            # --- attention
+            r = 1.0 / math.sqrt(_vnorm(x).item() ** 2 / D + eps)        # RMSNorm's 1 / rms(x)
+            y = mv(torch.mul(x, L.n1).mul_(r), L.qkv)                   # (1, Q + c + rope)
             if L.qb is None:
-                q, kv = mvs(h, L.qkv)
+                q, kv, k_pe = y.split([H * (nope + rope), c, rope], dim=-1)
+                alpha = L.scale
+                kv_sq = _vnorm(kv).item() ** 2
             else:
-                qa, kv = mvs(h, L.qkv)
-                q = mvs(F.rms_norm(qa, (qa.shape[-1],), L.qn, eps), L.qb)[0]
-            q_nope, q_pe = q.view(H, nope + rope).split([nope, rope], dim=-1)
-            kv, k_pe = kv.split([c, rope], dim=-1)
-            pe = apply_rope(torch.cat([q_pe, k_pe]).view(1, 1, H + 1, rope), rot, None)[0, 0]   # (H+1, rope)
-            kv_s, pe_s = cache.update(L.idx, F.rms_norm(kv, (c,), L.kvn, eps).view(1, 1, c), pe[H:].view(1, 1, rope))
-            kv_s, pe_s = kv_s[0], pe_s[0]                               # (S, c), (S, rope)
+                qa, kv, k_pe = y.split([L.Q, c, rope], dim=-1)
+                qa_sq, kv_sq = _vnorm(qa).item() ** 2, _vnorm(kv).item() ** 2
+                q = mv(qa * L.qn, L.qb)                                 # (1, H*(nope+rope)), rms scale below
+                alpha = L.scale / math.sqrt(qa_sq / L.Q + eps)          # the query norm's 1/rms: a scalar
+            q_nope, q_pe = q.split([H * nope, H * rope], dim=-1)
+            r_kv = 1.0 / math.sqrt(kv_sq / c + eps)
+            if span is not None:
+                kv_l, pe_l = pools[L.idx]
+                torch.addcmul(self._zeros_c, kv, L.kvn, value=r_kv, out=kv_l[w:w + 1])   # rms_norm(kv) * kvn
+                torch.mm(k_pe, rot, out=pe_l[w:w + 1])                  # the rotated rope key
+                kv_s, pe_s = kv_l[first:first + S], pe_l[first:first + S]   # (S, c), (S, rope)
+            else:
+                kv_s, pe_s = cache.update(L.idx, torch.addcmul(self._zeros_c, kv, L.kvn, value=r_kv).view(1, 1, c),
+                                          torch.mm(k_pe, rot).view(1, 1, rope))
+                kv_s, pe_s = kv_s[0], pe_s[0]
             q_lat = torch.bmm(q_nope.view(H, 1, nope), L.uk).view(H, c)
-            scores = torch.addmm(torch.mm(pe[:H], pe_s.t()), q_lat, kv_s.t(), beta=L.scale, alpha=L.scale)  # (H, S)
-            o = torch.bmm(torch.mm(scores.softmax(dim=-1), kv_s).view(H, 1, c), L.uvt)     # (H, 1, v)
-            x = x + mvs(o.view(1, -1), L.wo)[0]
-            h = F.rms_norm(x, (D,), L.n2, eps)
-            y = None
-            if L.s13 is not None:
-                a, b = mvs(h, L.s13)
-                y = mvs(F.silu(a) * b, L.s2)[0]
+            scores = torch.addmm(F.linear(torch.mm(q_pe.view(H, rope), rot), pe_s), q_lat, kv_s.t(),
+                                 beta=alpha, alpha=alpha)                # (H, S)
+            o = torch.bmm(torch.mm(scores.softmax(dim=-1), kv_s).view(H, 1, c), L.uvt)   # (H, 1, v)
+            x = x + mv(o.view(1, -1), L.wo)
+            # --- feed-forward
+            r = 1.0 / math.sqrt(_vnorm(x).item() ** 2 / D + eps)
+            h = torch.mul(x, L.n2).mul_(r)
             if L.moe:
-                r = L.gate(h)
-                for e, w in zip(r.indices[0].tolist(), r.weights[0].tolist()):   # one host sync per layer
-                    a, b = mvs(h, L.e13[e])
-                    ye = mvs(F.silu(a) * b, L.e2[e])[0] * w
-                    y = ye if y is None else y + ye
+                g = mv(h, L.g13)                                        # (1, E [+ 2 * shared inter])
+                y = None
+                if L.s13 is not None:
+                    g, y = g[:, :L.E], mv(h, L.s13)
+                if L.s_inter:
+                    a, b = (g[:, L.E:L.E + L.s_inter], g[:, L.E + L.s_inter:]) if y is None else y.split(L.s_inter, -1)
+                    y = mv(F.silu(a) * b, L.s2)
+                for e, we in _route(g[0, :L.E].tolist(), L.route):
+                    a, b = mv(h, L.e13[e]).split(L.inter, dim=-1)
+                    ye = mv(F.silu(a) * b, L.e2[e])
+                    y = ye.mul_(we) if y is None else y.add_(ye, alpha=we)
+            else:
+                a, b = mv(h, L.s13).split(L.s_inter, dim=-1)
+                y = mv(F.silu(a) * b, L.s2)
             x = x + y
-        return mvs(F.rms_norm(x, (D,), self._norm, eps), self._head)[0]
+        r = 1.0 / math.sqrt(_vnorm(x).item() ** 2 / D + eps)
+        return mv(torch.mul(x, self._norm).mul_(r), self._head)
+
+
+def _route(logits: list[float], route: tuple) -> list[tuple[int, float]]:
+    """moe.Gate.forward for one row, on the host: [(expert, weight)] from the E gate logits."""
+    E, k, n_group, topk_group, method, sigmoid, norm, scale, bias = route
+    if sigmoid:
+        scores = [1.0 / (1.0 + math.exp(-v)) if v > -700 else 0.0 for v in logits]
+    else:
+        top = max(logits)
+        ex = [math.exp(v - top) for v in logits]
+        tot = sum(ex)
+        scores = [v / tot for v in ex]
+    choice = scores if bias is None else [s + b for s, b in zip(scores, bias)]
+    experts = range(E)
+    if n_group > 1 and topk_group < n_group and method != "greedy":
+        n = E // n_group
+        groups = [choice[i * n:(i + 1) * n] for i in range(n_group)]
+        if method == "noaux_tc":                      # sum of each group's top-2
+            gs = [sum(sorted(grp, reverse=True)[:2]) for grp in groups]
+        else:                                         # group_limited_greedy: the group's best expert
+            gs = [max(grp) for grp in groups]
+        keep = sorted(range(n_group), key=gs.__getitem__, reverse=True)[:topk_group]
+        experts = [i * n + j for i in sorted(keep) for j in range(n)]
+    chosen = sorted(experts, key=choice.__getitem__, reverse=True)[:k]
+    w = [scores[e] for e in chosen]
+    if norm:
+        tot = sum(w) + 1e-20
+        w = [v / tot for v in w]
+    return [(e, v * scale) for e, v in zip(chosen, w)]
