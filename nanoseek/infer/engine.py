@@ -632,12 +632,18 @@ class Engine:
         rows = self._reserve(seqs, 1)
         if not rows:
             return
-        ids = torch.tensor([[s.tokens[-1]] for s in rows], device=self.device)     # (B, 1)
-        positions, mask = self._bind(rows, [1] * len(rows), 1)
-        if len({s.cached for s in rows}) == 1:
-            mask = None     # every row sees all S cached positions: no masking op in any layer
-        logits = None if self.one_row is None or len(rows) > 1 else self.one_row.step(rows[0].tokens[-1], positions, self.cache)
+        logits = None
+        if self.one_row is not None and len(rows) == 1:
+            # one row: the lean step, no ids, positions or mask tensors (infer/one_row.py)
+            s = rows[0]
+            if not self.cache.bind_one(s.blocks, s.cached):
+                self._bind(rows, [1], 1)
+            logits = self.one_row.step(s.tokens[-1], s.cached, self.cache)
         if logits is None:
+            ids = torch.tensor([[s.tokens[-1]] for s in rows], device=self.device)     # (B, 1)
+            positions, mask = self._bind(rows, [1] * len(rows), 1)
+            if len({s.cached for s in rows}) == 1:
+                mask = None     # every row sees all S cached positions: no masking op in any layer
             logits = self.model(ids, cache=self.cache, positions=positions, mask=mask, absorb=True)[:, 0]
         tokens, lps, tops = self._sample(rows, logits)
         self.stats["steps"] += 1
@@ -734,7 +740,9 @@ class Engine:
     def _sample(self, rows: list[_Seq], logits: torch.Tensor):
         """logits (B, V) -> (tokens, chosen logprobs, top logprobs) as Python lists (one host sync)."""
         bp = self._batch_params(rows, "sample")
-        if bp is None:
+        if bp is None and logits.device.type == "cpu" and logits.dtype == torch.float32:
+            chosen = torch.from_numpy(logits.numpy().argmax(-1))       # numpy's is ~5x faster (8192: 3 vs 14 us)
+        elif bp is None:
             chosen = logits.argmax(dim=-1)
         else:
             probs = self._distribution(rows, bp, logits)
