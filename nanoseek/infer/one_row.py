@@ -126,8 +126,9 @@ class OneRowDecoder:
                 L.E, L.inter = g.E, f.experts.w1.shape[1]
                 L.route = (g.E, g.topk, g.n_group, g.topk_group, g.topk_method, g.scoring_func == "sigmoid",
                            g.norm_topk_prob, g.route_scale, None if g.bias is None else g.bias.tolist())
-                # the gate reads the same input as the shared expert: one product (fp32 logits either way)
-                gs = (g.weight,) if shared is None else (g.weight, shared.w1.weight, shared.w3.weight)
+                # the gate reads the same input as the shared expert: one product (fp32 logits either way),
+                # its rows last so that one split gives w1's, w3's and the gate's outputs
+                gs = (g.weight,) if shared is None else (shared.w1.weight, shared.w3.weight, g.weight)
                 L.g13 = self._pack(*gs) if len({w.dtype for w in gs}) == 1 else None
                 if L.g13 is None:
                     L.g13 = self._pack(g.weight)
@@ -149,7 +150,7 @@ class OneRowDecoder:
         i = torch.arange(0, rope, 2)
         self._rot_idx = torch.cat([i * rope + i, (i + 1) * rope + i, i * rope + i + 1, (i + 1) * rope + i + 1])
         self._rot = torch.zeros(rope, rope)
-        self._zeros_c = torch.zeros(1, self.c)
+        self._zeros_c, self._zeros_pe = torch.zeros(1, self.c), torch.zeros(1, rope)
         if not self._packable:
             self._layers = None        # a bf16 weight fp16 cannot hold: the model path runs instead
 
@@ -197,31 +198,32 @@ class OneRowDecoder:
         span = getattr(cache, "_span", None)
         if span is not None:                # the paged cache, this row's slots consecutive: written in place
             first, w, S = span
-            pools = cache._layers
+            kv_w, pe_w = cache.kv[:, w:w + 1].unbind(0), cache.pe[:, w:w + 1].unbind(0)            # (1, c|rope)
+            kv_r, pe_r = cache.kv[:, first:first + S].unbind(0), cache.pe[:, first:first + S].unbind(0)   # (S, .)
         x = self.model.embed.weight[token].view(1, D).float()
         for L in self._layers:
-            # --- attention
-            r = 1.0 / math.sqrt(_vnorm(x).item() ** 2 / D + eps)        # RMSNorm's 1 / rms(x)
-            y = mv(torch.mul(x, L.n1).mul_(r), L.qkv)                   # (1, Q + c + rope)
+            # --- attention. RMSNorm: y = W (x * n1) / rms(x); the 1/rms scalar r is carried into the
+            # query and latent norms (exactly: rms(r a) from r and |a|), the softmax scale and the rope key
+            r = 1.0 / math.sqrt(_vnorm(x).item() ** 2 / D + eps)
+            r2 = r * r
+            y = mv(x * L.n1, L.qkv)                                     # (1, Q + c + rope), times 1/r
             if L.qb is None:
                 q, kv, k_pe = y.split([H * (nope + rope), c, rope], dim=-1)
-                alpha = L.scale
-                kv_sq = _vnorm(kv).item() ** 2
+                alpha = L.scale * r
             else:
                 qa, kv, k_pe = y.split([L.Q, c, rope], dim=-1)
-                qa_sq, kv_sq = _vnorm(qa).item() ** 2, _vnorm(kv).item() ** 2
-                q = mv(qa * L.qn, L.qb)                                 # (1, H*(nope+rope)), rms scale below
-                alpha = L.scale / math.sqrt(qa_sq / L.Q + eps)          # the query norm's 1/rms: a scalar
+                q = mv(qa * L.qn, L.qb)                                 # (1, H*(nope+rope)), times 1/(r r_q)
+                alpha = L.scale * r / math.sqrt(r2 * _vnorm(qa).item() ** 2 / L.Q + eps)
             q_nope, q_pe = q.split([H * nope, H * rope], dim=-1)
-            r_kv = 1.0 / math.sqrt(kv_sq / c + eps)
+            r_kv = r / math.sqrt(r2 * _vnorm(kv).item() ** 2 / c + eps)
             if span is not None:
-                kv_l, pe_l = pools[L.idx]
-                torch.addcmul(self._zeros_c, kv, L.kvn, value=r_kv, out=kv_l[w:w + 1])   # rms_norm(kv) * kvn
-                torch.mm(k_pe, rot, out=pe_l[w:w + 1])                  # the rotated rope key
-                kv_s, pe_s = kv_l[first:first + S], pe_l[first:first + S]   # (S, c), (S, rope)
+                i = L.idx
+                torch.addcmul(self._zeros_c, kv, L.kvn, value=r_kv, out=kv_w[i])   # rms_norm(kv) * kvn
+                torch.addmm(self._zeros_pe, k_pe, rot, beta=0, alpha=r, out=pe_w[i])   # the rotated rope key
+                kv_s, pe_s = kv_r[i], pe_r[i]                           # (S, c), (S, rope)
             else:
                 kv_s, pe_s = cache.update(L.idx, torch.addcmul(self._zeros_c, kv, L.kvn, value=r_kv).view(1, 1, c),
-                                          torch.mm(k_pe, rot).view(1, 1, rope))
+                                          torch.addmm(self._zeros_pe, k_pe, rot, beta=0, alpha=r).view(1, 1, rope))
                 kv_s, pe_s = kv_s[0], pe_s[0]
             q_lat = torch.bmm(q_nope.view(H, 1, nope), L.uk).view(H, c)
             scores = torch.addmm(F.linear(torch.mm(q_pe.view(H, rope), rot), pe_s), q_lat, kv_s.t(),
@@ -232,14 +234,17 @@ class OneRowDecoder:
             r = 1.0 / math.sqrt(_vnorm(x).item() ** 2 / D + eps)
             h = torch.mul(x, L.n2).mul_(r)
             if L.moe:
-                g = mv(h, L.g13)                                        # (1, E [+ 2 * shared inter])
                 y = None
-                if L.s13 is not None:
-                    g, y = g[:, :L.E], mv(h, L.s13)
+                if L.s13 is not None:                                  # (gate and shared expert in two packs)
+                    g = mv(h, L.g13)
+                    a, b = mv(h, L.s13).split(L.s_inter, dim=-1)
+                elif L.s_inter:
+                    a, b, g = mv(h, L.g13).split([L.s_inter, L.s_inter, L.E], dim=-1)
+                else:
+                    g = mv(h, L.g13)                                    # (1, E)
                 if L.s_inter:
-                    a, b = (g[:, L.E:L.E + L.s_inter], g[:, L.E + L.s_inter:]) if y is None else y.split(L.s_inter, -1)
                     y = mv(F.silu(a) * b, L.s2)
-                for e, we in _route(g[0, :L.E].tolist(), L.route):
+                for e, we in _route(g.tolist()[0], L.route):
                     a, b = mv(h, L.e13[e]).split(L.inter, dim=-1)
                     ye = mv(F.silu(a) * b, L.e2[e])
                     y = ye.mul_(we) if y is None else y.add_(ye, alpha=we)
@@ -249,7 +254,6 @@ class OneRowDecoder:
             x = x + y
         r = 1.0 / math.sqrt(_vnorm(x).item() ** 2 / D + eps)
         return mv(torch.mul(x, self._norm).mul_(r), self._head)
-
 
 def _route(logits: list[float], route: tuple) -> list[tuple[int, float]]:
     """moe.Gate.forward for one row, on the host: [(expert, weight)] from the E gate logits."""
