@@ -38,7 +38,7 @@ from nanoseek.model.moe import MoE
 _vnorm = torch.linalg.vector_norm
 _version = operator.attrgetter("_version")
 _data_ptr = torch.Tensor.data_ptr
-_gemv = torch.ops.quantized.linear_dynamic_fp16 if layers._FP16_GEMV else None
+_gemv = layers.fp16_gemv
 
 
 class OneRowDecoder:
