@@ -38,7 +38,7 @@ from nanoseek.model.moe import MoE
 _vnorm = torch.linalg.vector_norm
 _version = operator.attrgetter("_version")
 _data_ptr = torch.Tensor.data_ptr
-_gemv = layers.fp16_gemv
+_gemv = layers._FP16_LINEAR if layers._FP16_GEMV else None      # (x, packed, bias): see layers.fp16_gemv
 
 
 class OneRowDecoder:
@@ -169,7 +169,7 @@ class OneRowDecoder:
         """x (1, in) fp32 -> x W^T (1, out) fp32 (fp32: a strided view, see layers.tall_mm)."""
         if self._fp32:
             return torch.mm(pack, torch.cat([x, x]).t())[:, :1].t()
-        return _gemv(x, pack)
+        return _gemv(x, pack, None)
 
     # --- the step
     @torch.no_grad()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from typing import Callable, TypeVar
 
@@ -198,29 +199,35 @@ def _fp16_pack(*weights: torch.Tensor) -> torch.Tensor | None:
     w = (weights[0] if len(weights) == 1 else torch.cat(weights)).float()
     if (w.half().float() - w).abs().max().item() > 2.0**-25:
         return None
-    return torch.ops.quantized.linear_prepack_fp16(w, None)
+    global _fp16_quiet
+    if _fp16_quiet:
+        return _FP16_PACK(w)
+    with warnings.catch_warnings():     # torch's once-per-process deprecation notices (see fp16_gemv)
+        warnings.simplefilter("ignore")
+        packed = _FP16_PACK(w)
+        fp16_gemv(w.new_zeros(1, w.shape[1]), packed)
+    _fp16_quiet = True
+    return packed
 
 
-_FP16_GEMV = ("fbgemm" in torch.backends.quantized.supported_engines
-              and hasattr(torch.ops.quantized, "linear_dynamic_fp16"))
+def fp16_gemv(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x (rows, in) fp32 times a `_fp16_pack`ed weight -> (rows, out) fp32, fp32 accumulation."""
+    return _FP16_LINEAR(x, packed, None)
 
 
-def fp16_gemv(x: torch.Tensor, packed) -> torch.Tensor:
-    """x (rows, in) fp32 times a `_fp16_pack`ed weight -> (rows, out) fp32. The op called through a
-    TorchScript function: from Python, `torch.ops.quantized.*` spends ~15 us a call resolving and
-    converting its arguments (FBGEMM's 16x16 product: 21 us a call from Python, 3.6 us scripted), and a
-    one-row decode step makes ~70 of these calls."""
-    global _fp16_gemv_scripted
-    if _fp16_gemv_scripted is None:
-        _fp16_gemv_scripted = torch.jit.script(_fp16_gemv_eager)
-    return _fp16_gemv_scripted(x, packed)
-
-
-def _fp16_gemv_eager(x: torch.Tensor, packed: torch.classes.quantized.LinearPackedParamsBase) -> torch.Tensor:
-    return torch.ops.quantized.linear_dynamic_fp16(x, packed)
-
-
-_fp16_gemv_scripted = None
+# FBGEMM's fp16 GEMV through torch's plain functions: the kernel of torch.ops.quantized.linear_dynamic_fp16
+# (and its format), ~2 us a call from Python instead of ~12 (torch.ops resolves and converts its
+# arguments on every call; a one-row decode step makes ~70 calls). torch marks these functions
+# deprecated: without them the quantized op runs.
+_FP16_GEMV = "fbgemm" in torch.backends.quantized.supported_engines
+if _FP16_GEMV and hasattr(torch, "fbgemm_linear_fp16_weight_fp32_activation"):
+    _FP16_PACK, _FP16_LINEAR = torch.fbgemm_pack_gemm_matrix_fp16, torch.fbgemm_linear_fp16_weight_fp32_activation
+elif _FP16_GEMV and hasattr(torch.ops.quantized, "linear_dynamic_fp16"):
+    _FP16_PACK = lambda w: torch.ops.quantized.linear_prepack_fp16(w, None)          # noqa: E731
+    _FP16_LINEAR = lambda x, packed, bias: torch.ops.quantized.linear_dynamic_fp16(x, packed)   # noqa: E731
+else:
+    _FP16_GEMV = False
+_fp16_quiet = False
 
 
 # oneDNN's linear on a weight reordered once into its blocked layout. F.linear in bf16 reorders it on
