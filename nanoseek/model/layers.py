@@ -236,6 +236,10 @@ _fp16_quiet = False
 _ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 PACKED_MAX_ROWS = 64
+# FBGEMM's fp16 kernel streams the weight once for a few rows too, and beats oneDNN's bf16 one up to
+# about 4 (one thread, cold weights, 384x512: 1 row 24 vs 50 us, 4 rows 34 vs 54, 16 rows 78 vs 66):
+# a batch's MoE experts mostly see 1-4 of its rows each.
+FP16_MAX_ROWS = 4
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -246,8 +250,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
       slower than the same product with W as the tall operand, and one row passed twice beats its
       gemv (small preset, one thread: the 8192x512 head 1.7 -> 0.8 ms at 1 row, 3.4 -> 0.8 ms at 2).
       The result is a strided view.
-    - bf16, one row: FBGEMM's fp16 GEMV on the weight packed once (`derived`, `_fp16_pack`), the row
-      widened to fp32 exactly, fp32 accumulation, one rounding of the result to bf16 (as F.linear).
+    - bf16, up to FP16_MAX_ROWS rows: FBGEMM's fp16 GEMV on the weight packed once (`derived`,
+      `_fp16_pack`), the rows widened to fp32 exactly, fp32 accumulation, one rounding of the result to
+      bf16 (as F.linear).
     - bf16, up to PACKED_MAX_ROWS rows: oneDNN with the weight packed once.
     """
     return linears(x, (weight,), (bias,))[0]
@@ -264,10 +269,10 @@ def linears(x: torch.Tensor, weights: tuple[torch.Tensor, ...], biases: tuple | 
     n = x.numel() // d
     dt = x.dtype
     packed = None
-    if dt == torch.bfloat16 and n == 1 and _FP16_GEMV and _all_dtype(weights, dt):
+    if dt == torch.bfloat16 and 0 < n <= FP16_MAX_ROWS and _FP16_GEMV and _all_dtype(weights, dt):
         packed = derived(weights, "fp16", _fp16_pack)       # None where fp16 cannot hold the weights
     if packed is not None:
-        y = fp16_gemv(x.reshape(1, d).float(), packed).to(dt)                 # (1, sum of outs)
+        y = fp16_gemv(x.reshape(n, d).float(), packed).to(dt)                 # (n, sum of outs)
         outs = (y,) if len(weights) == 1 else y.split([w.shape[0] for w in weights], dim=-1)
     elif (dt == torch.bfloat16 and 0 < n <= PACKED_MAX_ROWS and _ONEDNN and _all_dtype(weights, dt)
           and (onednn := derived(weights, "onednn", _onednn_pack)) is not None):
