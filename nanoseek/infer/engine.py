@@ -740,8 +740,10 @@ class Engine:
     def _sample(self, rows: list[_Seq], logits: torch.Tensor):
         """logits (B, V) -> (tokens, chosen logprobs, top logprobs) as Python lists (one host sync)."""
         bp = self._batch_params(rows, "sample")
-        if bp is None and logits.device.type == "cpu" and logits.dtype == torch.float32:
-            chosen = torch.from_numpy(logits.numpy().argmax(-1))       # numpy's is ~5x faster (8192: 3 vs 14 us)
+        if bp is None and logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16):
+            # numpy's argmax (the first of equal maxima, as torch's) is ~5x faster than torch's on fp32
+            # (8192 logits: 3 vs 14 us) and ~15x on bf16 widened first (16 x 8192: ~40 vs 625 us)
+            chosen = torch.from_numpy(logits.float().numpy().argmax(-1))
         elif bp is None:
             chosen = logits.argmax(dim=-1)
         else:
