@@ -99,51 +99,12 @@ class OneRowDecoder:
         return packed
 
     def _build(self) -> None:
-        m, cfg, self._layers, self._packable = self.model, self.cfg, [], True
+        m, self._packable = self.model, True
         self._fp32 = next(m.parameters()).dtype == torch.float32
-        H, nope, rope = self.H, self.nope, self.rope
+        rope = self.rope
         f32 = lambda w: w.detach().float()        # noqa: E731
-
-        def nope_first(w):    # (H*(nope+rope), in) -> rows [every head's nope | every head's rope]
-            w = w.detach().view(H, nope + rope, -1)
-            return w[:, :nope].reshape(H * nope, -1), w[:, nope:].reshape(H * rope, -1)
-
-        for blk in m.layers:
-            a, f = blk.attn, blk.ffn
-            L = SimpleNamespace(n1=f32(blk.attn_norm.weight), n2=f32(blk.ffn_norm.weight),
-                                kvn=f32(a.kv_norm.weight), idx=blk.layer_idx, moe=isinstance(f, MoE),
-                                scale=a.softmax_scale)
-            if a.q_lora_rank is None:
-                L.qkv, L.Q, L.qn, L.qb = self._pack(*nope_first(a.wq.weight), a.wkv_a.weight), 0, None, None
-            else:
-                L.qkv, L.Q = self._pack(a.wq_a.weight, a.wkv_a.weight), a.q_lora_rank
-                L.qn, L.qb = f32(a.q_norm.weight), self._pack(*nope_first(a.wq_b.weight))
-            L.wo = self._pack(a.wo.weight)
-            L.uk, L.uvt = a._split_wkv_b(a.wkv_b.weight.detach(), torch.float32)   # (H, nope, c), (H, c, v)
-            shared = f.shared if L.moe else f
-            if L.moe:
-                g = f.gate
-                L.E, L.inter = g.E, f.experts.w1.shape[1]
-                L.route = (g.E, g.topk, g.n_group, g.topk_group, g.topk_method, g.scoring_func == "sigmoid",
-                           g.norm_topk_prob, g.route_scale, None if g.bias is None else g.bias.tolist())
-                # the gate reads the same input as the shared expert: one product (fp32 logits either way),
-                # its rows last so that one split gives w1's, w3's and the gate's outputs
-                gs = (g.weight,) if shared is None else (shared.w1.weight, shared.w3.weight, g.weight)
-                L.g13 = self._pack(*gs) if len({w.dtype for w in gs}) == 1 else None
-                if L.g13 is None:
-                    L.g13 = self._pack(g.weight)
-                    L.s13 = None if shared is None else self._pack(shared.w1.weight, shared.w3.weight)
-                else:
-                    L.s13 = None
-                ex = f.experts
-                L.e13 = [self._pack(ex.w1[e], ex.w3[e]) for e in range(ex.w1.shape[0])]
-                L.e2 = [self._pack(ex.w2[e]) for e in range(ex.w2.shape[0])]
-            else:
-                L.E, L.g13 = 0, None
-                L.s13 = self._pack(shared.w1.weight, shared.w3.weight)
-            L.s_inter = 0 if shared is None else shared.w1.weight.shape[0]
-            L.s2 = None if shared is None else self._pack(shared.w2.weight)
-            self._layers.append(L)
+        self._layers = [self._pack_block(blk) for blk in m.layers]
+        self._mtp_packed = None                   # the MTP block's packs: made at the first speculative step
         self._norm, self._head = f32(m.norm.weight), self._pack(m.head.weight)
         # the rotation x -> x R of adjacent pairs (x[2i], x[2i+1]) by angle a_i: R[2i, 2i] = R[2i+1, 2i+1]
         # = cos a_i, R[2i, 2i+1] = sin a_i, R[2i+1, 2i] = -sin a_i; the other entries stay 0
@@ -153,6 +114,50 @@ class OneRowDecoder:
         self._zeros_c, self._zeros_pe = torch.zeros(1, self.c), torch.zeros(1, rope)
         if not self._packable:
             self._layers = None        # a bf16 weight fp16 cannot hold: the model path runs instead
+
+    def _pack_block(self, blk) -> SimpleNamespace:
+        H, nope, rope = self.H, self.nope, self.rope
+        f32 = lambda w: w.detach().float()        # noqa: E731
+
+        def nope_first(w):    # (H*(nope+rope), in) -> rows [every head's nope | every head's rope]
+            w = w.detach().view(H, nope + rope, -1)
+            return w[:, :nope].reshape(H * nope, -1), w[:, nope:].reshape(H * rope, -1)
+
+        a, f = blk.attn, blk.ffn
+        L = SimpleNamespace(n1=f32(blk.attn_norm.weight), n2=f32(blk.ffn_norm.weight),
+                            kvn=f32(a.kv_norm.weight), idx=blk.layer_idx, moe=isinstance(f, MoE),
+                            scale=a.softmax_scale)
+        if a.q_lora_rank is None:
+            L.qkv, L.Q, L.qn, L.qb = self._pack(*nope_first(a.wq.weight), a.wkv_a.weight), 0, None, None
+        else:
+            L.qkv, L.Q = self._pack(a.wq_a.weight, a.wkv_a.weight), a.q_lora_rank
+            L.qn, L.qb = f32(a.q_norm.weight), self._pack(*nope_first(a.wq_b.weight))
+        L.wo = self._pack(a.wo.weight)
+        L.uk, L.uvt = a._split_wkv_b(a.wkv_b.weight.detach(), torch.float32)   # (H, nope, c), (H, c, v)
+        shared = f.shared if L.moe else f
+        if L.moe:
+            g = f.gate
+            L.E, L.inter = g.E, f.experts.w1.shape[1]
+            L.route = (g.E, g.topk, g.n_group, g.topk_group, g.topk_method, g.scoring_func == "sigmoid",
+                       g.norm_topk_prob, g.route_scale, None if g.bias is None else g.bias.tolist())
+            # the gate reads the same input as the shared expert: one product (fp32 logits either way),
+            # its rows last so that one split gives w1's, w3's and the gate's outputs
+            gs = (g.weight,) if shared is None else (shared.w1.weight, shared.w3.weight, g.weight)
+            L.g13 = self._pack(*gs) if len({w.dtype for w in gs}) == 1 else None
+            if L.g13 is None:
+                L.g13 = self._pack(g.weight)
+                L.s13 = None if shared is None else self._pack(shared.w1.weight, shared.w3.weight)
+            else:
+                L.s13 = None
+            ex = f.experts
+            L.e13 = [self._pack(ex.w1[e], ex.w3[e]) for e in range(ex.w1.shape[0])]
+            L.e2 = [self._pack(ex.w2[e]) for e in range(ex.w2.shape[0])]
+        else:
+            L.E, L.g13 = 0, None
+            L.s13 = self._pack(shared.w1.weight, shared.w3.weight)
+        L.s_inter = 0 if shared is None else shared.w1.weight.shape[0]
+        L.s2 = None if shared is None else self._pack(shared.w2.weight)
+        return L
 
     def _rotation(self, pos: int) -> torch.Tensor:
         """(rope, rope) fp32: x -> x R rotates a rope row for position `pos` as layers.apply_rope does
@@ -171,24 +176,28 @@ class OneRowDecoder:
             return torch.mm(pack, torch.cat([x, x]).t())[:, :1].t()
         return _gemv(x, pack, None)
 
+    def _ready(self) -> bool:
+        """Whether the packs match the weights now (built here once they have held still long enough)."""
+        key = self._state()
+        if key is None:
+            return False
+        if key != self._key:
+            if key != self._seen:
+                self._seen, self._waited = key, 0
+            self._waited += 1
+            if self._waited <= self.patience:
+                return False
+            self._build()
+            self._key = key
+        return self._layers is not None
+
     # --- the step
     @torch.no_grad()
     def step(self, token: int, position, cache) -> torch.Tensor | None:
         """Logits (1, vocab) fp32 for `token` at `position` (an int, or a (1, 1) tensor), the cache bound
         to this one row (the engine's `_bind` / `PagedCache.bind_one`, or a cache's `prepare(1)`); None
         when these weights cannot take this path (the caller runs the model)."""
-        key = self._state()
-        if key is None:
-            return None
-        if key != self._key:
-            if key != self._seen:
-                self._seen, self._waited = key, 0
-            self._waited += 1
-            if self._waited <= self.patience:
-                return None
-            self._build()
-            self._key = key
-        if self._layers is None:
+        if not self._ready():
             return None
         if not isinstance(position, int):
             position = int(position.reshape(-1)[0])
@@ -254,6 +263,111 @@ class OneRowDecoder:
             x = x + y
         r = 1.0 / math.sqrt(_vnorm(x).item() ** 2 / D + eps)
         return mv(torch.mul(x, self._norm).mul_(r), self._head)
+
+    # --- a few rows of one sequence: MTP speculation's verify step (2 rows) and the MTP block after it
+    @torch.no_grad()
+    def verify(self, tokens: list[int], start: int, cache) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The model's forward for tokens at positions start.. of one sequence (the cache bound to those
+        rows: `PagedCache.bind`): (logits (T, vocab), hidden (T, dim) before the final norm), fp32; None
+        when these weights cannot take this path."""
+        if not self._ready():
+            return None
+        D = self.dim
+        x = self._rows(self.model.embed.weight[tokens].float(), start, cache, self._layers)     # (T, D)
+        return self._mvn(F.rms_norm(x, (D,), self._norm, self.eps), self._head), x
+
+    @torch.no_grad()
+    def mtp(self, h: torch.Tensor, next_ids: list[int], start: int, cache) -> torch.Tensor | None:
+        """Transformer.mtp_step at depth 0 for rows of one sequence (after `verify` in the same step, the
+        cache bound to these rows): h (T, dim), the ids one step ahead -> logits (1, vocab) of the last
+        row; None where the MTP block cannot be packed."""
+        if self._layers is None:
+            return None
+        if self._mtp_packed is None:
+            mt, f32 = self.model.mtp[0], (lambda w: w.detach().float())
+            blk = self._pack_block(mt.block)
+            self._mtp_packed = (blk, f32(mt.enorm.weight), f32(mt.hnorm.weight), self._pack(mt.eh_proj.weight),
+                                f32(mt.norm.weight)) if self._packable else False
+        if self._mtp_packed is False:
+            return None
+        blk, en, hn, eh, norm = self._mtp_packed
+        D, eps = self.dim, self.eps
+        e = self.model.embed.weight[next_ids].float()                                  # (T, D)
+        x = self._mvn(torch.cat([F.rms_norm(e, (D,), en, eps), F.rms_norm(h.float(), (D,), hn, eps)], -1), eh)
+        x = self._rows(x, start, cache, [blk])
+        return self._mvn(F.rms_norm(x[-1:], (D,), norm, eps), self._head)
+
+    def _mvn(self, x: torch.Tensor, pack) -> torch.Tensor:
+        """_mv for x (T, in) fp32, any few rows."""
+        if x.shape[0] == 1:
+            return self._mv(x, pack)
+        if self._fp32:
+            return torch.mm(pack, x.contiguous().t()).t()
+        return _gemv(x.contiguous(), pack, None)
+
+    def _rows(self, x: torch.Tensor, start: int, cache, blocks: list) -> torch.Tensor:
+        """`blocks` on x (T, dim) fp32 at positions start .. start+T-1 of one sequence: the model's math
+        with plain F.rms_norm, per-row rotations and a causal mask among the T new positions."""
+        mv, eps, D = self._mvn, self.eps, self.dim
+        H, nope, rope, c = self.H, self.nope, self.rope, self.c
+        T = x.shape[0]
+        self._rotation(start + T - 1)                                   # the table reaches start + T - 1
+        rots = torch.zeros(T, rope * rope).index_copy_(1, self._rot_idx, self._rot_vals[start:start + T])
+        rots = rots.view(T, rope, rope)                                 # (T, rope, rope)
+        S = start + T
+        masked = torch.arange(S) > torch.arange(start, S)[:, None] if T > 1 else None   # (T, S): a later key
+        span = getattr(cache, "_span", None)
+        if span is not None:
+            first, w, _ = span
+            kv_w, pe_w = cache.kv[:, w:w + T].unbind(0), cache.pe[:, w:w + T].unbind(0)          # (T, c|rope)
+            kv_r, pe_r = cache.kv[:, first:first + S].unbind(0), cache.pe[:, first:first + S].unbind(0)
+        for L in blocks:
+            h = F.rms_norm(x, (D,), L.n1, eps)
+            y = mv(h, L.qkv)
+            if L.qb is None:
+                q, kv, k_pe = y.split([H * (nope + rope), c, rope], dim=-1)
+            else:
+                qa, kv, k_pe = y.split([L.Q, c, rope], dim=-1)
+                q = mv(F.rms_norm(qa, (L.Q,), L.qn, eps), L.qb)
+            q_nope, q_pe = q.split([H * nope, H * rope], dim=-1)       # (T, H*nope), (T, H*rope)
+            kv = F.rms_norm(kv, (c,), L.kvn, eps)                        # (T, c)
+            k_pe = torch.bmm(k_pe.reshape(T, 1, rope), rots).view(T, rope)
+            if span is not None:
+                kv_w[L.idx].copy_(kv)
+                pe_w[L.idx].copy_(k_pe)
+                kv_s, pe_s = kv_r[L.idx], pe_r[L.idx]                   # (S, c), (S, rope)
+            else:
+                kv_s, pe_s = cache.update(L.idx, kv.view(1, T, c), k_pe.view(1, T, rope))
+                kv_s, pe_s = kv_s[0], pe_s[0]
+            # rows of the scores are (head, new position) pairs
+            q_lat = torch.bmm(q_nope.reshape(T, H, nope).transpose(0, 1), L.uk).view(H * T, c)
+            q_pe = torch.bmm(q_pe.reshape(T, H, rope), rots).transpose(0, 1).reshape(H * T, rope)
+            scores = torch.addmm(F.linear(q_pe, pe_s), q_lat, kv_s.t(), beta=L.scale, alpha=L.scale)   # (H*T, S)
+            if masked is not None:
+                scores = scores.view(H, T, S).masked_fill_(masked, float("-inf")).view(H * T, S)
+            o = torch.bmm(torch.mm(scores.softmax(dim=-1), kv_s).view(H, T, c), L.uvt)   # (H, T, v)
+            x = x + mv(o.transpose(0, 1).reshape(T, -1), L.wo)
+            h = F.rms_norm(x, (D,), L.n2, eps)
+            if L.moe:
+                y = None
+                if L.s13 is not None:
+                    g = mv(h, L.g13)
+                    a, b = mv(h, L.s13).split(L.s_inter, dim=-1)
+                elif L.s_inter:
+                    a, b, g = mv(h, L.g13).split([L.s_inter, L.s_inter, L.E], dim=-1)
+                else:
+                    g = mv(h, L.g13)
+                y = mv(F.silu(a) * b, L.s2) if L.s_inter else torch.zeros_like(x)
+                for t, logits in enumerate(g.tolist()):
+                    ht, yt = h[t:t + 1], y[t:t + 1]
+                    for e, we in _route(logits, L.route):
+                        a, b = self._mv(ht, L.e13[e]).split(L.inter, dim=-1)
+                        yt.add_(self._mv(F.silu(a) * b, L.e2[e]), alpha=we)
+            else:
+                a, b = mv(h, L.s13).split(L.s_inter, dim=-1)
+                y = mv(F.silu(a) * b, L.s2)
+            x = x + y
+        return x
 
 def _route(logits: list[float], route: tuple) -> list[tuple[int, float]]:
     """moe.Gate.forward for one row, on the host: [(expert, weight)] from the E gate logits."""
