@@ -177,6 +177,14 @@ class Request:
             self._done.set()
 
 
+def _argmax(logits: torch.Tensor) -> torch.Tensor:
+    """logits.argmax(-1). On CPU through numpy (the first of equal maxima, as torch's): ~5x faster on
+    fp32 (8192 logits: 3 vs 14 us), ~40x on bf16 widened first (16 x 8192: ~30 us vs 1.3 ms)."""
+    if logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16):
+        return torch.from_numpy(logits.float().numpy().argmax(-1))
+    return logits.argmax(-1)
+
+
 class _Detokenizer:
     """Incremental detokenization (the window scheme of HF TGI / vLLM): decode a short window of ids
     before and after the new token and take the difference, holding back text that ends in an
@@ -674,8 +682,7 @@ class Engine:
             logits, hidden = out["logits"], out["hidden"]                           # (B, 2, V), (B, 2, dim)
         bp = self._batch_params(rows, "verify")
         if bp is None:
-            first = logits[:, 0].argmax(-1)
-            bonus = logits[:, 1].argmax(-1)
+            first, bonus = _argmax(logits).unbind(1)
             accepted = first == drafts
         else:
             p0 = self._distribution(rows, bp, logits[:, 0])
@@ -739,7 +746,7 @@ class Engine:
             last = logits[torch.tensor(needs, device=dev), 0]                         # (D, V)
         bp = self._batch_params(sel, "draft")
         if bp is None:
-            drafts = last.argmax(-1)
+            drafts = _argmax(last)
         else:
             q = self._distribution(sel, bp, last)
             drafts = smp.sample_cdf(q, self._uniform(sel))
@@ -754,12 +761,8 @@ class Engine:
     def _sample(self, rows: list[_Seq], logits: torch.Tensor):
         """logits (B, V) -> (tokens, chosen logprobs, top logprobs) as Python lists (one host sync)."""
         bp = self._batch_params(rows, "sample")
-        if bp is None and logits.device.type == "cpu" and logits.dtype in (torch.float32, torch.bfloat16):
-            # numpy's argmax (the first of equal maxima, as torch's) is ~5x faster than torch's on fp32
-            # (8192 logits: 3 vs 14 us) and ~15x on bf16 widened first (16 x 8192: ~40 vs 625 us)
-            chosen = torch.from_numpy(logits.float().numpy().argmax(-1))
-        elif bp is None:
-            chosen = logits.argmax(dim=-1)
+        if bp is None:
+            chosen = _argmax(logits)
         else:
             probs = self._distribution(rows, bp, logits)
             chosen = smp.sample_cdf(probs, self._uniform(rows))

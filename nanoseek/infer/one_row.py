@@ -321,16 +321,21 @@ class OneRowDecoder:
             first, w, _ = span
             kv_w, pe_w = cache.kv[:, w:w + T].unbind(0), cache.pe[:, w:w + T].unbind(0)          # (T, c|rope)
             kv_r, pe_r = cache.kv[:, first:first + S].unbind(0), cache.pe[:, first:first + S].unbind(0)
+        def rms_norm(x, w):     # F.rms_norm in 5 small ops instead of ~8 (the row norms read to the host)
+            n = x.shape[-1]
+            r = torch.tensor([1.0 / math.sqrt(v * v / n + eps) for v in _vnorm(x, dim=-1).tolist()])
+            return torch.mul(x, w).mul_(r.view(-1, 1))
+
         for L in blocks:
-            h = F.rms_norm(x, (D,), L.n1, eps)
+            h = rms_norm(x, L.n1)
             y = mv(h, L.qkv)
             if L.qb is None:
                 q, kv, k_pe = y.split([H * (nope + rope), c, rope], dim=-1)
             else:
                 qa, kv, k_pe = y.split([L.Q, c, rope], dim=-1)
-                q = mv(F.rms_norm(qa, (L.Q,), L.qn, eps), L.qb)
+                q = mv(rms_norm(qa, L.qn), L.qb)
             q_nope, q_pe = q.split([H * nope, H * rope], dim=-1)       # (T, H*nope), (T, H*rope)
-            kv = F.rms_norm(kv, (c,), L.kvn, eps)                        # (T, c)
+            kv = rms_norm(kv, L.kvn)                                     # (T, c)
             k_pe = torch.bmm(k_pe.reshape(T, 1, rope), rots).view(T, rope)
             if span is not None:
                 kv_w[L.idx].copy_(kv)
@@ -347,7 +352,7 @@ class OneRowDecoder:
                 scores = scores.view(H, T, S).masked_fill_(masked, float("-inf")).view(H * T, S)
             o = torch.bmm(torch.mm(scores.softmax(dim=-1), kv_s).view(H, T, c), L.uvt)   # (H, T, v)
             x = x + mv(o.transpose(0, 1).reshape(T, -1), L.wo)
-            h = F.rms_norm(x, (D,), L.n2, eps)
+            h = rms_norm(x, L.n2)
             if L.moe:
                 y = None
                 if L.s13 is not None:
