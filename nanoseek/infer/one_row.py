@@ -157,6 +157,10 @@ class OneRowDecoder:
             L.s13 = self._pack(shared.w1.weight, shared.w3.weight)
         L.s_inter = 0 if shared is None else shared.w1.weight.shape[0]
         L.s2 = None if shared is None else self._pack(shared.w2.weight)
+        # split sizes, made once (Tensor.split is a Python wrapper around split_with_sizes)
+        L.sp_qkv = [H * (nope + rope) if L.qb is None else L.Q, self.c, rope]
+        L.sp_q, L.sp_s, L.sp_e = [H * nope, H * rope], [L.s_inter] * 2, [getattr(L, "inter", 0)] * 2
+        L.sp_g = [L.s_inter, L.s_inter, L.E]
         return L
 
     def _rotation(self, pos: int) -> torch.Tensor:
@@ -217,13 +221,13 @@ class OneRowDecoder:
             r2 = r * r
             y = mv(x * L.n1, L.qkv)                                     # (1, Q + c + rope), times 1/r
             if L.qb is None:
-                q, kv, k_pe = y.split([H * (nope + rope), c, rope], dim=-1)
+                q, kv, k_pe = y.split_with_sizes(L.sp_qkv, -1)
                 alpha = L.scale * r
             else:
-                qa, kv, k_pe = y.split([L.Q, c, rope], dim=-1)
+                qa, kv, k_pe = y.split_with_sizes(L.sp_qkv, -1)
                 q = mv(qa * L.qn, L.qb)                                 # (1, H*(nope+rope)), times 1/(r r_q)
                 alpha = L.scale * r / math.sqrt(r2 * _vnorm(qa).item() ** 2 / L.Q + eps)
-            q_nope, q_pe = q.split([H * nope, H * rope], dim=-1)
+            q_nope, q_pe = q.split_with_sizes(L.sp_q, -1)
             r_kv = r / math.sqrt(r2 * _vnorm(kv).item() ** 2 / c + eps)
             if span is not None:
                 i = L.idx
@@ -246,19 +250,19 @@ class OneRowDecoder:
                 y = None
                 if L.s13 is not None:                                  # (gate and shared expert in two packs)
                     g = mv(h, L.g13)
-                    a, b = mv(h, L.s13).split(L.s_inter, dim=-1)
+                    a, b = mv(h, L.s13).split_with_sizes(L.sp_s, -1)
                 elif L.s_inter:
-                    a, b, g = mv(h, L.g13).split([L.s_inter, L.s_inter, L.E], dim=-1)
+                    a, b, g = mv(h, L.g13).split_with_sizes(L.sp_g, -1)
                 else:
                     g = mv(h, L.g13)                                    # (1, E)
                 if L.s_inter:
                     y = mv(F.silu(a) * b, L.s2)
                 for e, we in _route(g.tolist()[0], L.route):
-                    a, b = mv(h, L.e13[e]).split(L.inter, dim=-1)
+                    a, b = mv(h, L.e13[e]).split_with_sizes(L.sp_e, -1)
                     ye = mv(F.silu(a) * b, L.e2[e])
                     y = ye.mul_(we) if y is None else y.add_(ye, alpha=we)
             else:
-                a, b = mv(h, L.s13).split(L.s_inter, dim=-1)
+                a, b = mv(h, L.s13).split_with_sizes(L.sp_s, -1)
                 y = mv(F.silu(a) * b, L.s2)
             x = x + y
         r = 1.0 / math.sqrt(_vnorm(x).item() ** 2 / D + eps)
@@ -330,11 +334,11 @@ class OneRowDecoder:
             h = rms_norm(x, L.n1)
             y = mv(h, L.qkv)
             if L.qb is None:
-                q, kv, k_pe = y.split([H * (nope + rope), c, rope], dim=-1)
+                q, kv, k_pe = y.split_with_sizes(L.sp_qkv, -1)
             else:
-                qa, kv, k_pe = y.split([L.Q, c, rope], dim=-1)
+                qa, kv, k_pe = y.split_with_sizes(L.sp_qkv, -1)
                 q = mv(rms_norm(qa, L.qn), L.qb)
-            q_nope, q_pe = q.split([H * nope, H * rope], dim=-1)       # (T, H*nope), (T, H*rope)
+            q_nope, q_pe = q.split_with_sizes(L.sp_q, -1)       # (T, H*nope), (T, H*rope)
             kv = rms_norm(kv, L.kvn)                                     # (T, c)
             k_pe = torch.bmm(k_pe.reshape(T, 1, rope), rots).view(T, rope)
             if span is not None:
@@ -357,19 +361,19 @@ class OneRowDecoder:
                 y = None
                 if L.s13 is not None:
                     g = mv(h, L.g13)
-                    a, b = mv(h, L.s13).split(L.s_inter, dim=-1)
+                    a, b = mv(h, L.s13).split_with_sizes(L.sp_s, -1)
                 elif L.s_inter:
-                    a, b, g = mv(h, L.g13).split([L.s_inter, L.s_inter, L.E], dim=-1)
+                    a, b, g = mv(h, L.g13).split_with_sizes(L.sp_g, -1)
                 else:
                     g = mv(h, L.g13)
                 y = mv(F.silu(a) * b, L.s2) if L.s_inter else torch.zeros_like(x)
                 for t, logits in enumerate(g.tolist()):
                     ht, yt = h[t:t + 1], y[t:t + 1]
                     for e, we in _route(logits, L.route):
-                        a, b = self._mv(ht, L.e13[e]).split(L.inter, dim=-1)
+                        a, b = self._mv(ht, L.e13[e]).split_with_sizes(L.sp_e, -1)
                         yt.add_(self._mv(F.silu(a) * b, L.e2[e]), alpha=we)
             else:
-                a, b = mv(h, L.s13).split(L.s_inter, dim=-1)
+                a, b = mv(h, L.s13).split_with_sizes(L.sp_s, -1)
                 y = mv(F.silu(a) * b, L.s2)
             x = x + y
         return x
