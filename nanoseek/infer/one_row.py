@@ -1,4 +1,5 @@
-"""One decode row on CPU: the model's own math for one token, in about a third of the ops.
+"""One decode row on CPU: the model's own math for one token, in about a third of the ops (and a few
+rows of one sequence, for MTP speculation's verify step).
 
 At batch 1 a decode step of a small model is bound by the number of ops and Python calls around its
 ~70 matrix-vector products, not by their arithmetic. `OneRowDecoder.step` runs the absorbed-MLA
@@ -14,12 +15,15 @@ decode step of `Transformer.forward` for one token with everything prepared once
 - RoPE as one small matmul by the step's rotation matrix (the same position in every layer), the
   rotated key written straight into the cache; q's rows packed nope-first so every view is contiguous;
 - MoE routing (scores, selection bias, group-limited top-k) on the host from the gate's E logits:
-  ~20 us of Python instead of ~15 small ops per layer;
+  ~10 us of Python instead of ~15 small ops (~50 us) per layer;
 - W_UK and W_UV^T contiguous fp32, activations fp32 throughout (for bf16 weights that rounds less
   than the model path, which rounds to bf16 between ops); no module calls, masks or casts.
 
-tests/test_one_row.py holds its logits to the model's, and the engine's output with it to the output
-without it.
+Small preset, bf16, one thread: ~430 ops and ~3 ms a step (the model's forward: ~1,200 ops). `verify`
+and `mtp` run T rows of one sequence (main model, MTP block) with plain norms, per-row rotations and a
+causal mask: the engine's speculative step at batch 1. tests/test_one_row.py holds the logits to the
+model's, the routing to moe.Gate's, and the engine's output with it to the output without it;
+tests/test_engine.py the speculative path's tokens and drafts to the model path's.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ import torch.nn.functional as F
 from torch.nn.modules import module as nn_module
 
 from nanoseek.model import layers
-from nanoseek.model.moe import MoE
+from nanoseek.model.moe import Gate, MoE
 
 _vnorm = torch.linalg.vector_norm
 _version = operator.attrgetter("_version")
@@ -80,19 +84,20 @@ class OneRowDecoder:
             mods = list(self.model.modules())
             self._hook_dicts = [d for m in mods for d in (m._forward_hooks, m._forward_pre_hooks)]
             self._params = list(self.model.parameters()) + [
-                L.ffn.gate.bias for L in self.model.layers if isinstance(L.ffn, MoE) and L.ffn.gate.bias is not None]
+                m.bias for m in mods if isinstance(m, Gate) and m.bias is not None]
         if nn_module._global_forward_hooks or nn_module._global_forward_pre_hooks or any(self._hook_dicts):
             return None
         return (*map(_data_ptr, self._params), *map(_version, self._params))
 
     def _pack(self, *ws: torch.Tensor):
-        """The weights as one matrix for `_mv`: an fp16 GEMV pack of the concatenated bf16 weights
-        (None if fp16 cannot hold them: the model path runs), or fp32 weights (concatenated if several)."""
-        if ws[0].dtype == torch.float32:
-            return (ws[0] if len(ws) == 1 else torch.cat(ws)).detach().contiguous()
-        if any(w.dtype != torch.bfloat16 for w in ws):
+        """The weights as one matrix for `_mv`: an fp16 GEMV pack of the concatenated bf16 weights, or
+        the fp32 weights (concatenated if several). None (the model path runs) if fp16 cannot hold them
+        or a weight's dtype is not the model's."""
+        if any(w.dtype != (torch.float32 if self._fp32 else torch.bfloat16) for w in ws):
             self._packable = False
             return None
+        if self._fp32:
+            return (ws[0] if len(ws) == 1 else torch.cat(ws)).detach().contiguous()
         packed = layers._fp16_pack(*ws)
         if packed is None:
             self._packable = False
@@ -142,19 +147,13 @@ class OneRowDecoder:
                        g.norm_topk_prob, g.route_scale, None if g.bias is None else g.bias.tolist())
             # the gate reads the same input as the shared expert: one product (fp32 logits either way),
             # its rows last so that one split gives w1's, w3's and the gate's outputs
-            gs = (g.weight,) if shared is None else (shared.w1.weight, shared.w3.weight, g.weight)
-            L.g13 = self._pack(*gs) if len({w.dtype for w in gs}) == 1 else None
-            if L.g13 is None:
-                L.g13 = self._pack(g.weight)
-                L.s13 = None if shared is None else self._pack(shared.w1.weight, shared.w3.weight)
-            else:
-                L.s13 = None
+            L.g13 = self._pack(g.weight) if shared is None else self._pack(shared.w1.weight, shared.w3.weight,
+                                                                         g.weight)
             ex = f.experts
             L.e13 = [self._pack(ex.w1[e], ex.w3[e]) for e in range(ex.w1.shape[0])]
             L.e2 = [self._pack(ex.w2[e]) for e in range(ex.w2.shape[0])]
         else:
-            L.E, L.g13 = 0, None
-            L.s13 = self._pack(shared.w1.weight, shared.w3.weight)
+            L.E, L.g13, L.s13 = 0, None, self._pack(shared.w1.weight, shared.w3.weight)
         L.s_inter = 0 if shared is None else shared.w1.weight.shape[0]
         L.s2 = None if shared is None else self._pack(shared.w2.weight)
         # split sizes, made once (Tensor.split is a Python wrapper around split_with_sizes)
@@ -248,15 +247,11 @@ class OneRowDecoder:
             h = torch.mul(x, L.n2).mul_(r)
             if L.moe:
                 y = None
-                if L.s13 is not None:                                  # (gate and shared expert in two packs)
-                    g = mv(h, L.g13)
-                    a, b = mv(h, L.s13).split_with_sizes(L.sp_s, -1)
-                elif L.s_inter:
-                    a, b, g = mv(h, L.g13).split_with_sizes(L.sp_g, -1)
-                else:
-                    g = mv(h, L.g13)                                    # (1, E)
                 if L.s_inter:
+                    a, b, g = mv(h, L.g13).split_with_sizes(L.sp_g, -1)    # shared w1, w3; gate logits (1, E)
                     y = mv(F.silu(a) * b, L.s2)
+                else:
+                    g = mv(h, L.g13)
                 for e, we in _route(g.tolist()[0], L.route):
                     a, b = mv(h, L.e13[e]).split_with_sizes(L.sp_e, -1)
                     ye = mv(F.silu(a) * b, L.e2[e])
@@ -358,15 +353,11 @@ class OneRowDecoder:
             x = x + mv(o.transpose(0, 1).reshape(T, -1), L.wo)
             h = rms_norm(x, L.n2)
             if L.moe:
-                y = None
-                if L.s13 is not None:
-                    g = mv(h, L.g13)
-                    a, b = mv(h, L.s13).split_with_sizes(L.sp_s, -1)
-                elif L.s_inter:
+                if L.s_inter:
                     a, b, g = mv(h, L.g13).split_with_sizes(L.sp_g, -1)
+                    y = mv(F.silu(a) * b, L.s2)
                 else:
-                    g = mv(h, L.g13)
-                y = mv(F.silu(a) * b, L.s2) if L.s_inter else torch.zeros_like(x)
+                    g, y = mv(h, L.g13), torch.zeros_like(x)
                 for t, logits in enumerate(g.tolist()):
                     ht, yt = h[t:t + 1], y[t:t + 1]
                     for e, we in _route(logits, L.route):
