@@ -54,10 +54,11 @@ class OneRowDecoder:
         self._key: tuple | None = None
         self._layers: list | None = None
         self._params: list | None = None
-        # Packing takes a while (small preset, bf16: 0.4 s, ~65 steps of decoding), so after the
-        # weights change (an RL loop's optimizer step) the packs are rebuilt only once the new weights
-        # have held still for this many one-row steps; until then the model's forward runs.
-        self.patience = 64
+        # Packing takes a while (small preset, one thread: bf16 0.5 s, ~65 steps of decoding; fp32, whose
+        # packs are concatenated copies, 0.11 s, ~13 steps), so after the weights change (an RL loop's
+        # optimizer step) the packs are rebuilt only once the new weights have held still for about as
+        # many one-row steps as the packing costs; until then the model's forward runs.
+        self.patience = 16 if next(model.parameters()).dtype == torch.float32 else 64
         self._seen: tuple | None = None
         self._waited = 0
         self._rot_vals: torch.Tensor | None = None      # (positions, 2 * rope): the rotation's entries
