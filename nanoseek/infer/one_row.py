@@ -175,8 +175,11 @@ class OneRowDecoder:
         return self._rot
 
     def _mv(self, x: torch.Tensor, pack) -> torch.Tensor:
-        """x (1, in) fp32 -> x W^T (1, out) fp32 (fp32: a strided view, see layers.tall_mm)."""
+        """x (1, in) fp32 -> x W^T (1, out) fp32 (fp32: a strided view, see layers.tall_mm; a small
+        weight, bound by the op count, as one F.linear: tiny preset, 64 x 64, 5 ops -> 1)."""
         if self._fp32:
+            if pack.numel() <= 32768:
+                return F.linear(x, pack)
             return torch.mm(pack, torch.cat([x, x]).t())[:, :1].t()
         return _gemv(x, pack, None)
 
@@ -302,7 +305,7 @@ class OneRowDecoder:
         if x.shape[0] == 1:
             return self._mv(x, pack)
         if self._fp32:
-            return torch.mm(pack, x.contiguous().t()).t()
+            return F.linear(x, pack) if pack.numel() <= 32768 else torch.mm(pack, x.contiguous().t()).t()
         return _gemv(x.contiguous(), pack, None)
 
     def _rows(self, x: torch.Tensor, start: int, cache, blocks: list) -> torch.Tensor:
