@@ -315,6 +315,31 @@ def test_speculative_greedy_equals_plain(trained):
     assert eng.cache.num_free == eng.cache.num_blocks - 1
 
 
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_speculative_batch_1_lean_path_equals_the_model_path(block_size):
+    """One sequence: the verify step and the MTP block run OneRowDecoder.verify / .mtp. Same tokens as
+    plain greedy, and the same drafts (acceptance counts) as the model's forward, every step lean."""
+    m = trained_mtp_model()
+    sp = SamplingParams(max_tokens=24, **GREEDY)
+    for prompt in (m.cycle[:4].tolist(), prompts(9)[0]):
+        plain = Engine(m, max_batch=2).generate([prompt], sp)[0].token_ids
+        runs = {}
+        for one_row in (True, False):
+            eng = Engine(m, max_batch=2, speculative=True, block_size=block_size, one_row=one_row)
+            calls = []
+            if one_row:
+                eng.one_row.patience = 0
+                verify, mtp = eng.one_row.verify, eng.one_row.mtp
+                eng.one_row.verify = lambda *a: calls.append("v") or verify(*a)
+                eng.one_row.mtp = lambda *a: calls.append("m") or mtp(*a)
+            out = eng.generate([prompt], sp)[0].token_ids
+            runs[one_row] = (out, dict(eng.stats), calls)
+        (lean, st, calls), (model, st_m, _) = runs[True], runs[False]
+        assert lean == model == plain
+        assert (st["drafted"], st["accepted"]) == (st_m["drafted"], st_m["accepted"]) and st["drafted"] > 0
+        assert calls.count("v") == st["steps"] and calls.count("m") > 0
+
+
 def test_speculative_sampling_is_seeded_and_matches_the_model_distribution():
     """Sampling with speculation: reproducible per seed, and the first sampled token follows the
     model's distribution (counts over many seeds against its softmax)."""

@@ -122,3 +122,60 @@ def test_one_row_support_rules():
     assert Engine(m, max_batch=2, max_seq_len=32, one_row=False).one_row is None
     biased = Transformer(ModelConfig(**{**BASE, "attention_bias": True}))
     assert not OneRowDecoder.supports(biased, torch.float32)
+
+
+ROUTINGS = {
+    "v3 noaux_tc, sigmoid, bias": dict(),
+    "v3, 8 groups keep 3, unnormalised": dict(n_routed_experts=32, n_group=8, topk_group=3, num_experts_per_tok=4,
+                                              norm_topk_prob=False),
+    "v2 group_limited_greedy, softmax": dict(scoring_func="softmax", topk_method="group_limited_greedy",
+                                             norm_topk_prob=False, routed_scaling_factor=1.0),
+    "greedy, softmax, normalised": dict(scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1),
+    "one group, sigmoid, no bias": dict(n_group=1, topk_group=1, topk_method="greedy"),
+}
+
+
+@pytest.mark.parametrize("name", list(ROUTINGS))
+def test_host_routing_equals_the_gate(name):
+    """one_row._route (the gate's selection on the host, from the E logits) against moe.Gate.forward."""
+    from nanoseek.infer.one_row import _route
+    from nanoseek.model.moe import Gate
+    torch.manual_seed(0)
+    g = Gate(ModelConfig(**{**BASE, **ROUTINGS[name]}))
+    torch.nn.init.normal_(g.weight, 0, 0.5)
+    if g.bias is not None:
+        g.bias.normal_(0, 0.3)
+    route = (g.E, g.topk, g.n_group, g.topk_group, g.topk_method, g.scoring_func == "sigmoid",
+             g.norm_topk_prob, g.route_scale, None if g.bias is None else g.bias.tolist())
+    x = torch.randn(200, g.weight.shape[1])
+    with torch.no_grad():
+        r = g(x)
+        logits = F.linear(x, g.weight)
+    for n in range(x.shape[0]):
+        got = _route(logits[n].tolist(), route)
+        assert [e for e, _ in got] == r.indices[n].tolist()
+        assert torch.allclose(torch.tensor([w for _, w in got], dtype=torch.float64), r.weights[n].double(),
+                              rtol=1e-5, atol=1e-7)
+
+
+def test_one_row_step_on_scattered_cache_blocks():
+    """Blocks that are not consecutive: PagedCache.bind_one declines, the full bind's gather path runs, and
+    the step still equals the full forward (as it does on consecutive blocks, read in place)."""
+    from nanoseek.infer.kv_cache import PagedCache
+    m = model_for("v3")
+    prompt = torch.tensor([[3, 17, 5, 42, 8, 9, 11]])
+    one = OneRowDecoder(m)
+    one.patience = 0
+    for table in ([1, 2, 3], [5, 2, 7]):
+        cache = PagedCache(m.config, num_blocks=8, block_size=4)
+        assert cache.bind_one(table, 7) == (table == [1, 2, 3])
+        with torch.no_grad():
+            pos, mask = cache.bind([table], [0], [7], 7)
+            m(prompt, cache=cache, positions=pos, mask=mask)
+            logits = []
+            for t, tok in enumerate([21, 4, 30, 2]):             # positions 7 .. 10
+                if not cache.bind_one(table, 7 + t):
+                    cache.bind([table], [7 + t], [1], 1)
+                logits.append(one.step(tok, 7 + t, cache))
+            ref = m(torch.cat([prompt, torch.tensor([[21, 4, 30, 2]])], 1))[0, 7:]
+        assert (torch.cat(logits) - ref).abs().max() < 1e-4

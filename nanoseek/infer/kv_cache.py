@@ -145,16 +145,11 @@ class PagedCache:
         into block 0."""
         bs = self.block_size
         B = len(tables)
-        if B == 1 and T == 1 and lengths[0] == 1:
-            # one decode row (batch 1) in consecutive blocks, the usual case as the free list hands out
-            # low ids first: the general path's numpy below, without numpy (~30 us a step)
-            tab, st = tables[0], starts[0]
-            n = st // bs + 1
-            if tab[:n] == list(range(tab[0], tab[0] + n)):
-                first = tab[0] * bs
-                self._span, self._shape = (first, first + st, st + 1), (1, st + 1)
-                return (torch.tensor([[st]], device=self.device),
-                        torch.ones(1, 1, st + 1, dtype=torch.bool, device=self.device))
+        if B == 1 and T == 1 and lengths[0] == 1 and self.bind_one(tables[0], starts[0]):
+            # the general path's numpy below, without numpy (~30 us a step)
+            st = starts[0]
+            return (torch.tensor([[st]], device=self.device),
+                    torch.ones(1, 1, st + 1, dtype=torch.bool, device=self.device))
         start = np.asarray(starts, dtype=np.int64)
         decode = T == 1                 # one new token per row (lengths are >= 1): no padding
         if decode:
@@ -188,6 +183,20 @@ class PagedCache:
         self._read = torch.from_numpy(slots.reshape(-1)).to(dev, non_blocking=True)
         return (torch.from_numpy(pos).to(dev, non_blocking=True),
                 torch.from_numpy(mask).to(dev, non_blocking=True))
+
+    def bind_one(self, table: list[int], start: int) -> bool:
+        """Bind one decode row (batch 1, one new token after `start` cached ones) if its blocks are
+        consecutive, the usual case as the free list hands out low ids first: `_span` = (first slot,
+        slot written, S) then lets `update` (or infer.one_row, which writes the pools in place) read
+        and write the pool without a gather. False (nothing bound) otherwise: use `bind`."""
+        bs = self.block_size
+        n = start // bs + 1
+        t0 = table[0]
+        if len(table) < n or table[n - 1] - t0 != n - 1 or (n > 2 and table[:n] != list(range(t0, t0 + n))):
+            return False
+        first = t0 * bs
+        self._span, self._shape = (first, first + start, start + 1), (1, start + 1)
+        return True
 
     def update(self, layer: int, kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this forward's latent (B, T, c) and rope key (B, T, rope) for `layer`; return the

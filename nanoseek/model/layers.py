@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from typing import Callable, TypeVar
 
@@ -198,11 +199,35 @@ def _fp16_pack(*weights: torch.Tensor) -> torch.Tensor | None:
     w = (weights[0] if len(weights) == 1 else torch.cat(weights)).float()
     if (w.half().float() - w).abs().max().item() > 2.0**-25:
         return None
-    return torch.ops.quantized.linear_prepack_fp16(w, None)
+    global _fp16_quiet
+    if _fp16_quiet:
+        return _FP16_PACK(w)
+    with warnings.catch_warnings():     # torch's once-per-process deprecation notices (see fp16_gemv)
+        warnings.simplefilter("ignore")
+        packed = _FP16_PACK(w)
+        fp16_gemv(w.new_zeros(1, w.shape[1]), packed)
+    _fp16_quiet = True
+    return packed
 
 
-_FP16_GEMV = ("fbgemm" in torch.backends.quantized.supported_engines
-              and hasattr(torch.ops.quantized, "linear_dynamic_fp16"))
+def fp16_gemv(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x (rows, in) fp32 times a `_fp16_pack`ed weight -> (rows, out) fp32, fp32 accumulation."""
+    return _FP16_LINEAR(x, packed, None)
+
+
+# FBGEMM's fp16 GEMV through torch's plain functions: the kernel of torch.ops.quantized.linear_dynamic_fp16
+# (and its format), ~2 us a call from Python instead of ~12 (torch.ops resolves and converts its
+# arguments on every call; a one-row decode step makes ~70 calls). torch marks these functions
+# deprecated: without them the quantized op runs.
+_FP16_GEMV = "fbgemm" in torch.backends.quantized.supported_engines
+if _FP16_GEMV and hasattr(torch, "fbgemm_linear_fp16_weight_fp32_activation"):
+    _FP16_PACK, _FP16_LINEAR = torch.fbgemm_pack_gemm_matrix_fp16, torch.fbgemm_linear_fp16_weight_fp32_activation
+elif _FP16_GEMV and hasattr(torch.ops.quantized, "linear_dynamic_fp16"):
+    _FP16_PACK = lambda w: torch.ops.quantized.linear_prepack_fp16(w, None)          # noqa: E731
+    _FP16_LINEAR = lambda x, packed, bias: torch.ops.quantized.linear_dynamic_fp16(x, packed)   # noqa: E731
+else:
+    _FP16_GEMV = False
+_fp16_quiet = False
 
 
 # oneDNN's linear on a weight reordered once into its blocked layout. F.linear in bf16 reorders it on
@@ -211,6 +236,10 @@ _FP16_GEMV = ("fbgemm" in torch.backends.quantized.supported_engines
 _ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 PACKED_MAX_ROWS = 64
+# FBGEMM's fp16 kernel streams the weight once for a few rows too, and beats oneDNN's bf16 one up to
+# about 4 (one thread, cold weights, 384x512: 1 row 24 vs 50 us, 4 rows 34 vs 54, 16 rows 78 vs 66):
+# a batch's MoE experts mostly see 1-4 of its rows each.
+FP16_MAX_ROWS = 4
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -221,8 +250,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
       slower than the same product with W as the tall operand, and one row passed twice beats its
       gemv (small preset, one thread: the 8192x512 head 1.7 -> 0.8 ms at 1 row, 3.4 -> 0.8 ms at 2).
       The result is a strided view.
-    - bf16, one row: FBGEMM's fp16 GEMV on the weight packed once (`derived`, `_fp16_pack`), the row
-      widened to fp32 exactly, fp32 accumulation, one rounding of the result to bf16 (as F.linear).
+    - bf16, up to FP16_MAX_ROWS rows: FBGEMM's fp16 GEMV on the weight packed once (`derived`,
+      `_fp16_pack`), the rows widened to fp32 exactly, fp32 accumulation, one rounding of the result to
+      bf16 (as F.linear).
     - bf16, up to PACKED_MAX_ROWS rows: oneDNN with the weight packed once.
     """
     return linears(x, (weight,), (bias,))[0]
@@ -239,10 +269,10 @@ def linears(x: torch.Tensor, weights: tuple[torch.Tensor, ...], biases: tuple | 
     n = x.numel() // d
     dt = x.dtype
     packed = None
-    if dt == torch.bfloat16 and n == 1 and _FP16_GEMV and _all_dtype(weights, dt):
+    if dt == torch.bfloat16 and 0 < n <= FP16_MAX_ROWS and _FP16_GEMV and _all_dtype(weights, dt):
         packed = derived(weights, "fp16", _fp16_pack)       # None where fp16 cannot hold the weights
     if packed is not None:
-        y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(1, d).float(), packed).to(dt)   # (1, sum of outs)
+        y = fp16_gemv(x.reshape(n, d).float(), packed).to(dt)                 # (n, sum of outs)
         outs = (y,) if len(weights) == 1 else y.split([w.shape[0] for w in weights], dim=-1)
     elif (dt == torch.bfloat16 and 0 < n <= PACKED_MAX_ROWS and _ONEDNN and _all_dtype(weights, dt)
           and (onednn := derived(weights, "onednn", _onednn_pack)) is not None):
