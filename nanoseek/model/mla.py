@@ -20,6 +20,7 @@ from torch import nn
 
 from nanoseek.model.config import ModelConfig
 from nanoseek.model.layers import RMSNorm, apply_rope, derived, linear, linears
+from nanoseek.model.workspace import scratch
 
 
 class LatentCache(Protocol):
@@ -50,7 +51,7 @@ class BlockCausalAttention(torch.autograd.Function):
     query rows against only the keys they may see (skipping the masked upper triangle, ~45% of the
     work at T=512), a few heads at a time so a score block stays ~`BLOCK_BYTES`. The probability blocks
     are kept for the backward while they total at most `KEEP_BYTES` (19 MB per layer for `small` at
-    8 x 512 in bf16), in one buffer: recomputing them costs a score matmul and a softmax per block,
+    8 x 512 in bf16): recomputing them costs a score matmul and a softmax per block,
     about a quarter of the backward. Longer sequences recompute them block by block (FlashAttention's
     recomputation) instead of keeping (T, T) per head. q, k: (N, T, qk), v: (N, T, v), contiguous, one dtype.
 
@@ -101,7 +102,8 @@ class BlockCausalAttention(torch.autograd.Function):
             return None, None
         N, T, _ = q.shape
         heads = min(N, max(1, BlockCausalAttention.BLOCK_BYTES // (BlockCausalAttention.QBLOCK * T * q.element_size())))
-        return k.new_empty(heads * T * k.shape[-1]), v.new_empty(heads * T * v.shape[-1])
+        return (scratch("attn-k", (heads * T * k.shape[-1],), k.dtype, k.device),
+                scratch("attn-v", (heads * T * v.shape[-1],), v.dtype, v.device))
 
     @staticmethod
     def _probs(q, k, t0, t1, mask, scale, out):
@@ -117,20 +119,15 @@ class BlockCausalAttention(torch.autograd.Function):
         mask = BlockCausalAttention._mask(q)
         b = BlockCausalAttention.QBLOCK
         m = -(-T // b)
-        keep = N * b * b * m * (m + 1) // 2                               # elements of all probability blocks
-        keep = keep * q.element_size() <= BlockCausalAttention.KEEP_BYTES and any(ctx.needs_input_grad)
-        probs = q.new_empty(N * b * b * m * (m + 1) // 2) if keep else None
+        keep = N * b * b * m * (m + 1) // 2 * q.element_size()           # bytes of all probability blocks
+        keep = keep <= BlockCausalAttention.KEEP_BYTES and any(ctx.needs_input_grad)
+        # one tensor per block (not one buffer for all: a fresh 19 MB block of memory every layer paid
+        # ~5k page faults, block-sized ones are reused from the heap)
         ctx.probs = [] if keep else None
         kbuf, vbuf = BlockCausalAttention._buffers(q, k, v)
-        at = 0
         for n, t0, t1 in BlockCausalAttention._blocks(N, T, q.element_size()):
             kb = BlockCausalAttention._prefix(k, n, t1, kbuf)
-            shape = (kb.shape[0], t1 - t0, t1)
-            if keep:
-                out = probs[at: at + shape[0] * shape[1] * shape[2]].view(shape)
-                at += out.numel()
-            else:
-                out = q.new_empty(shape)
+            out = q.new_empty(kb.shape[0], t1 - t0, t1)
             p = BlockCausalAttention._probs(q[n, t0:t1], kb, t0, t1, mask, scale, out)
             torch.bmm(p, BlockCausalAttention._prefix(v, n, t1, vbuf), out=o[n, t0:t1])
             if keep:
@@ -148,7 +145,6 @@ class BlockCausalAttention(torch.autograd.Function):
         do = do.contiguous()
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         acc = torch.promote_types(do.dtype, torch.float32)               # summed in fp32 (fp64 stays fp64)
-        delta = (do.to(acc) * o.to(acc)).sum(-1, keepdim=True).to(do.dtype)   # (N, T, 1): rowsum(dP * P)
         mask = BlockCausalAttention._mask(q)
         kbuf, vbuf = BlockCausalAttention._buffers(q, k, v)
         m = -(-T // BlockCausalAttention.QBLOCK)
@@ -157,13 +153,16 @@ class BlockCausalAttention(torch.autograd.Function):
             kb = BlockCausalAttention._prefix(k, n, t1, kbuf)
             vb = BlockCausalAttention._prefix(v, n, t1, vbuf)
             qb, dob = q[n, t0:t1], do[n, t0:t1]
+            # rowsum(dP * P) = rowsum(dO * O), per block: fp32 temporaries of the block stay in cache
+            # (whole-tensor ones were 8 MB each, fresh every layer)
+            delta = torch.linalg.vecdot(dob.to(acc), o[n, t0:t1].to(acc)).unsqueeze_(-1).to(do.dtype)   # (n, tq, 1)
             if probs is not None:
                 p = probs[(j // m) * m + m - 1 - j % m]                    # forward order
             else:
                 p = BlockCausalAttention._probs(qb, kb, t0, t1, mask, scale, qb.new_empty(kb.shape[0], t1 - t0, t1))
             dv[n, :t1].baddbmm_(p.transpose(1, 2), dob, beta=whole)      # dV += P^T dO
             ds = torch.bmm(dob, vb.transpose(1, 2))                       # dP = dO V^T
-            ds = ds.sub_(delta[n, t0:t1]).mul_(p)                         # dS = P (dP - delta) (w.r.t. scaled scores)
+            ds = ds.sub_(delta).mul_(p)                                   # dS = P (dP - delta) (w.r.t. scaled scores)
             dq[n, t0:t1].baddbmm_(ds, kb, beta=0, alpha=scale)            # dQ = scale dS K
             dk[n, :t1].baddbmm_(ds.transpose(1, 2), qb, beta=whole, alpha=scale)   # dK += scale dS^T Q
         return dq, dk, dv, None

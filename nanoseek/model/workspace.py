@@ -6,7 +6,7 @@ and each first touch of a 4 KB page faults (2-10 us a page measured here, agains
 it). A training step of `small` at 8 x 512 took ~60k of them. A buffer reused from call to call is
 touched once. Only for temporaries whose every use ends before the function that takes them returns
 (nothing returned or saved for the backward may be a view of one); other devices allocate fresh
-(CUDA's caching allocator already reuses memory).
+(CUDA's caching allocator already reuses memory). Not for code that two threads may run at once.
 """
 
 from __future__ import annotations
