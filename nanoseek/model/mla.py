@@ -20,6 +20,7 @@ from torch import nn
 
 from nanoseek.model.config import ModelConfig
 from nanoseek.model.layers import RMSNorm, apply_rope, derived, linear, linears
+from nanoseek.model.workspace import scratch
 
 
 class LatentCache(Protocol):
@@ -50,14 +51,20 @@ class BlockCausalAttention(torch.autograd.Function):
     query rows against only the keys they may see (skipping the masked upper triangle, ~45% of the
     work at T=512), a few heads at a time so a score block stays ~`BLOCK_BYTES`. The probability blocks
     are kept for the backward while they total at most `KEEP_BYTES` (19 MB per layer for `small` at
-    8 x 512 in bf16): recomputing them costs a score matmul and a softmax per block, about a quarter
-    of the backward. Longer sequences recompute them block by block (FlashAttention's recomputation)
-    instead of keeping (T, T) per head. q, k: (N, T, qk), v: (N, T, v), contiguous, one dtype.
+    8 x 512 in bf16): recomputing them costs a score matmul and a softmax per block,
+    about a quarter of the backward. Longer sequences recompute them block by block (FlashAttention's
+    recomputation) instead of keeping (T, T) per head. q, k: (N, T, qk), v: (N, T, v), contiguous, one dtype.
+
+    bf16 matmuls go through oneDNN, which copies any operand that is not a whole contiguous (or
+    transposed) batch of matrices, and a key prefix k[heads, :t1] is not one (its batch stride is
+    T rows). Worse, the transposed prefix in the score matmul became a physically transposed copy and a
+    slower kernel. So each block's key and value prefixes are copied once into a reused buffer as
+    contiguous (heads, t1, d) (in cache; ~5% of the block's matmul time) and enter the matmuls whole.
 
     bf16: the matmuls run in bf16 (fp32 accumulation) and round their outputs to bf16, as eager
     attention under autocast does; the softmax reads the bf16 scores and normalises in fp32 inside the
-    kernel, and delta = rowsum(dO * O) is summed in fp32. The scale is folded into q once (not into
-    every score block): ds then carries it into dK, and dQ gets it at the end.
+    kernel, and delta = rowsum(dO * O) is summed in fp32. The scale is applied by the matmuls (alpha:
+    to the fp32 accumulators, before the one rounding) to the scores, dQ and dK.
     """
 
     QBLOCK = 64
@@ -65,11 +72,14 @@ class BlockCausalAttention(torch.autograd.Function):
     KEEP_BYTES = 2**26            # keep the probabilities for the backward up to this many bytes per call
 
     @staticmethod
-    def _blocks(N: int, T: int, itemsize: int):
+    def _blocks(N: int, T: int, itemsize: int, reverse: bool = False):
+        """(head slice, t0, t1) per block; reverse: each head group's last query block first (it sees
+        every key, so the backward's first block of a group writes dK and dV whole: no zero fill)."""
         b = BlockCausalAttention.QBLOCK
         heads = max(1, BlockCausalAttention.BLOCK_BYTES // (b * T * itemsize))
+        starts = range(0, T, b)
         for n0 in range(0, N, heads):
-            for t0 in range(0, T, b):
+            for t0 in (reversed(starts) if reverse else starts):
                 yield slice(n0, n0 + heads), t0, min(t0 + b, T)
 
     @staticmethod
@@ -77,50 +87,86 @@ class BlockCausalAttention(torch.autograd.Function):
         return torch.full((BlockCausalAttention.QBLOCK,) * 2, float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
 
     @staticmethod
-    def _probs(qs, k, t0, t1, mask):
-        """Probabilities of query rows t0..t1 over keys 0..t1: (n, t1-t0, t1). qs is q * scale."""
-        s = torch.bmm(qs, k.transpose(1, 2))                              # (n, t1-t0, t1)
-        s[:, :, t0:].add_(mask[: t1 - t0, : t1 - t0])                     # causal within the diagonal block
-        return s.softmax(dim=-1)                                          # bf16 in, fp32 inside, bf16 out
+    def _prefix(x: torch.Tensor, n: slice, t1: int, buf: torch.Tensor | None) -> torch.Tensor:
+        """x[n, :t1] (heads, t1, d), as a contiguous copy in `buf` where bmm would copy it anyway."""
+        p = x[n, :t1]
+        if buf is None or p.is_contiguous():
+            return p
+        return buf[: p.numel()].view(p.shape).copy_(p)
+
+    @staticmethod
+    def _buffers(q, k, v):
+        """Reused prefix buffers for oneDNN's dtypes (bf16/fp16); fp32/fp64 bmm (MKL) reads strided
+        batches as they are."""
+        if q.dtype not in (torch.bfloat16, torch.float16) or q.device.type != "cpu":
+            return None, None
+        N, T, _ = q.shape
+        heads = min(N, max(1, BlockCausalAttention.BLOCK_BYTES // (BlockCausalAttention.QBLOCK * T * q.element_size())))
+        return (scratch("attn-k", (heads * T * k.shape[-1],), k.dtype, k.device),
+                scratch("attn-v", (heads * T * v.shape[-1],), v.dtype, v.device))
+
+    @staticmethod
+    def _probs(q, k, t0, t1, mask, scale, out):
+        """Probabilities of query rows t0..t1 over keys 0..t1, written into out (n, t1-t0, t1)."""
+        s = out.baddbmm_(q, k.transpose(1, 2), beta=0, alpha=scale)        # (n, t1-t0, t1) scale * q k^T
+        s[:, :, t0:].add_(mask[: t1 - t0, : t1 - t0])                      # causal within the diagonal block
+        return torch.ops.aten._softmax.out(s, -1, False, out=s)           # bf16 in, fp32 inside, bf16 out
 
     @staticmethod
     def forward(ctx, q, k, v, scale):
         N, T, _ = q.shape
-        qs = q * scale                                                    # (N, T, qk)
         o = q.new_empty(N, T, v.shape[-1])                                # (N, T, v)
         mask = BlockCausalAttention._mask(q)
         b = BlockCausalAttention.QBLOCK
         m = -(-T // b)
-        keep_bytes = N * q.element_size() * b * b * m * (m + 1) // 2      # all probability blocks
-        ctx.probs = [] if keep_bytes <= BlockCausalAttention.KEEP_BYTES and any(ctx.needs_input_grad) else None
+        keep = N * b * b * m * (m + 1) // 2 * q.element_size()           # bytes of all probability blocks
+        keep = keep <= BlockCausalAttention.KEEP_BYTES and any(ctx.needs_input_grad)
+        # one tensor per block (not one buffer for all: a fresh 19 MB block of memory every layer paid
+        # ~5k page faults, block-sized ones are reused from the heap)
+        ctx.probs = [] if keep else None
+        kbuf, vbuf = BlockCausalAttention._buffers(q, k, v)
         for n, t0, t1 in BlockCausalAttention._blocks(N, T, q.element_size()):
-            p = BlockCausalAttention._probs(qs[n, t0:t1], k[n, :t1], t0, t1, mask)
-            torch.bmm(p, v[n, :t1], out=o[n, t0:t1])
-            if ctx.probs is not None:
+            kb = BlockCausalAttention._prefix(k, n, t1, kbuf)
+            out = q.new_empty(kb.shape[0], t1 - t0, t1)
+            p = BlockCausalAttention._probs(q[n, t0:t1], kb, t0, t1, mask, scale, out)
+            torch.bmm(p, BlockCausalAttention._prefix(v, n, t1, vbuf), out=o[n, t0:t1])
+            if keep:
                 ctx.probs.append(p)
-        ctx.save_for_backward(qs, k, v, o)
+        ctx.save_for_backward(q, k, v, o)
         ctx.scale = scale
         return o
 
     @staticmethod
     def backward(ctx, do):
-        qs, k, v, o = ctx.saved_tensors
+        q, k, v, o = ctx.saved_tensors
         probs, ctx.probs = ctx.probs, None
-        N, T, _ = qs.shape
+        scale = ctx.scale
+        N, T, _ = q.shape
         do = do.contiguous()
-        dq, dk, dv = torch.empty_like(qs), torch.zeros_like(k), torch.zeros_like(v)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         acc = torch.promote_types(do.dtype, torch.float32)               # summed in fp32 (fp64 stays fp64)
-        delta = (do.to(acc) * o.to(acc)).sum(-1, keepdim=True).to(do.dtype)   # (N, T, 1): rowsum(dP * P)
-        mask = BlockCausalAttention._mask(qs)
-        for i, (n, t0, t1) in enumerate(BlockCausalAttention._blocks(N, T, qs.element_size())):
-            qb, kb, vb, dob = qs[n, t0:t1], k[n, :t1], v[n, :t1], do[n, t0:t1]
-            p = probs[i] if probs is not None else BlockCausalAttention._probs(qb, kb, t0, t1, mask)  # (n, tq, t1)
-            dv[n, :t1].baddbmm_(p.transpose(1, 2), dob)                   # dV += P^T dO
+        mask = BlockCausalAttention._mask(q)
+        kbuf, vbuf = BlockCausalAttention._buffers(q, k, v)
+        m = -(-T // BlockCausalAttention.QBLOCK)
+        for j, (n, t0, t1) in enumerate(BlockCausalAttention._blocks(N, T, q.element_size(), reverse=True)):
+            whole = 0 if t1 == T else 1                                    # beta: the group's first block writes dK, dV
+            kb = BlockCausalAttention._prefix(k, n, t1, kbuf)
+            vb = BlockCausalAttention._prefix(v, n, t1, vbuf)
+            qb, dob = q[n, t0:t1], do[n, t0:t1]
+            if t1 == T:
+                # rowsum(dP * P) = rowsum(dO * O) in fp32, per head group (whole-tensor fp32 copies of
+                # dO and O were 8 MB each, fresh every layer; per block, 3 small ops per block cost more)
+                delta = torch.linalg.vecdot(do[n].to(acc), o[n].to(acc)).to(do.dtype)   # (n, T)
+            if probs is not None:
+                p = probs[(j // m) * m + m - 1 - j % m]                    # forward order
+            else:
+                p = BlockCausalAttention._probs(qb, kb, t0, t1, mask, scale, qb.new_empty(kb.shape[0], t1 - t0, t1))
+            dv[n, :t1].baddbmm_(p.transpose(1, 2), dob, beta=whole)      # dV += P^T dO
             ds = torch.bmm(dob, vb.transpose(1, 2))                       # dP = dO V^T
-            ds = ds.sub_(delta[n, t0:t1]).mul_(p)                         # dS = P (dP - delta) (w.r.t. scaled scores)
-            torch.bmm(ds, kb, out=dq[n, t0:t1])                           # dQs = dS K
-            dk[n, :t1].baddbmm_(ds.transpose(1, 2), qb)                   # dK += dS^T (Q * scale)
-        return dq.mul_(ctx.scale), dk, dv, None
+            ds = ds.sub_(delta[:, t0:t1, None]).mul_(p)                   # dS = P (dP - delta) (w.r.t. scaled scores)
+            dq[n, t0:t1].baddbmm_(ds, kb, beta=0, alpha=scale)            # dQ = scale dS K
+            dk[n, :t1].baddbmm_(ds.transpose(1, 2), qb, beta=whole, alpha=scale)   # dK += scale dS^T Q
+        return dq, dk, dv, None
 
 
 class MLA(nn.Module):

@@ -59,12 +59,29 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
         # per-tensor loop (0.25 s vs 2.7 s for 32M parameters). FSDP2's DTensors take the foreach path.
         from torch.distributed.tensor import DTensor
         fused = not any(isinstance(p, DTensor) for p in model.parameters())
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                                 fused=fused or None, foreach=None if fused else True)
+        return AdamW(groups, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                     fused=fused or None, foreach=None if fused else True)
     if name == "muon":
         return Muon(param_groups(model, weight_decay, muon=True), lr=lr, betas=betas, eps=eps,
                     weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; choose adamw or muon")
+
+
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW whose step bumps every parameter's version counter, as any in-place update does.
+
+    The fused kernel (torch 2.13) writes the parameters without bumping them, so whatever caches a
+    tensor derived from a weight and checks `_version` (model.layers.derived: the decode path's packed
+    and split weights) kept serving the weights from before the step: an engine sharing a model with
+    its trainer (GRPO rollouts, the demo's eval after GRPO) decoded with stale attention weights."""
+
+    def step(self, closure=None):
+        loss = super().step(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    torch.autograd.graph.increment_version(p)
+        return loss
 
 
 def zeropower_newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
