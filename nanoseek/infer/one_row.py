@@ -373,6 +373,7 @@ class OneRowDecoder:
             x = x + y
         return x
 
+
 def _route(logits: list[float], route: tuple) -> list[tuple[int, float]]:
     """moe.Gate.forward for one row, on the host: [(expert, weight)] from the E gate logits."""
     E, k, n_group, topk_group, method, sigmoid, norm, scale, bias = route
