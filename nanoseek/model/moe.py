@@ -81,17 +81,20 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n, dim, inter))
         self.w3 = nn.Parameter(torch.empty(n, inter, dim))
 
-    def weights(self) -> tuple[tuple[torch.Tensor, ...], ...]:
-        # unbind once per forward: its backward stacks the E gradients in one op. Indexing w1[e] per
-        # expert instead makes autograd zero-fill and add a full (E, inter, dim) gradient per expert.
-        # Under autocast the stacked weights are cast once (autocast would cast each expert's slice,
-        # and autograd cast each slice's gradient back: 2 * 3 * E small copies per layer).
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """w1, w2, w3 (E, ., .), cast once to the autocast dtype under autocast (autocast would cast
+        each expert's slice, and autograd cast each slice's gradient back: 2 * 3 * E small copies per layer)."""
         ws = (self.w1, self.w2, self.w3)
         dev = self.w1.device.type
         if torch.is_autocast_enabled(dev) and self.w1.dtype == torch.float32:
             dt = torch.get_autocast_dtype(dev)
             ws = tuple(w.to(dt) for w in ws)
-        return tuple(w.unbind(0) for w in ws)
+        return ws
+
+    def weights(self) -> tuple[tuple[torch.Tensor, ...], ...]:
+        # unbind once per forward: its backward stacks the E gradients in one op. Indexing w1[e] per
+        # expert instead makes autograd zero-fill and add a full (E, inter, dim) gradient per expert.
+        return tuple(w.unbind(0) for w in self.stacked())
 
     # forward_dense's extra work (all E experts on every token) is worth paying up to about this many
     # FLOPs (~0.1 ms of one CPU core): below it the layer is bound by its op count (tiny GRPO rollouts:
@@ -187,11 +190,7 @@ class Experts(nn.Module):
         backward's dx one matmul instead of two and an add."""
         N, K = r.indices.shape
         E, inter, dim = self.w1.shape
-        w1, w2, w3 = self.w1, self.w2, self.w3
-        dev = x.device.type
-        if torch.is_autocast_enabled(dev) and w1.dtype == torch.float32:
-            dt = torch.get_autocast_dtype(dev)
-            w1, w2, w3 = w1.to(dt), w2.to(dt), w3.to(dt)
+        w1, w2, w3 = self.stacked()
         # oneDNN's dtypes only (MKL's fp32 sgemm builds no kernels per shape)
         pad = self._padded if w1.dtype in (torch.bfloat16, torch.float16) else int
         padded = [pad(c) for c in counts]
