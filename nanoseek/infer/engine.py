@@ -672,7 +672,6 @@ class Engine:
         B = len(rows)
         dev = self.device
         drafts = torch.tensor([s.draft for s in rows], device=dev)                  # (B,)
-        ids = torch.stack([torch.tensor([s.tokens[-1] for s in rows], device=dev), drafts], dim=1)  # (B, 2)
         starts = [s.cached for s in rows]
         positions, mask = self._bind(rows, [2] * B, 2)
         lean = None
@@ -681,6 +680,7 @@ class Engine:
         if lean is not None:
             logits, hidden = lean[0][None], lean[1][None]                          # (1, 2, V), (1, 2, dim)
         else:
+            ids = torch.stack([torch.tensor([s.tokens[-1] for s in rows], device=dev), drafts], dim=1)  # (B, 2)
             out = self.model(ids, cache=self.cache, positions=positions, mask=mask, absorb=True, return_hidden=True)
             logits, hidden = out["logits"], out["hidden"]                           # (B, 2, V), (B, 2, dim)
         bp = self._batch_params(rows, "verify")
