@@ -45,8 +45,9 @@ import torch
 from torch import nn
 
 from nanoseek.eval_metrics import cons_at_k, pass_at_k
-from nanoseek.train.losses import (RL_VARIANTS, dynamic_sampling_mask, entropy_from_logits, group_advantages,
-                                   overlong_filter_mask, policy_loss, token_logprobs)
+from nanoseek.train.losses import (RL_VARIANTS, dynamic_sampling_mask, group_advantages, overlong_filter_mask,
+                                   policy_loss)
+from nanoseek.train.rl_forward import linear_logprobs
 from nanoseek.train.step import autocast
 
 Generate = Callable[[list[list[int]]], Sequence[Any]]
@@ -199,38 +200,42 @@ class _SharedPrefix:
 
 
 def completion_logprobs(model: nn.Module, x: Packed, shared_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """log pi(completion token t | prompt, completion tokens < t): -> logp (B, Tc), logits (B, Tc, V).
+    """log pi(completion token t | prompt, completion tokens < t) and the policy's entropy there:
+    -> logp (B, Tc) with gradient, entropy (B, Tc) detached.
 
-    shared_prefix=True runs each group's prompt once and lets its G completions attend to the
-    stored latents (a group shares one prompt, so this saves G - 1 prompt passes per group);
+    shared_prefix=True runs each group's prompt once and its G completions against it
+    (a group shares one prompt, so this saves G - 1 prompt passes per group);
     shared_prefix=False is the plain version, one causal forward over prompt + completion per row.
-    The two agree to float rounding (tests/test_grpo.py checks it, gradients included).
+    The two agree to float rounding (tests/test_grpo.py checks it, gradients included). Either way
+    the head and the log-softmax run fused, one row block at a time (rl_forward.linear_logprobs).
     """
     G, dev = x.group_size, x.completions.device
     B, Tc = x.completions.shape
-    plens = x.prompt_lens.repeat_interleave(G)                         # (B,)
+    head = model.head.weight
     if not shared_prefix:
+        plens = x.prompt_lens.repeat_interleave(G)                     # (B,)
         Lp = x.prompts.shape[1]
         ids = torch.cat([x.prompts.repeat_interleave(G, 0), torch.zeros_like(x.completions)], dim=1)  # (B, Lp+Tc)
         cols = plens[:, None] + torch.arange(Tc, device=dev)           # (B, Tc) where each completion goes
         ids = ids.scatter(1, cols, x.completions)
-        logits = model(ids[:, :Lp + Tc - 1], logits_at=cols - 1)       # (B, Tc, V) only where a target is
-        return token_logprobs(logits, x.completions), logits
+        h = model(ids[:, :Lp + Tc - 1], logits_at=cols - 1, head=False)   # (B, Tc, dim) only where a target is
+        return linear_logprobs(h, head, x.completions)
     cache = _SharedPrefix(G)
     Lp = x.prompts.shape[1]
+    plens = x.prompt_lens.repeat_interleave(G)                         # (B,)
     causal = torch.ones(Lp, Lp, dtype=torch.bool, device=dev).tril()[None]                # (1, Lp, Lp)
-    first = model(x.prompts, cache=cache, positions=torch.arange(Lp, device=dev)[None], mask=causal,
-                  absorb=False, logits_at=(x.prompt_lens - 1)[:, None])   # (P, 1, V): predicts completion token 0
-    logits = first.repeat_interleave(G, 0)                             # (B, 1, V)
+    h = model(x.prompts, cache=cache, positions=torch.arange(Lp, device=dev)[None], mask=causal, absorb=False,
+              logits_at=(x.prompt_lens - 1)[:, None], head=False)  # (P, 1, dim): predicts completion token 0
+    h = h.repeat_interleave(G, 0)                                      # (B, 1, dim)
     if Tc > 1:
         T = Tc - 1                                                     # the last token is a target only
         pos = plens[:, None] + torch.arange(T, device=dev)             # (B, T)
         see_prompt = torch.arange(Lp, device=dev)[None, None] < plens[:, None, None]         # (B, 1, Lp)
         see_own = torch.ones(T, T, dtype=torch.bool, device=dev).tril()[None]              # (1, T, T)
         mask = torch.cat([see_prompt.expand(B, T, Lp), see_own.expand(B, T, T)], dim=2)    # (B, T, Lp+T)
-        c_logits = model(x.completions[:, :T], cache=cache, positions=pos, mask=mask, absorb=False)  # (B, T, V)
-        logits = torch.cat([logits, c_logits], dim=1)                  # (B, Tc, V)
-    return token_logprobs(logits, x.completions), logits
+        h_c = model(x.completions[:, :T], cache=cache, positions=pos, mask=mask, absorb=False, head=False)
+        h = torch.cat([h, h_c], dim=1)                                 # (B, Tc, dim)
+    return linear_logprobs(h, head, x.completions)
 
 
 # --- the trainer
@@ -322,7 +327,7 @@ class GRPO:
                     part, rows = x.take(groups), x.rows(groups)
                     Tc = part.mask.shape[1]
                     with autocast(self.device, self.dtype):
-                        logp, logits = completion_logprobs(model, part)
+                        logp, entropy = completion_logprobs(model, part)
                     old = logp.detach() if old_logp is None else old_logp[rows, :Tc]
                     loss, st = policy_loss(logp, old, adv[rows], part.mask, variant=cfg.variant,
                                            eps_low=cfg.eps_low, eps_high=cfg.eps_high,
@@ -336,9 +341,8 @@ class GRPO:
                     add("loss", loss, w)
                     for k, v in st.items():
                         add(k, v, n_tok)
-                    if epoch == 0:
-                        add("entropy", entropy_from_logits(logits, part.mask), n_tok)
-                    del logits
+                    if epoch == 0:     # mean policy entropy over the valid tokens
+                        add("entropy", (entropy * part.mask).sum() / n_tok.clamp(min=1), n_tok)
                 max_norm = cfg.clip_grad if cfg.clip_grad > 0 else float("inf")
                 add("grad_norm", torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm), 1.0)
                 self.optimizer.step()
