@@ -39,6 +39,7 @@ import torch
 
 from nanoseek.infer import sampling as smp
 from nanoseek.infer.kv_cache import PagedCache
+from nanoseek.infer.batch_rows import BatchDecoder
 from nanoseek.infer.one_row import OneRowDecoder
 
 
@@ -282,14 +283,16 @@ class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch: int = 32, max_seq_len: int | None = None,
                  block_size: int = 16, num_blocks: int | None = None, speculative: bool = False,
                  device=None, dtype=None, max_prefill_tokens: int = 2048, cache_bytes: int = 1 << 30,
-                 cache_dtype: torch.dtype | None = None, one_row: bool = True):
+                 cache_dtype: torch.dtype | None = None, one_row: bool = True, batch_rows: bool = True):
         """model: a nanoseek Transformer (moved to device/dtype when given). num_blocks defaults to room
         for max_batch sequences of max_seq_len, capped at `cache_bytes`, never below one full sequence.
         cache_dtype: the latents' dtype, which decode attention computes in. Default: the model's, except
         fp32 for a 16-bit model on CPU, where fp32 attention is both faster (MKL against oneDNN's fixed
         cost per bf16 bmm: small preset, bf16, one thread, batch 1: 11.6 -> 10.7 ms a step) and rounds less.
         one_row: a step that decodes a single row on CPU runs `OneRowDecoder` (the same math in about half
-        the ops) where it supports the model; False always runs the model's forward."""
+        the ops) where it supports the model; False always runs the model's forward.
+        batch_rows: a decode step of several rows on CPU runs `BatchDecoder` (infer/batch_rows.py) where it
+        supports the model and the batch; False always runs the model's forward."""
         if device is not None or dtype is not None:
             model.to(device=device, dtype=dtype)
         param = next(model.parameters())
@@ -303,6 +306,8 @@ class Engine:
             raise ValueError("speculative=True needs a model with an MTP module (num_nextn_predict_layers >= 1)")
         self.speculative = speculative
         self.one_row = OneRowDecoder(model) if one_row and OneRowDecoder.supports(model, cache_dtype) else None
+        self.batch_rows = (BatchDecoder(model) if batch_rows and BatchDecoder.supports(model, cache_dtype)
+                           else None)
         self.max_batch = max_batch
         self.max_seq_len = int(max_seq_len or cfg.max_position_embeddings)
         self.max_prefill_tokens = max(max_prefill_tokens, 1)
@@ -650,6 +655,11 @@ class Engine:
             if not self.cache.bind_one(s.blocks, s.cached):
                 self._bind(rows, [1], 1)
             logits = self.one_row.step(s.tokens[-1], s.cached, self.cache)
+        elif self.batch_rows is not None:
+            # several rows: the lean batched step on a dense copy of their context (infer/batch_rows.py)
+            room = max(min(s.params.max_tokens - s.n_out, self.max_seq_len - len(s.tokens)) for s in rows)
+            logits = self.batch_rows.step([s.tokens[-1] for s in rows], [s.cached for s in rows],
+                                          [s.blocks for s in rows], self.cache, rows, room)
         if logits is None:
             ids = torch.tensor([[s.tokens[-1]] for s in rows], device=self.device)     # (B, 1)
             positions, mask = self._bind(rows, [1] * len(rows), 1)
