@@ -137,10 +137,10 @@ class BatchDecoder:
         return self._cis
 
     # --- the dense context buffer
-    def _gather(self, cache, tables: list[list[int]], starts: list[int], room: int) -> bool:
+    def _gather(self, cache, tables: list[list[int]], starts: list[int], room) -> bool:
         B, L, c, rope = len(tables), self.L, self.c, self.rope
         W0 = max(starts)
-        cap = W0 + max(room, 1)
+        cap = W0 + max(room() if callable(room) else room, 1)
         if L * B * cap * (c + rope) * 4 > self.MAX_BUFFER_BYTES:
             return False
         bs = cache.block_size
@@ -173,7 +173,8 @@ class BatchDecoder:
         """Logits (B, vocab) fp32 for tokens[b] at position starts[b] of row b (block table tables[b] in
         the paged `cache`, whose positions < starts[b] are written); the new latents are written into
         the cache. rows: the callers' row objects (identity: whether the buffer still holds them);
-        room: how many more steps these rows may take (sizes the buffer). None: not this path."""
+        room: how many more steps these rows may take (sizes the buffer), or a function that tells it
+        (called only when the buffer is made). None: not this path."""
         B = len(tokens)
         if B > self.max_rows():
             return None

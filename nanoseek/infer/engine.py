@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import operator
 import queue
 import random
 import threading
@@ -253,6 +254,8 @@ class _Seq:
         # nobody reads this request's text before it finishes (generate(): no stream, no stop strings):
         # its tokens are decoded once at the end instead of one window per token
         self.lazy_text = self.detok is not None and not p.stop and req._sink is None and not req._keep
+        # what _append does for such a request is a few appends and a length check (Engine._decode inlines it)
+        self.plain = self.lazy_text and p.logprobs is None and not self.penalized and not p.stop_token_ids
         self.text = ""                                # output text so far (stop string cut off)
         self.sent = 0                                 # characters of `text` already emitted
         self.logprobs: list[float] | None = [] if p.logprobs is not None else None
@@ -277,6 +280,9 @@ class _Seq:
     @property
     def n_out(self) -> int:
         return len(self.tokens) - self.prompt_len
+
+
+_order = operator.attrgetter("order")
 
 
 class Engine:
@@ -347,8 +353,10 @@ class Engine:
         params.validate()
         if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
             raise ValueError("prompt_ids must be a non-empty list of token ids")
-        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) and 0 <= t < self.vocab_size
-                   for t in prompt_ids):
+        # plain ints (the usual case) checked with C-level builtins; anything else element by element
+        plain = set(map(type, prompt_ids)) == {int} and 0 <= min(prompt_ids) and max(prompt_ids) < self.vocab_size
+        if not plain and not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool)
+                                 and 0 <= t < self.vocab_size for t in prompt_ids):
             raise ValueError(f"prompt_ids must be integers in [0, {self.vocab_size})")
         n = len(prompt_ids)
         if n > self.max_seq_len:
@@ -373,7 +381,7 @@ class Engine:
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
         for p, sp in zip(prompts, plist):
             self.validate(p, sp)
-        reqs = [self._add(p, sp, keep_events=False) for p, sp in zip(prompts, plist)]
+        reqs = [self._add(p, sp, keep_events=False, checked=True) for p, sp in zip(prompts, plist)]
         return [r.result() for r in reqs]
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams | None = None) -> AsyncIterator[StreamEvent]:
@@ -442,11 +450,13 @@ class Engine:
             return self.has_work()
 
     # --- queueing
-    def _add(self, prompt_ids, params, sink=None, keep_events=True) -> Request:
+    def _add(self, prompt_ids, params, sink=None, keep_events=True, checked=False) -> Request:
+        """checked: validate() passed on these very arguments already (generate checks all first)."""
         if isinstance(prompt_ids, torch.Tensor):
             prompt_ids = prompt_ids.tolist()
-        self.validate(prompt_ids, params)
-        req = Request(self, [int(t) for t in prompt_ids], params, sink=sink, keep_events=keep_events)
+        if not checked:
+            self.validate(prompt_ids, params)
+        req = Request(self, list(map(int, prompt_ids)), params, sink=sink, keep_events=keep_events)
         seq = _Seq(req, self)
         with self._cv:
             self._inbox.append(seq)
@@ -558,7 +568,14 @@ class Engine:
     def _reserve(self, rows: list[_Seq], ahead: int) -> list[_Seq]:
         """Make sure every row has blocks for `ahead` more positions, preempting the newest
         requests when the pool runs dry. Returns the rows still running, in order."""
-        rows = sorted(rows, key=lambda s: s.order)
+        rows = sorted(rows, key=_order)
+        bs = self.cache.block_size
+        needs = [(s.cached + ahead + bs - 1) // bs - len(s.blocks) for s in rows]
+        if sum(n for n in needs if n > 0) <= self.cache.num_free:     # no preemption: every row grows
+            for s, n in zip(rows, needs):
+                if n > 0:
+                    s.blocks += self.cache.allocate(n)
+            return rows
         kept: list[_Seq] = []
         while rows:
             s = rows.pop(0)
@@ -657,7 +674,8 @@ class Engine:
             logits = self.one_row.step(s.tokens[-1], s.cached, self.cache)
         elif self.batch_rows is not None:
             # several rows: the lean batched step on a dense copy of their context (infer/batch_rows.py)
-            room = max(min(s.params.max_tokens - s.n_out, self.max_seq_len - len(s.tokens)) for s in rows)
+            def room():     # the most steps any row may still take (sizes the context buffer)
+                return max(min(s.params.max_tokens - s.n_out, self.max_seq_len - len(s.tokens)) for s in rows)
             logits = self.batch_rows.step([s.tokens[-1] for s in rows], [s.cached for s in rows],
                                           [s.blocks for s in rows], self.cache, rows, room)
         if logits is None:
@@ -668,9 +686,20 @@ class Engine:
             logits = self.model(ids, cache=self.cache, positions=positions, mask=mask, absorb=True)[:, 0]
         tokens, lps, tops = self._sample(rows, logits)
         self.stats["steps"] += 1
+        eos, max_len, n = self.eos_ids, self.max_seq_len, 0
         for s, t, lp, top in zip(rows, tokens, lps, tops):
             s.cached += 1
-            self._append(s, t, lp, top)
+            if s.plain and (s.params.ignore_eos or t not in eos):
+                # _append for a request nobody reads before it finishes (no stop, logprobs or penalties)
+                s.tokens.append(t)
+                s.new_ids.append(t)
+                s.detok.ids.append(t)
+                n += 1
+                if len(s.tokens) - s.prompt_len >= s.params.max_tokens or len(s.tokens) >= max_len:
+                    self._finish(s, "length", flush=True)
+            else:
+                self._append(s, t, lp, top)
+        self.stats["generated_tokens"] += n
 
     def _verify(self, seqs: list[_Seq]) -> None:
         """Speculative step: feed [last token, MTP draft] at positions L, L+1. The logits at L decide the
