@@ -115,3 +115,20 @@ def test_batch_decode_support_rules():
     assert Engine(model_for("v3", torch.bfloat16), max_batch=2, max_seq_len=32).batch_rows is None
     biased = Transformer(ModelConfig(**{**BASE, "attention_bias": True}))
     assert not BatchDecoder.supports(biased, torch.float32)
+
+
+def test_copy_blocks_equals_copy_block_one_by_one():
+    from nanoseek.infer.kv_cache import PagedCache
+    cfg = ModelConfig(**BASE)
+    a, b = PagedCache(cfg, 12, 4), PagedCache(cfg, 12, 4)
+    torch.manual_seed(0)
+    kv, pe = torch.randn(a.kv.shape), torch.randn(a.pe.shape)
+    for c in (a, b):
+        c.kv.copy_(kv)
+        c.pe.copy_(pe)
+    src, dst = [3, 3, 3, 7], [5, 6, 9, 2]
+    for s, d in zip(src, dst):
+        a.copy_block(s, d)
+    b.copy_blocks(src, dst)
+    assert torch.equal(a.kv, b.kv) and torch.equal(a.pe, b.pe)
+    assert torch.equal(b.kv[:, 5 * 4:6 * 4], b.kv[:, 3 * 4:4 * 4]) and not torch.equal(b.kv[:, :4], b.kv[:, 12:16])

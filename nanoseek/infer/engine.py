@@ -653,10 +653,10 @@ class Engine:
         """s's prefill is complete: its followers hold the same cached tokens. Each gets its own copy
         of the partly filled last block (copy-on-write: before anyone decodes into it)."""
         bs = self.cache.block_size
+        k = s.cached // bs
+        if s.cached % bs and s.followers:
+            self.cache.copy_blocks([s.blocks[k]] * len(s.followers), [f.blocks[k] for f in s.followers])
         for f in s.followers:
-            k = s.cached // bs
-            if s.cached % bs:
-                self.cache.copy_block(s.blocks[k], f.blocks[k])
             f.cached, f.leader = s.cached, None
             self.stats["shared_prefills"] += 1
         s.followers = []
