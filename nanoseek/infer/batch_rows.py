@@ -194,28 +194,31 @@ class BatchDecoder:
         t = self.t
         self._next = [s + 1 for s in starts]
         H, c, rope, D, eps = self.H, self.c, self.rope, self.dim, self.eps
+        half = rope // 2
         cis = self._rotations(max(starts) + 1).index_select(0, self.pos)          # (B, rope/2)
         cis_h = cis[:, None]
         x = self.model.embed.weight.index_select(0, torch.tensor(tokens))         # (B, D)
         buf, bias = self.buf, self.bias[:, :, :t + 1]
+        # every layer's views of this step, made once: column t (written), columns <= t (read)
+        col_kv = buf[:, :, t, :c].unbind(0)                                       # (B, c) each
+        col_pe = torch.view_as_complex(buf[:, :, t, c:].view(-1, B, half, 2)).unbind(0)   # (B, rope/2)
+        keys = buf[:, :, :t + 1]
+        keys_t, values = keys.transpose(2, 3).unbind(0), keys[..., :c].unbind(0)  # (B, c+rope, S), (B, S, c)
+        rms_norm = torch.rms_norm
         for i, L in enumerate(self._layers):
-            y = torch.mm(F.rms_norm(x, (D,), None, eps), L["Wa"])
+            y = torch.mm(rms_norm(x, (D,), None, eps), L["Wa"])
             a, kv, k_pe = y.split_with_sizes(L["sp"], -1)
             if L["Wq"] is not None:
-                a = torch.mm(F.rms_norm(a, (L["Q"],), None, eps), L["Wq"])
+                a = torch.mm(rms_norm(a, (L["Q"],), None, eps), L["Wq"])
             q = a.view(B, H, c + rope)
-            qpe = torch.view_as_complex(q[:, :, c:].unflatten(-1, (-1, 2)))
-            qpe.mul_(cis_h)
-            col = buf[i, :, t]                                                    # (B, c + rope)
-            col[:, :c] = F.rms_norm(kv, (c,), L["kvn"], eps)
-            torch.mul(torch.view_as_complex(k_pe.unflatten(-1, (-1, 2))), cis,
-                      out=torch.view_as_complex(col[:, c:].unflatten(-1, (-1, 2))))
-            keys = buf[i, :, :t + 1]                                              # (B, S, c + rope)
-            p = torch.baddbmm(bias, q, keys.transpose(1, 2)).softmax(dim=-1)      # (B, H, S)
-            o = torch.bmm(p, keys[:, :, :c])                                      # (B, H, c)
+            torch.view_as_complex(q[:, :, c:].view(B, H, half, 2)).mul_(cis_h)   # rotate q's rope part
+            col_kv[i].copy_(rms_norm(kv, (c,), L["kvn"], eps))
+            torch.mul(torch.view_as_complex(k_pe.view(B, half, 2)), cis, out=col_pe[i])
+            p = torch.baddbmm(bias, q, keys_t[i]).softmax(dim=-1)                 # (B, H, S)
+            o = torch.bmm(p, values[i])                                           # (B, H, c)
             x = torch.addmm(x, o.view(B, H * c), L["Wo"])
             # feed-forward
-            y = torch.mm(F.rms_norm(x, (D,), None, eps), L["W13"])
+            y = torch.mm(rms_norm(x, (D,), None, eps), L["W13"])
             if L["E"]:
                 a, b, g = y.split_with_sizes(L["sp_f"], -1)
                 h = F.silu(a).mul_(b)
@@ -232,7 +235,7 @@ class BatchDecoder:
         cache.kv[:nL].index_copy_(1, slots, buf[:, :, t, :c])
         cache.pe[:nL].index_copy_(1, slots, buf[:, :, t, c:])
         self.t = t + 1
-        return torch.mm(F.rms_norm(x, (D,), None, eps), self._head)
+        return torch.mm(rms_norm(x, (D,), None, eps), self._head)
 
 
 def _route(logits: torch.Tensor, route: tuple) -> torch.Tensor:
