@@ -13,6 +13,9 @@ One scheduler iteration (`step`):
      problem, OpenAI's n) are prefilled once and share their full cache blocks;
   3. every running request decodes one token together on the absorbed MLA path; with `speculative`
      the MTP module's draft is verified instead (two positions per row, up to two tokens per step).
+     On CPU the decode step of one row runs `OneRowDecoder` (infer/one_row.py) and of several rows of
+     a tiny fp32 model `BatchDecoder` (infer/batch_rows.py) where they apply: the model's math in
+     fewer ops, tested equal to its forward.
 When a running request needs a block and none is free, the most recently admitted one is preempted
 (blocks freed, recomputed from its tokens later), so a full cache queues work and never crashes.
 
@@ -672,7 +675,7 @@ class Engine:
             if not self.cache.bind_one(s.blocks, s.cached):
                 self._bind(rows, [1], 1)
             logits = self.one_row.step(s.tokens[-1], s.cached, self.cache)
-        elif self.batch_rows is not None:
+        elif self.batch_rows is not None and len(rows) > 1:
             # several rows: the lean batched step on a dense copy of their context (infer/batch_rows.py)
             def room():     # the most steps any row may still take (sizes the context buffer)
                 return max(min(s.params.max_tokens - s.n_out, self.max_seq_len - len(s.tokens)) for s in rows)
