@@ -133,3 +133,33 @@ def test_copy_blocks_equals_copy_block_one_by_one():
     b.copy_blocks(src, dst)
     assert torch.equal(a.kv, b.kv) and torch.equal(a.pe, b.pe)
     assert torch.equal(b.kv[:, 5 * 4:6 * 4], b.kv[:, 3 * 4:4 * 4]) and not torch.equal(b.kv[:, :4], b.kv[:, 12:16])
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_lean_prefill_equals_the_model_prefill(name):
+    """Fresh prompts of different lengths (padded) and a shared one: the lean prefill's logits and the
+    latents it writes into the paged cache equal the model's clear-path prefill's."""
+    m = model_for(name)
+    engines = [Engine(m, max_batch=8, max_seq_len=64, block_size=4, one_row=False, batch_rows=br)
+               for br in (True, False)]
+    lean = []
+    step = engines[0].batch_rows.prefill
+    engines[0].batch_rows.prefill = lambda *a: lean.append(step(*a)) or lean[-1]
+    sp = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, logprobs=5)
+    outs = [e.generate(PROMPTS, sp) for e in engines]
+    assert len(lean) == 1 and lean[0] is not None and lean[0].shape == (3, 1, m.config.vocab_size)
+    for a, b in zip(*outs):
+        assert a.token_ids == b.token_ids and abs(a.logprobs[0] - b.logprobs[0]) < 1e-5
+    bs = 4
+    for t in ("kv", "pe"):     # block 0 takes the padding's writes
+        x, y = getattr(engines[0].cache, t)[:, bs:], getattr(engines[1].cache, t)[:, bs:]
+        assert x.abs().sum() > 0 and (x - y).abs().max() < 1e-5
+    # a prompt continued after a cached part (chunked prefill) takes the model's path
+    e = Engine(m, max_batch=8, max_seq_len=64, one_row=False, max_prefill_tokens=8)
+    calls = []
+    step2 = e.batch_rows.prefill
+    e.batch_rows.prefill = lambda *a: calls.append(1) or step2(*a)
+    c = e.generate([PROMPTS[2]], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))[0]
+    assert len(calls) == 1
+    full, _ = full_forward_logprobs(m, PROMPTS[2], c.token_ids)
+    assert c.token_ids == full.argmax(-1).tolist()

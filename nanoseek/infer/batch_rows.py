@@ -19,6 +19,10 @@ one new token per row with everything prepared once per set of weights:
   preempted); every step also writes its latents into the paged cache (one index_copy_ per tensor for
   all layers), so the paged cache stays the truth and any other path can take over at any step.
 
+`prefill` runs the same folded weights over fresh prompts (B rows of T tokens, padded): attention on the
+latents, causal within each row (a real token never sees the padding after it), every layer's latents
+written into the paged cache in one index_copy_ per tensor, logits at each row's last real token only.
+
 Applies where the routed experts' dense product is cheap (Experts.DENSE_MAX_FLOPS, as the model's own
 choice of forward_dense) and the buffer is small; `step` returns None otherwise (the engine runs the
 model). tests/test_batch_rows.py holds the logits to the model's.
@@ -53,6 +57,7 @@ class BatchDecoder:
         self.bias: torch.Tensor | None = None
         self.t = 0
         self.pos: torch.Tensor | None = None
+        self._causal: dict[int, torch.Tensor] = {}
 
     @staticmethod
     def supports(model, cache_dtype: torch.dtype) -> bool:
@@ -236,6 +241,68 @@ class BatchDecoder:
         cache.pe[:nL].index_copy_(1, slots, buf[:, :, t, c:])
         self.t = t + 1
         return torch.mm(rms_norm(x, (D,), None, eps), self._head)
+
+    # --- fresh prompts
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, lengths: list[int], cache) -> torch.Tensor | None:
+        """The model's prefill of fresh prompts (nothing cached before them): ids (B, T), row b's first
+        lengths[b] real and the rest padding, the cache bound to these rows (`PagedCache.bind`: its write
+        slots, padding into block 0). Writes every layer's latents into the cache and returns the logits
+        at each row's last real position (B, 1, vocab); None: not this path.
+        The attention is causal over each row's own tokens (a real token never sees the padding after
+        it), on the latents (absorbed) as the decode step."""
+        B, T = ids.shape
+        N = B * T
+        if N > 4 * self.max_rows() or getattr(cache, "_write", None) is None or cache._write.numel() != N:
+            return None
+        key = self._state()
+        if key is None:
+            return None
+        if key != self._key:
+            self._build()
+            self._key = key
+        H, c, rope, D, eps, nL = self.H, self.c, self.rope, self.dim, self.eps, self.L
+        half = rope // 2
+        cis = self._rotations(T)[:T].repeat(B, 1)                                 # (N, rope/2)
+        causal = self._causal.get(T)
+        if causal is None:       # (T*H, T): query row (t, h) sees keys <= t
+            t = torch.arange(T)
+            causal = torch.zeros(T, T).masked_fill_(t[None, :] > t[:, None], float("-inf"))
+            causal = self._causal[T] = causal.repeat_interleave(H, dim=0)[None]
+        lat = torch.empty(nL, N, c + rope)                                         # every layer's latents
+        x = self.model.embed.weight.index_select(0, ids.reshape(-1))             # (N, D)
+        rms_norm = torch.rms_norm
+        for i, L in enumerate(self._layers):
+            y = torch.mm(rms_norm(x, (D,), None, eps), L["Wa"])
+            a, kv, k_pe = y.split_with_sizes(L["sp"], -1)
+            if L["Wq"] is not None:
+                a = torch.mm(rms_norm(a, (L["Q"],), None, eps), L["Wq"])
+            q = a.view(N, H, c + rope)
+            torch.view_as_complex(q[:, :, c:].view(N, H, half, 2)).mul_(cis[:, None])
+            li = lat[i]
+            li[:, :c] = rms_norm(kv, (c,), L["kvn"], eps)
+            torch.mul(torch.view_as_complex(k_pe.view(N, half, 2)), cis,
+                      out=torch.view_as_complex(li[:, c:].view(N, half, 2)))
+            keys = li.view(B, T, c + rope)
+            p = torch.baddbmm(causal, q.reshape(B, T * H, c + rope), keys.transpose(1, 2)).softmax(dim=-1)
+            o = torch.bmm(p, keys[:, :, :c])                                      # (B, T*H, c)
+            x = torch.addmm(x, o.view(N, H * c), L["Wo"])
+            y = torch.mm(rms_norm(x, (D,), None, eps), L["W13"])
+            if L["E"]:
+                a, b, g = y.split_with_sizes(L["sp_f"], -1)
+                h = F.silu(a).mul_(b)
+                E, inter = L["E"], L["inter"]
+                h[:, :E * inter].view(N, E, inter).mul_(_route(g, L["route"])[:, :, None])
+            else:
+                a, b = y.split_with_sizes(L["sp_f"], -1)
+                h = F.silu(a).mul_(b)
+            x = torch.addmm(x, h, L["W2"])
+        w = cache._write
+        cache.kv[:nL].index_copy_(1, w, lat[:, :, :c])
+        cache.pe[:nL].index_copy_(1, w, lat[:, :, c:])
+        last = torch.tensor([b * T + n - 1 for b, n in enumerate(lengths)])
+        x = x.index_select(0, last)
+        return torch.mm(rms_norm(x, (D,), None, eps), self._head)[:, None]
 
 
 def _route(logits: torch.Tensor, route: tuple) -> torch.Tensor:

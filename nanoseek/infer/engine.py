@@ -619,10 +619,14 @@ class Engine:
         positions, mask = self._bind(rows, lens, T)
         if all(s.cached == 0 for s in rows) and all(n == T for n in lens):
             mask = None     # fresh prompts of one length: plain causal attention (SDPA's is_causal kernel)
-        last_pos = torch.tensor(lens, device=self.device)[:, None] - 1                # (B, 1)
-        out = self.model(ids, cache=self.cache, positions=positions, mask=mask, absorb=False,
-                         return_hidden=self.speculative, logits_at=last_pos)   # head at one position per row
-        logits, hidden = (out["logits"], out["hidden"]) if self.speculative else (out, None)
+        logits = hidden = None
+        if self.batch_rows is not None and not self.speculative and all(s.cached == 0 for s in rows):
+            logits = self.batch_rows.prefill(ids, lens, self.cache)     # fresh prompts: the lean step
+        if logits is None:
+            last_pos = torch.tensor(lens, device=self.device)[:, None] - 1            # (B, 1)
+            out = self.model(ids, cache=self.cache, positions=positions, mask=mask, absorb=False,
+                             return_hidden=self.speculative, logits_at=last_pos)   # head at one position per row
+            logits, hidden = (out["logits"], out["hidden"]) if self.speculative else (out, None)
         self.stats["prefill_tokens"] += sum(lens)
         starts = [s.cached for s in rows]
         for s, n in zip(rows, lens):
