@@ -13,6 +13,9 @@ One scheduler iteration (`step`):
      problem, OpenAI's n) are prefilled once and share their full cache blocks;
   3. every running request decodes one token together on the absorbed MLA path; with `speculative`
      the MTP module's draft is verified instead (two positions per row, up to two tokens per step).
+     On CPU the decode step of one row runs `OneRowDecoder` (infer/one_row.py) and of several rows of
+     a tiny fp32 model `BatchDecoder` (infer/batch_rows.py) where they apply: the model's math in
+     fewer ops, tested equal to its forward.
 When a running request needs a block and none is free, the most recently admitted one is preempted
 (blocks freed, recomputed from its tokens later), so a full cache queues work and never crashes.
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import operator
 import queue
 import random
 import threading
@@ -39,6 +43,7 @@ import torch
 
 from nanoseek.infer import sampling as smp
 from nanoseek.infer.kv_cache import PagedCache
+from nanoseek.infer.batch_rows import BatchDecoder
 from nanoseek.infer.one_row import OneRowDecoder
 
 
@@ -252,6 +257,8 @@ class _Seq:
         # nobody reads this request's text before it finishes (generate(): no stream, no stop strings):
         # its tokens are decoded once at the end instead of one window per token
         self.lazy_text = self.detok is not None and not p.stop and req._sink is None and not req._keep
+        # what _append does for such a request is a few appends and a length check (Engine._decode inlines it)
+        self.plain = self.lazy_text and p.logprobs is None and not self.penalized and not p.stop_token_ids
         self.text = ""                                # output text so far (stop string cut off)
         self.sent = 0                                 # characters of `text` already emitted
         self.logprobs: list[float] | None = [] if p.logprobs is not None else None
@@ -278,18 +285,23 @@ class _Seq:
         return len(self.tokens) - self.prompt_len
 
 
+_order = operator.attrgetter("order")
+
+
 class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch: int = 32, max_seq_len: int | None = None,
                  block_size: int = 16, num_blocks: int | None = None, speculative: bool = False,
                  device=None, dtype=None, max_prefill_tokens: int = 2048, cache_bytes: int = 1 << 30,
-                 cache_dtype: torch.dtype | None = None, one_row: bool = True):
+                 cache_dtype: torch.dtype | None = None, one_row: bool = True, batch_rows: bool = True):
         """model: a nanoseek Transformer (moved to device/dtype when given). num_blocks defaults to room
         for max_batch sequences of max_seq_len, capped at `cache_bytes`, never below one full sequence.
         cache_dtype: the latents' dtype, which decode attention computes in. Default: the model's, except
         fp32 for a 16-bit model on CPU, where fp32 attention is both faster (MKL against oneDNN's fixed
         cost per bf16 bmm: small preset, bf16, one thread, batch 1: 11.6 -> 10.7 ms a step) and rounds less.
         one_row: a step that decodes a single row on CPU runs `OneRowDecoder` (the same math in about half
-        the ops) where it supports the model; False always runs the model's forward."""
+        the ops) where it supports the model; False always runs the model's forward.
+        batch_rows: a decode step of several rows on CPU runs `BatchDecoder` (infer/batch_rows.py) where it
+        supports the model and the batch; False always runs the model's forward."""
         if device is not None or dtype is not None:
             model.to(device=device, dtype=dtype)
         param = next(model.parameters())
@@ -303,6 +315,8 @@ class Engine:
             raise ValueError("speculative=True needs a model with an MTP module (num_nextn_predict_layers >= 1)")
         self.speculative = speculative
         self.one_row = OneRowDecoder(model) if one_row and OneRowDecoder.supports(model, cache_dtype) else None
+        self.batch_rows = (BatchDecoder(model) if batch_rows and BatchDecoder.supports(model, cache_dtype)
+                           else None)
         self.max_batch = max_batch
         self.max_seq_len = int(max_seq_len or cfg.max_position_embeddings)
         self.max_prefill_tokens = max(max_prefill_tokens, 1)
@@ -342,8 +356,10 @@ class Engine:
         params.validate()
         if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
             raise ValueError("prompt_ids must be a non-empty list of token ids")
-        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) and 0 <= t < self.vocab_size
-                   for t in prompt_ids):
+        # plain ints (the usual case) checked with C-level builtins; anything else element by element
+        plain = set(map(type, prompt_ids)) == {int} and 0 <= min(prompt_ids) and max(prompt_ids) < self.vocab_size
+        if not plain and not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool)
+                                 and 0 <= t < self.vocab_size for t in prompt_ids):
             raise ValueError(f"prompt_ids must be integers in [0, {self.vocab_size})")
         n = len(prompt_ids)
         if n > self.max_seq_len:
@@ -368,7 +384,7 @@ class Engine:
             raise ValueError(f"{len(prompts)} prompts but {len(plist)} SamplingParams")
         for p, sp in zip(prompts, plist):
             self.validate(p, sp)
-        reqs = [self._add(p, sp, keep_events=False) for p, sp in zip(prompts, plist)]
+        reqs = [self._add(p, sp, keep_events=False, checked=True) for p, sp in zip(prompts, plist)]
         return [r.result() for r in reqs]
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams | None = None) -> AsyncIterator[StreamEvent]:
@@ -437,11 +453,13 @@ class Engine:
             return self.has_work()
 
     # --- queueing
-    def _add(self, prompt_ids, params, sink=None, keep_events=True) -> Request:
+    def _add(self, prompt_ids, params, sink=None, keep_events=True, checked=False) -> Request:
+        """checked: validate() passed on these very arguments already (generate checks all first)."""
         if isinstance(prompt_ids, torch.Tensor):
             prompt_ids = prompt_ids.tolist()
-        self.validate(prompt_ids, params)
-        req = Request(self, [int(t) for t in prompt_ids], params, sink=sink, keep_events=keep_events)
+        if not checked:
+            self.validate(prompt_ids, params)
+        req = Request(self, list(map(int, prompt_ids)), params, sink=sink, keep_events=keep_events)
         seq = _Seq(req, self)
         with self._cv:
             self._inbox.append(seq)
@@ -553,7 +571,14 @@ class Engine:
     def _reserve(self, rows: list[_Seq], ahead: int) -> list[_Seq]:
         """Make sure every row has blocks for `ahead` more positions, preempting the newest
         requests when the pool runs dry. Returns the rows still running, in order."""
-        rows = sorted(rows, key=lambda s: s.order)
+        rows = sorted(rows, key=_order)
+        bs = self.cache.block_size
+        needs = [(s.cached + ahead + bs - 1) // bs - len(s.blocks) for s in rows]
+        if sum(n for n in needs if n > 0) <= self.cache.num_free:     # no preemption: every row grows
+            for s, n in zip(rows, needs):
+                if n > 0:
+                    s.blocks += self.cache.allocate(n)
+            return rows
         kept: list[_Seq] = []
         while rows:
             s = rows.pop(0)
@@ -594,10 +619,14 @@ class Engine:
         positions, mask = self._bind(rows, lens, T)
         if all(s.cached == 0 for s in rows) and all(n == T for n in lens):
             mask = None     # fresh prompts of one length: plain causal attention (SDPA's is_causal kernel)
-        last_pos = torch.tensor(lens, device=self.device)[:, None] - 1                # (B, 1)
-        out = self.model(ids, cache=self.cache, positions=positions, mask=mask, absorb=False,
-                         return_hidden=self.speculative, logits_at=last_pos)   # head at one position per row
-        logits, hidden = (out["logits"], out["hidden"]) if self.speculative else (out, None)
+        logits = hidden = None
+        if self.batch_rows is not None and not self.speculative and all(s.cached == 0 for s in rows):
+            logits = self.batch_rows.prefill(ids, lens, self.cache)     # fresh prompts: the lean step
+        if logits is None:
+            last_pos = torch.tensor(lens, device=self.device)[:, None] - 1            # (B, 1)
+            out = self.model(ids, cache=self.cache, positions=positions, mask=mask, absorb=False,
+                             return_hidden=self.speculative, logits_at=last_pos)   # head at one position per row
+            logits, hidden = (out["logits"], out["hidden"]) if self.speculative else (out, None)
         self.stats["prefill_tokens"] += sum(lens)
         starts = [s.cached for s in rows]
         for s, n in zip(rows, lens):
@@ -631,10 +660,10 @@ class Engine:
         """s's prefill is complete: its followers hold the same cached tokens. Each gets its own copy
         of the partly filled last block (copy-on-write: before anyone decodes into it)."""
         bs = self.cache.block_size
+        k = s.cached // bs
+        if s.cached % bs and s.followers:
+            self.cache.copy_blocks([s.blocks[k]] * len(s.followers), [f.blocks[k] for f in s.followers])
         for f in s.followers:
-            k = s.cached // bs
-            if s.cached % bs:
-                self.cache.copy_block(s.blocks[k], f.blocks[k])
             f.cached, f.leader = s.cached, None
             self.stats["shared_prefills"] += 1
         s.followers = []
@@ -650,6 +679,12 @@ class Engine:
             if not self.cache.bind_one(s.blocks, s.cached):
                 self._bind(rows, [1], 1)
             logits = self.one_row.step(s.tokens[-1], s.cached, self.cache)
+        elif self.batch_rows is not None and len(rows) > 1:
+            # several rows: the lean batched step on a dense copy of their context (infer/batch_rows.py)
+            def room():     # the most steps any row may still take (sizes the context buffer)
+                return max(min(s.params.max_tokens - s.n_out, self.max_seq_len - len(s.tokens)) for s in rows)
+            logits = self.batch_rows.step([s.tokens[-1] for s in rows], [s.cached for s in rows],
+                                          [s.blocks for s in rows], self.cache, rows, room)
         if logits is None:
             ids = torch.tensor([[s.tokens[-1]] for s in rows], device=self.device)     # (B, 1)
             positions, mask = self._bind(rows, [1] * len(rows), 1)
@@ -658,9 +693,20 @@ class Engine:
             logits = self.model(ids, cache=self.cache, positions=positions, mask=mask, absorb=True)[:, 0]
         tokens, lps, tops = self._sample(rows, logits)
         self.stats["steps"] += 1
+        eos, max_len, n = self.eos_ids, self.max_seq_len, 0
         for s, t, lp, top in zip(rows, tokens, lps, tops):
             s.cached += 1
-            self._append(s, t, lp, top)
+            if s.plain and (s.params.ignore_eos or t not in eos):
+                # _append for a request nobody reads before it finishes (no stop, logprobs or penalties)
+                s.tokens.append(t)
+                s.new_ids.append(t)
+                s.detok.ids.append(t)
+                n += 1
+                if len(s.tokens) - s.prompt_len >= s.params.max_tokens or len(s.tokens) >= max_len:
+                    self._finish(s, "length", flush=True)
+            else:
+                self._append(s, t, lp, top)
+        self.stats["generated_tokens"] += n
 
     def _verify(self, seqs: list[_Seq]) -> None:
         """Speculative step: feed [last token, MTP draft] at positions L, L+1. The logits at L decide the

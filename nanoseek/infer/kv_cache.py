@@ -133,6 +133,18 @@ class PagedCache:
         self.kv[:, dst * bs:(dst + 1) * bs] = self.kv[:, src * bs:(src + 1) * bs]
         self.pe[:, dst * bs:(dst + 1) * bs] = self.pe[:, src * bs:(src + 1) * bs]
 
+    def copy_blocks(self, src: list[int], dst: list[int]) -> None:
+        """copy_block for many pairs at once (one gather and one scatter per tensor; a shared prompt's
+        G - 1 followers each take a copy of the leader's last block)."""
+        if len(src) == 1:
+            return self.copy_block(src[0], dst[0])
+        bs = self.block_size
+        offs = torch.arange(bs)
+        s_idx = (torch.tensor(src)[:, None] * bs + offs).flatten().to(self.device)
+        d_idx = (torch.tensor(dst)[:, None] * bs + offs).flatten().to(self.device)
+        self.kv.index_copy_(1, d_idx, self.kv.index_select(1, s_idx))
+        self.pe.index_copy_(1, d_idx, self.pe.index_select(1, s_idx))
+
     def bytes(self) -> int:
         return self.kv.numel() * self.kv.element_size() + self.pe.numel() * self.pe.element_size()
 
