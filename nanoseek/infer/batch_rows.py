@@ -78,7 +78,7 @@ class BatchDecoder:
     _state = OneRowDecoder._state
 
     # --- packing
-    @torch.no_grad()
+    @torch.inference_mode()
     def _build(self) -> None:
         m = self.model
         H, nope, rope, c, D = self.H, self.nope, self.rope, self.c, self.dim
@@ -172,7 +172,7 @@ class BatchDecoder:
         return True
 
     # --- the step
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self, tokens: list[int], starts: list[int], tables: list[list[int]], cache, rows: list,
              room: int) -> torch.Tensor | None:
         """Logits (B, vocab) fp32 for tokens[b] at position starts[b] of row b (block table tables[b] in
@@ -243,7 +243,7 @@ class BatchDecoder:
         return torch.mm(rms_norm(x, (D,), None, eps), self._head)
 
     # --- fresh prompts
-    @torch.no_grad()
+    @torch.inference_mode()
     def prefill(self, ids: torch.Tensor, lengths: list[int], cache) -> torch.Tensor | None:
         """The model's prefill of fresh prompts (nothing cached before them): ids (B, T), row b's first
         lengths[b] real and the rest padding, the cache bound to these rows (`PagedCache.bind`: its write
