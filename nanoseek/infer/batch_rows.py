@@ -58,6 +58,7 @@ class BatchDecoder:
         self.t = 0
         self.pos: torch.Tensor | None = None
         self._causal: dict[int, torch.Tensor] = {}
+        self._max_rows: int | None = None
 
     @staticmethod
     def supports(model, cache_dtype: torch.dtype) -> bool:
@@ -69,11 +70,12 @@ class BatchDecoder:
 
     def max_rows(self) -> int:
         """The most rows the dense MoE product stays cheap for."""
-        cfg = self.cfg
-        if not any(isinstance(b.ffn, MoE) for b in self.model.layers):
-            return 1 << 30
-        per_row = 6 * cfg.n_routed_experts * cfg.moe_intermediate_size * cfg.hidden_size
-        return int(Experts.DENSE_MAX_FLOPS // per_row)
+        if self._max_rows is None:
+            cfg = self.cfg
+            per_row = 6 * cfg.n_routed_experts * cfg.moe_intermediate_size * cfg.hidden_size
+            moe = any(isinstance(b.ffn, MoE) for b in self.model.layers)
+            self._max_rows = int(Experts.DENSE_MAX_FLOPS // per_row) if moe else 1 << 30
+        return self._max_rows
 
     _state = OneRowDecoder._state
 
