@@ -58,6 +58,7 @@ class BatchDecoder:
         self.t = 0
         self.pos: torch.Tensor | None = None
         self._causal: dict[int, torch.Tensor] = {}
+        self._max_rows: int | None = None
 
     @staticmethod
     def supports(model, cache_dtype: torch.dtype) -> bool:
@@ -69,16 +70,17 @@ class BatchDecoder:
 
     def max_rows(self) -> int:
         """The most rows the dense MoE product stays cheap for."""
-        cfg = self.cfg
-        if not any(isinstance(b.ffn, MoE) for b in self.model.layers):
-            return 1 << 30
-        per_row = 6 * cfg.n_routed_experts * cfg.moe_intermediate_size * cfg.hidden_size
-        return int(Experts.DENSE_MAX_FLOPS // per_row)
+        if self._max_rows is None:
+            cfg = self.cfg
+            per_row = 6 * cfg.n_routed_experts * cfg.moe_intermediate_size * cfg.hidden_size
+            moe = any(isinstance(b.ffn, MoE) for b in self.model.layers)
+            self._max_rows = int(Experts.DENSE_MAX_FLOPS // per_row) if moe else 1 << 30
+        return self._max_rows
 
     _state = OneRowDecoder._state
 
     # --- packing
-    @torch.no_grad()
+    @torch.inference_mode()
     def _build(self) -> None:
         m = self.model
         H, nope, rope, c, D = self.H, self.nope, self.rope, self.c, self.dim
@@ -172,7 +174,7 @@ class BatchDecoder:
         return True
 
     # --- the step
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(self, tokens: list[int], starts: list[int], tables: list[list[int]], cache, rows: list,
              room: int) -> torch.Tensor | None:
         """Logits (B, vocab) fp32 for tokens[b] at position starts[b] of row b (block table tables[b] in
@@ -243,7 +245,7 @@ class BatchDecoder:
         return torch.mm(rms_norm(x, (D,), None, eps), self._head)
 
     # --- fresh prompts
-    @torch.no_grad()
+    @torch.inference_mode()
     def prefill(self, ids: torch.Tensor, lengths: list[int], cache) -> torch.Tensor | None:
         """The model's prefill of fresh prompts (nothing cached before them): ids (B, T), row b's first
         lengths[b] real and the rest padding, the cache bound to these rows (`PagedCache.bind`: its write

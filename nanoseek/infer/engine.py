@@ -345,6 +345,7 @@ class Engine:
         self._draft_q: torch.Tensor | None = None      # (max_batch, V) draft distributions (speculative sampling)
         self._pieces: dict[int, str] = {}              # token id -> its text alone (detokenizer windows)
         self._params_cache: dict[str, tuple[list[_Seq], smp.BatchParams | None]] = {}
+        self._info: tuple | None = None                # _rows_info's rows and what it found
         self._step_lock = threading.RLock()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -697,9 +698,9 @@ class Engine:
         for s, t, lp, top in zip(rows, tokens, lps, tops):
             s.cached += 1
             if s.plain and (s.params.ignore_eos or t not in eos):
-                # _append for a request nobody reads before it finishes (no stop, logprobs or penalties)
+                # _append for a request nobody reads before it finishes (no stop, logprobs or penalties;
+                # no events either: new_ids stays empty, _flush passes over it)
                 s.tokens.append(t)
-                s.new_ids.append(t)
                 s.detok.ids.append(t)
                 n += 1
                 if len(s.tokens) - s.prompt_len >= s.params.max_tokens or len(s.tokens) >= max_len:
@@ -815,11 +816,11 @@ class Engine:
         else:
             probs = self._distribution(rows, bp, logits)
             chosen = smp.sample_cdf(probs, self._uniform(rows))
-        want_lp = [s.params.logprobs for s in rows if s.params.logprobs is not None]
+        want_lp = self._rows_info(rows)[0]
         tokens = chosen.tolist()
-        if not want_lp:
+        if want_lp is None:
             return tokens, [None] * len(rows), [None] * len(rows)
-        per_row = self._logprobs(logits, chosen, max(want_lp))
+        per_row = self._logprobs(logits, chosen, want_lp)
         return tokens, [r[0] for r in per_row], [r[1] for r in per_row]
 
     def _logprobs(self, logits: torch.Tensor, chosen: torch.Tensor, n: int) -> list[tuple[float, dict]]:
@@ -870,10 +871,20 @@ class Engine:
         seeded row's from its own. Greedy rows draw too (harmless: their distribution is one-hot)."""
         dev = self.device
         u = torch.rand(len(rows), generator=self._gen, dtype=torch.float64, device=dev)
-        seeded = [b for b, s in enumerate(rows) if s.gen is not None]
+        seeded = self._rows_info(rows)[1]
         if seeded:
             u[seeded] = torch.tensor([rows[b].uniform() for b in seeded], dtype=torch.float64, device=dev)
         return u
+
+    def _rows_info(self, rows: list[_Seq]) -> tuple[int | None, list[int]]:
+        """(the most top logprobs any row asks for, None if no row wants logprobs; the indices of the rows
+        with their own generator), made again only when the rows change."""
+        info = self._info
+        if info is None or info[0] != rows:
+            want = [s.params.logprobs for s in rows if s.params.logprobs is not None]
+            info = self._info = (list(rows), max(want) if want else None,
+                                 [b for b, s in enumerate(rows) if s.gen is not None])
+        return info[1], info[2]
 
     def _init_penalty_row(self, s: _Seq) -> None:
         if self._counts is None:
