@@ -149,12 +149,12 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.w1.shape[0]).tolist()  # one host sync per layer
         token = order // K                                                # source token of each sorted slot
-        xs = x.index_select(0, token)                                     # (N*K, dim), grouped by expert
         acc = torch.promote_types(x.dtype, torch.float32)
         # (N*K, 1) gate weight of each slot, fp32 (bf16 would round the routing weights under autocast)
         gw = r.weights.flatten()[order, None].to(acc)
-        if torch.is_grad_enabled() and x.device.type == "cpu":
+        if torch.is_grad_enabled() and x.device.type == "cpu":   # (gathers its own padded rows)
             return self._grouped_train(x, r, order, counts, token, gw)
+        xs = x.index_select(0, token)                                     # (N*K, dim), grouped by expert
         w1, w2, w3 = self.weights()
         # split (not slicing in a loop): its backward is one cat instead of a zero-fill per expert.
         # The gate weight scales the inter-wide hidden before w2 (linear, so the same sum), not the
