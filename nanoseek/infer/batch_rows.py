@@ -224,17 +224,7 @@ class BatchDecoder:
             p = torch.baddbmm(bias, q, keys_t[i]).softmax(dim=-1)                 # (B, H, S)
             o = torch.bmm(p, values[i])                                           # (B, H, c)
             x = torch.addmm(x, o.view(B, H * c), L["Wo"])
-            # feed-forward
-            y = torch.mm(rms_norm(x, (D,), None, eps), L["W13"])
-            if L["E"]:
-                a, b, g = y.split_with_sizes(L["sp_f"], -1)
-                h = F.silu(a).mul_(b)
-                E, inter = L["E"], L["inter"]
-                h[:, :E * inter].view(B, E, inter).mul_(_route(g, L["route"])[:, :, None])
-            else:
-                a, b = y.split_with_sizes(L["sp_f"], -1)
-                h = F.silu(a).mul_(b)
-            x = torch.addmm(x, h, L["W2"])
+            x = _feed_forward(x, L, eps)
         # this step's latents into the paged cache, every layer at once
         bs = cache.block_size
         slots = torch.tensor([tab[s // bs] * bs + s % bs for tab, s in zip(tables, starts)])
@@ -289,22 +279,28 @@ class BatchDecoder:
             p = torch.baddbmm(causal, q.reshape(B, T * H, c + rope), keys.transpose(1, 2)).softmax(dim=-1)
             o = torch.bmm(p, keys[:, :, :c])                                      # (B, T*H, c)
             x = torch.addmm(x, o.view(N, H * c), L["Wo"])
-            y = torch.mm(rms_norm(x, (D,), None, eps), L["W13"])
-            if L["E"]:
-                a, b, g = y.split_with_sizes(L["sp_f"], -1)
-                h = F.silu(a).mul_(b)
-                E, inter = L["E"], L["inter"]
-                h[:, :E * inter].view(N, E, inter).mul_(_route(g, L["route"])[:, :, None])
-            else:
-                a, b = y.split_with_sizes(L["sp_f"], -1)
-                h = F.silu(a).mul_(b)
-            x = torch.addmm(x, h, L["W2"])
+            x = _feed_forward(x, L, eps)
         w = cache._write
         cache.kv[:nL].index_copy_(1, w, lat[:, :, :c])
         cache.pe[:nL].index_copy_(1, w, lat[:, :, c:])
         last = torch.tensor([b * T + n - 1 for b, n in enumerate(lengths)])
         x = x.index_select(0, last)
         return torch.mm(rms_norm(x, (D,), None, eps), self._head)[:, None]
+
+
+def _feed_forward(x: torch.Tensor, L: dict, eps: float) -> torch.Tensor:
+    """x (N, D) -> x + the layer's FFN of rms_norm(x): dense SwiGLU, or every routed expert, the shared
+    one and the gate in one matmul (unchosen experts weighted 0) and every w2 in another."""
+    y = torch.mm(torch.rms_norm(x, (x.shape[1],), None, eps), L["W13"])
+    if L["E"]:
+        a, b, g = y.split_with_sizes(L["sp_f"], -1)
+        h = F.silu(a).mul_(b)
+        E, inter = L["E"], L["inter"]
+        h[:, :E * inter].view(-1, E, inter).mul_(_route(g, L["route"])[:, :, None])   # (N, E, inter)
+    else:
+        a, b = y.split_with_sizes(L["sp_f"], -1)
+        h = F.silu(a).mul_(b)
+    return torch.addmm(x, h, L["W2"])
 
 
 def _route(logits: torch.Tensor, route: tuple) -> torch.Tensor:
