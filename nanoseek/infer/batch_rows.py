@@ -80,6 +80,17 @@ class BatchDecoder:
     _state = OneRowDecoder._state
 
     # --- packing
+    def _ready(self) -> bool:
+        """The folded weights for the model's current parameters (repacked when any changed); False
+        when the model is not in a state this path takes (see OneRowDecoder._state)."""
+        key = self._state()
+        if key is None:
+            return False
+        if key != self._key:
+            self._build()
+            self._key = key
+        return True
+
     @torch.inference_mode()
     def _build(self) -> None:
         m = self.model
@@ -185,12 +196,8 @@ class BatchDecoder:
         B = len(tokens)
         if B > self.max_rows():
             return None
-        key = self._state()
-        if key is None:
+        if not self._ready():
             return None
-        if key != self._key:
-            self._build()
-            self._key = key
         if self._rows is None or rows != self._rows or starts != self._next or self.t >= self.buf.shape[2]:
             if not self._gather(cache, tables, starts, room):
                 self._rows = None
@@ -247,12 +254,8 @@ class BatchDecoder:
         N = B * T
         if N > 4 * self.max_rows() or getattr(cache, "_write", None) is None or cache._write.numel() != N:
             return None
-        key = self._state()
-        if key is None:
+        if not self._ready():
             return None
-        if key != self._key:
-            self._build()
-            self._key = key
         H, c, rope, D, eps, nL = self.H, self.c, self.rope, self.dim, self.eps, self.L
         half = rope // 2
         cis = self._rotations(T)[:T].repeat(B, 1)                                 # (N, rope/2)
