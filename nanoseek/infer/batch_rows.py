@@ -220,11 +220,8 @@ class BatchDecoder:
         keys_t, values = keys.transpose(2, 3).unbind(0), keys[..., :c].unbind(0)  # (B, c+rope, S), (B, S, c)
         rms_norm = torch.rms_norm
         for i, L in enumerate(self._layers):
-            y = torch.mm(rms_norm(x, (D,), None, eps), L["Wa"])
-            a, kv, k_pe = y.split_with_sizes(L["sp"], -1)
-            if L["Wq"] is not None:
-                a = torch.mm(rms_norm(a, (L["Q"],), None, eps), L["Wq"])
-            q = a.view(B, H, c + rope)
+            q, kv, k_pe = _project(x, L, eps)
+            q = q.view(B, H, c + rope)
             torch.view_as_complex(q[:, :, c:].view(B, H, half, 2)).mul_(cis_h)   # rotate q's rope part
             col_kv[i].copy_(rms_norm(kv, (c,), L["kvn"], eps))
             torch.mul(torch.view_as_complex(k_pe.view(B, half, 2)), cis, out=col_pe[i])
@@ -268,11 +265,8 @@ class BatchDecoder:
         x = self.model.embed.weight.index_select(0, ids.reshape(-1))             # (N, D)
         rms_norm = torch.rms_norm
         for i, L in enumerate(self._layers):
-            y = torch.mm(rms_norm(x, (D,), None, eps), L["Wa"])
-            a, kv, k_pe = y.split_with_sizes(L["sp"], -1)
-            if L["Wq"] is not None:
-                a = torch.mm(rms_norm(a, (L["Q"],), None, eps), L["Wq"])
-            q = a.view(N, H, c + rope)
+            q, kv, k_pe = _project(x, L, eps)
+            q = q.view(N, H, c + rope)
             torch.view_as_complex(q[:, :, c:].view(N, H, half, 2)).mul_(cis[:, None])
             li = lat[i]
             li[:, :c] = rms_norm(kv, (c,), L["kvn"], eps)
@@ -289,6 +283,16 @@ class BatchDecoder:
         last = torch.tensor([b * T + n - 1 for b, n in enumerate(lengths)])
         x = x.index_select(0, last)
         return torch.mm(rms_norm(x, (D,), None, eps), self._head)[:, None]
+
+
+def _project(x: torch.Tensor, L: dict, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (N, D) -> the attention's inputs: q (N, H*(c+rope)) already [q_latent | q_rope] per head and
+    scaled, the latent kv (N, c) before its norm, k_pe (N, rope) before its rotation."""
+    y = torch.mm(torch.rms_norm(x, (x.shape[1],), None, eps), L["Wa"])
+    a, kv, k_pe = y.split_with_sizes(L["sp"], -1)
+    if L["Wq"] is not None:
+        a = torch.mm(torch.rms_norm(a, (L["Q"],), None, eps), L["Wq"])
+    return a, kv, k_pe
 
 
 def _feed_forward(x: torch.Tensor, L: dict, eps: float) -> torch.Tensor:
