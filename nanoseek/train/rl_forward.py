@@ -55,10 +55,7 @@ class LinearLogprobs(torch.autograd.Function):
             wt = weight.t()
             for r0 in range(0, N, R):
                 r1 = min(r0 + R, N)
-                lg = torch.mm(h[r0:r1], wt, out=lbuf[: r1 - r0])                  # (R, V)
-                z = fbuf[: r1 - r0]
-                if z is not lg:
-                    z.copy_(lg)                                                   # fp32 logits
+                z = _block_logits(h[r0:r1], wt, lbuf, fbuf)                        # (R, V) fp32
                 m = z.amax(dim=1, keepdim=True)                                   # (R, 1)
                 p = torch.sub(z, m, out=pbuf[: r1 - r0]).exp_()                   # unnormalized probs
                 s = p.sum(dim=1, keepdim=True)                                    # (R, 1)
@@ -87,10 +84,7 @@ class LinearLogprobs(torch.autograd.Function):
             wt = weight.t()
             for r0 in range(0, N, R):
                 r1 = min(r0 + R, N)
-                lg = torch.mm(h[r0:r1], wt, out=lbuf[: r1 - r0])                  # (R, V)
-                z = fbuf[: r1 - r0]
-                if z is not lg:
-                    z.copy_(lg)
+                z = _block_logits(h[r0:r1], wt, lbuf, fbuf)                        # (R, V) fp32
                 # d logits = -g p, then + g at the target (fp32)
                 d = z.sub_(lse[r0:r1, None]).exp_().mul_(-g[r0:r1, None])          # (R, V)
                 d.scatter_add_(1, targets[r0:r1, None], g[r0:r1, None])
@@ -100,3 +94,13 @@ class LinearLogprobs(torch.autograd.Function):
                 if need_w:
                     dw.addmm_(d.t(), h[r0:r1].to(acc))                            # (V, dim) fp32
         return dh, (None if dw is None else dw.to(weight.dtype)), None
+
+
+def _block_logits(h: torch.Tensor, wt: torch.Tensor, lbuf: torch.Tensor, fbuf: torch.Tensor) -> torch.Tensor:
+    """One row block's logits h W^T (R, V) into the reused buffers, widened to fbuf's dtype (fp32 at least)."""
+    n = h.shape[0]
+    lg = torch.mm(h, wt, out=lbuf[:n])
+    z = fbuf[:n]
+    if z is not lg:
+        z.copy_(lg)
+    return z
