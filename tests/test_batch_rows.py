@@ -7,27 +7,14 @@ import torch.nn.functional as F
 from nanoseek.infer import Engine, SamplingParams
 from nanoseek.infer.batch_rows import BatchDecoder
 from nanoseek.model import ModelConfig, Transformer
-from test_one_row import BASE, CONFIGS, full_forward_logprobs, model_for
+from test_one_row import BASE, CONFIGS, full_forward_logprobs, model_for, record_steps
 
 PROMPTS = [[3, 17, 5, 42, 8, 9, 11], [4, 5, 6], list(range(7, 40)) + [3], [3, 17, 5, 42, 8, 9, 11]]
 LENGTHS = [20, 12, 25, 20]        # rows finish at different steps: the dense buffer is gathered again
 
 
-def counting(eng):
-    calls = []
-    if eng.batch_rows is not None:
-        step = eng.batch_rows.step
-
-        def counted(*a):
-            out = step(*a)
-            calls.append(out is not None)
-            return out
-        eng.batch_rows.step = counted
-    return calls
-
-
 def greedy(eng, prompts=PROMPTS, lengths=LENGTHS):
-    calls = counting(eng)
+    calls = record_steps(eng.batch_rows)
     cs = eng.generate(prompts, [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=0)
                                 for n in lengths])
     return [c.token_ids for c in cs], [torch.tensor(c.logprobs) for c in cs], calls

@@ -32,18 +32,25 @@ def model_for(name: str, dtype=torch.float32) -> Transformer:
     return m.eval().to(dtype)
 
 
-def greedy_with_logprobs(m, prompt, n, one_row=True, patience=0):
-    eng = Engine(m, max_batch=2, max_seq_len=64, one_row=one_row)
-    calls = []
-    if eng.one_row is not None:
-        eng.one_row.patience = patience
-        step = eng.one_row.step
+def record_steps(decoder) -> list[bool]:
+    """Wrap decoder.step (when there is a decoder): the list records, per call, whether it took the step."""
+    calls: list[bool] = []
+    if decoder is not None:
+        step = decoder.step
 
         def counted(*a):
             out = step(*a)
             calls.append(out is not None)
             return out
-        eng.one_row.step = counted
+        decoder.step = counted
+    return calls
+
+
+def greedy_with_logprobs(m, prompt, n, one_row=True, patience=0):
+    eng = Engine(m, max_batch=2, max_seq_len=64, one_row=one_row)
+    if eng.one_row is not None:
+        eng.one_row.patience = patience
+    calls = record_steps(eng.one_row)
     c = eng.generate([prompt], SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=0))[0]
     return c.token_ids, torch.tensor(c.logprobs), sum(calls)
 
