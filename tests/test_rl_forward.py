@@ -12,8 +12,10 @@ def reference(h, w, t):
     return lp.gather(-1, t[..., None])[..., 0], -(lp.exp() * lp).sum(-1)
 
 
+@pytest.mark.parametrize("keep", [True, False])        # the forward's probabilities kept, or recomputed
 @pytest.mark.parametrize("rows", [4, 300])            # one block, and several (ROWS = 256) with a ragged end
-def test_logprobs_entropy_and_gradients_match_the_reference(rows):
+def test_logprobs_entropy_and_gradients_match_the_reference(rows, keep, monkeypatch):
+    monkeypatch.setattr(LinearLogprobs, "KEEP_MAX", LinearLogprobs.KEEP_MAX if keep else 0)
     g = torch.Generator().manual_seed(0)
     h = torch.randn(2, rows, 16, generator=g, requires_grad=True)
     w = (torch.randn(50, 16, generator=g) * 2).requires_grad_()   # peaked distributions too
@@ -51,3 +53,23 @@ def test_gradcheck_in_double():
     w = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
     t = torch.randint(0, 7, (5,), generator=g)
     assert torch.autograd.gradcheck(lambda h, w: LinearLogprobs.apply(h, w, t)[0], (h, w))
+
+
+def test_two_forwards_before_their_backwards_each_get_their_own_gradients():
+    """The kept probabilities live in one reused buffer: a second forward takes it over, and the first
+    forward's backward must then recompute (not read the second's probabilities)."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(30, 8, generator=g, requires_grad=True)
+    hs = [torch.randn(20, 8, generator=g, requires_grad=True) for _ in range(2)]
+    ts = [torch.randint(0, 30, (20,), generator=g) for _ in range(2)]
+    outs = [linear_logprobs(h, w, t)[0] for h, t in zip(hs, ts)]
+    for o in outs:                                     # the first forward's backward first: its buffer is stale
+        o.sum().backward()
+    got = [h.grad.clone() for h in hs] + [w.grad.clone()]
+    for h in hs:
+        h.grad = None
+    w.grad = None
+    for h, t in zip(hs, ts):
+        reference(h, w, t)[0].sum().backward()
+    for a, b in zip(got, [h.grad for h in hs] + [w.grad]):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)

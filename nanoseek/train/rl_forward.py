@@ -34,11 +34,14 @@ def linear_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
 
 class LinearLogprobs(torch.autograd.Function):
     """Per row i: logits_i = h_i W^T, logp_i = logits_i[t_i] - logsumexp(logits_i), H_i = lse_i - sum_v p_v
-    logits_v, one block of ROWS rows at a time in reused buffers. The backward recomputes each block's
-    logits (one (R, dim) x (dim, V) matmul) rather than keep (N, V) probabilities: d logits_i = g_i
-    (onehot(t_i) - p_i), then dh = d logits W and dW += d logits^T h."""
+    logits_v, one block of ROWS rows at a time in reused buffers. d logits_i = g_i (onehot(t_i) - p_i),
+    then dh = d logits W and dW = d logits^T h. Where N * V <= KEEP_MAX (a small vocabulary: tiny's
+    GRPO update, 2048 x 512) the forward keeps the normalized probabilities in a reused buffer and the
+    backward reads them, all rows at once; otherwise (or when another forward has taken the buffer
+    since) the backward recomputes each block's logits (one (R, dim) x (dim, V) matmul) and exp."""
 
     ROWS = 256
+    KEEP_MAX = 1 << 22          # N * V up to this: the forward keeps the probabilities (16 MB in fp32)
 
     @staticmethod
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
@@ -51,20 +54,33 @@ class LinearLogprobs(torch.autograd.Function):
             lse = torch.empty(N, dtype=acc, device=h.device)
             lbuf = scratch("rl-logits", (R, V), h.dtype, h.device)
             fbuf = lbuf if h.dtype == acc else scratch("rl-logits-acc", (R, V), acc, h.device)
-            pbuf = scratch("rl-probs", (R, V), acc, h.device)
+            # a small (N, V) keeps the probabilities for the backward (no second head matmul and exp);
+            # in a scratch buffer (no page faults), claimed by a ticket the backward checks
+            keep = any(ctx.needs_input_grad[:2]) and N * V <= LinearLogprobs.KEEP_MAX
+            if keep:
+                probs = scratch("rl-probs-kept", (N, V), acc, h.device)
+                ticket = _claim()
+            else:
+                pbuf = scratch("rl-probs", (R, V), acc, h.device)
             wt = weight.t()
             for r0 in range(0, N, R):
                 r1 = min(r0 + R, N)
                 z = _block_logits(h[r0:r1], wt, lbuf, fbuf)                        # (R, V) fp32
                 m = z.amax(dim=1, keepdim=True)                                   # (R, 1)
-                p = torch.sub(z, m, out=pbuf[: r1 - r0]).exp_()                   # unnormalized probs
+                out = probs[r0:r1] if keep else pbuf[: r1 - r0]
+                p = torch.sub(z, m, out=out).exp_()                               # unnormalized probs
                 s = p.sum(dim=1, keepdim=True)                                    # (R, 1)
                 l_ = m + s.log()                                                  # (R, 1) logsumexp
                 lse[r0:r1] = l_[:, 0]
                 logp[r0:r1] = z.gather(1, targets[r0:r1, None])[:, 0] - l_[:, 0]
-                # H = lse - E_p[logits] = lse - sum(p * z) / s (p is not needed after this: in place)
-                ent[r0:r1] = l_[:, 0] - p.mul_(z).sum(dim=1) / s[:, 0]
+                # H = lse - E_p[logits] = lse - sum(p * z) / s
+                if keep:
+                    ent[r0:r1] = l_[:, 0] - torch.linalg.vecdot(p, z) / s[:, 0]
+                    p.mul_(s.reciprocal_())                                       # normalized, for the backward
+                else:                                                             # p is not needed after this
+                    ent[r0:r1] = l_[:, 0] - p.mul_(z).sum(dim=1) / s[:, 0]
         ctx.save_for_backward(h, weight, targets, lse)
+        ctx.kept = (probs, ticket) if keep else None
         ctx.mark_non_differentiable(ent)
         return logp, ent
 
@@ -72,11 +88,22 @@ class LinearLogprobs(torch.autograd.Function):
     def backward(ctx, g: torch.Tensor, _g_ent: torch.Tensor | None):
         h, weight, targets, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        kept, ctx.kept = ctx.kept, None
         with torch.autocast(h.device.type, enabled=False):
             N, V = h.shape[0], weight.shape[0]
-            R = min(LinearLogprobs.ROWS, N)
             acc = lse.dtype
             g = g.to(acc)
+            if kept is not None and kept[1] == _TICKET[0]:
+                # the forward's probabilities, still in the buffer: d logits = g (onehot(t) - p), all rows
+                # at once (in place: the buffer is not read again)
+                d = kept[0].mul_(-g[:, None])                                     # (N, V)
+                d.scatter_add_(1, targets[:, None], g[:, None])
+                _TICKET[0] += 1                                                   # used up
+                dl = d if d.dtype == h.dtype else d.to(h.dtype)                   # rounded once, as F.linear's grad
+                dh = torch.mm(dl, weight) if need_h else None                     # (N, dim)
+                dw = torch.mm(d.t(), h.to(acc)).to(weight.dtype) if need_w else None   # (V, dim)
+                return dh, dw, None
+            R = min(LinearLogprobs.ROWS, N)
             dh = torch.empty_like(h) if need_h else None
             dw = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_w else None
             lbuf = scratch("rl-logits", (R, V), h.dtype, h.device)
@@ -94,6 +121,14 @@ class LinearLogprobs(torch.autograd.Function):
                 if need_w:
                     dw.addmm_(d.t(), h[r0:r1].to(acc))                            # (V, dim) fp32
         return dh, (None if dw is None else dw.to(weight.dtype)), None
+
+
+_TICKET = [0]     # which forward's probabilities the kept buffer holds
+
+
+def _claim() -> int:
+    _TICKET[0] += 1
+    return _TICKET[0]
 
 
 def _block_logits(h: torch.Tensor, wt: torch.Tensor, lbuf: torch.Tensor, fbuf: torch.Tensor) -> torch.Tensor:
