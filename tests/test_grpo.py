@@ -157,23 +157,27 @@ def test_pack_pads_right_and_masks_the_completion_tokens():
     assert part.prompts.tolist() == [[8]] and part.completions.tolist() == [[12, 13, 14], [2, 2, 2]]
 
 
-def test_shared_prefix_forward_equals_the_plain_forward_with_gradients():
+@pytest.mark.parametrize("one_pass", [False, True])      # prompt forward then completion forward, or one
+@pytest.mark.parametrize("lens", [((5, 9, 2), (4, 7, 1, 6, 3, 7)), ((5, 3, 2), (4, 12, 1, 6, 3, 7))])
+def test_shared_prefix_forward_equals_the_plain_forward_with_gradients(one_pass, lens):
     torch.manual_seed(0)
     model = Transformer(preset("tiny", vocab_size=64))
     model.init_weights()
     g = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(3, 64, (n,), generator=g).tolist() for n in (5, 9, 2)]
-    comps = [torch.randint(3, 64, (n,), generator=g).tolist() for n in (4, 7, 1, 6, 3, 7)]
+    prompts = [torch.randint(3, 64, (n,), generator=g).tolist() for n in lens[0]]
+    comps = [torch.randint(3, 64, (n,), generator=g).tolist() for n in lens[1]]
     x = pack(rollouts(prompts, comps, G=2), pad_id=2)
     grads = []
     for shared in (True, False):
         model.zero_grad()
-        logp, logits = completion_logprobs(model, x, shared_prefix=shared)
+        logp, ent = completion_logprobs(model, x, shared_prefix=shared, one_pass=one_pass)
         (logp * x.mask).sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
         if shared:
             ref = torch.where(x.mask.bool(), logp, 0.0).detach()
+            ref_ent = torch.where(x.mask.bool(), ent, 0.0)
     assert torch.allclose(ref, torch.where(x.mask.bool(), logp, 0.0).detach(), atol=1e-5)
+    assert torch.allclose(ref_ent, torch.where(x.mask.bool(), ent, 0.0), atol=1e-5)
     # the plain forward by hand for one row: prompt 1 + completion 3 as a single sequence
     seq = torch.tensor([prompts[1] + comps[3]])
     by_hand = token_logprobs(model(seq[:, :-1]), seq[:, 1:])[0, len(prompts[1]) - 1:]

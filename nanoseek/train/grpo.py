@@ -199,13 +199,38 @@ class _SharedPrefix:
                 torch.cat([p_pe.repeat_interleave(self.G, 0), k_pe], dim=1))    # (B, Lp + T, rope)
 
 
-def completion_logprobs(model: nn.Module, x: Packed, shared_prefix: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+class _OnePassPrefix:
+    """The `cache` of a training forward in one call: the batch holds the groups' prompts (rows :P, the
+    first Lp columns) and then their completions (rows P:). Every row's keys are [its group's prompt
+    latents, taken from the prompt rows of the same layer | its own row's]; a prompt row's prefix
+    columns are masked (it sees its own row only). The model's attention only calls `update`."""
+
+    def __init__(self, groups: int, group_size: int, Lp: int, device: torch.device):
+        self.Lp, self.P = Lp, groups
+        g = torch.arange(groups, device=device)
+        self.idx = torch.cat([g, g.repeat_interleave(group_size)])      # (P + B,) whose prompt each row sees
+
+    def update(self, layer: int, kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        P, Lp = self.P, self.Lp
+        pre_kv = kv[:P, :Lp].index_select(0, self.idx)                  # (P + B, Lp, c)
+        pre_pe = k_pe[:P, :Lp].index_select(0, self.idx)
+        return torch.cat([pre_kv, kv], dim=1), torch.cat([pre_pe, k_pe], dim=1)   # (P + B, Lp + W, .)
+
+
+ONE_PASS_MAX_PAD = 1.15      # one forward for prompts and completions while it pads at most 15% more tokens
+
+
+def completion_logprobs(model: nn.Module, x: Packed, shared_prefix: bool = True,
+                        one_pass: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(completion token t | prompt, completion tokens < t) and the policy's entropy there:
     -> logp (B, Tc) with gradient, entropy (B, Tc) detached.
 
     shared_prefix=True runs each group's prompt once and its G completions against it
     (a group shares one prompt, so this saves G - 1 prompt passes per group);
     shared_prefix=False is the plain version, one causal forward over prompt + completion per row.
+    With shared_prefix, one_pass runs the prompts and the completions as rows of one forward (padded
+    to one width; the completions see their group's prompt latents from the same layer) rather than
+    a prompt forward and then a completion forward; None: when the padding costs little.
     The two agree to float rounding (tests/test_grpo.py checks it, gradients included). Either way
     the head and the log-softmax run fused, one row block at a time (rl_forward.linear_logprobs).
     """
@@ -220,15 +245,35 @@ def completion_logprobs(model: nn.Module, x: Packed, shared_prefix: bool = True)
         ids = ids.scatter(1, cols, x.completions)
         h = model(ids[:, :Lp + Tc - 1], logits_at=cols - 1, head=False)   # (B, Tc, dim) only where a target is
         return linear_logprobs(h, head, x.completions)
-    cache = _SharedPrefix(G)
     Lp = x.prompts.shape[1]
     plens = x.prompt_lens.repeat_interleave(G)                         # (B,)
+    P, T = x.prompts.shape[0], Tc - 1                                  # the last token is a target only
+    W = max(Lp, T)
+    if one_pass is None:    # prompts and completions in one forward when padding both to W costs little
+        one_pass = T > 0 and (P + B) * W <= ONE_PASS_MAX_PAD * (P * Lp + B * T)
+    if one_pass and T > 0:
+        # rows :P the prompts, rows P: the completions (minus their last token), each padded to W
+        # columns: one forward with half the ops of two (the update is bound by op count at tiny sizes)
+        ids = x.prompts.new_full((P + B, W), 0)
+        ids[:P, :Lp] = x.prompts
+        ids[P:, :T] = x.completions[:, :T]
+        cols = torch.arange(W, device=dev)
+        pos = torch.cat([cols.expand(P, W), plens[:, None] + cols])    # (P + B, W)
+        see_prompt = torch.cat([torch.zeros(P, 1, Lp, dtype=torch.bool, device=dev),
+                                torch.arange(Lp, device=dev)[None, None] < plens[:, None, None]])  # (P+B, 1, Lp)
+        see_own = torch.ones(W, W, dtype=torch.bool, device=dev).tril()[None]                 # (1, W, W)
+        mask = torch.cat([see_prompt.expand(P + B, W, Lp), see_own.expand(P + B, W, W)], dim=2)   # (P+B, W, Lp+W)
+        h = model(ids, cache=_OnePassPrefix(P, G, Lp, dev), positions=pos, mask=mask, absorb=False,
+                  head=False)                                          # (P + B, W, dim)
+        first = h[torch.arange(P, device=dev), x.prompt_lens - 1].repeat_interleave(G, 0)   # (B, dim) -> token 0
+        h = torch.cat([first[:, None], h[P:, :T]], dim=1)                # (B, Tc, dim)
+        return linear_logprobs(h, head, x.completions)
+    cache = _SharedPrefix(G)
     causal = torch.ones(Lp, Lp, dtype=torch.bool, device=dev).tril()[None]                # (1, Lp, Lp)
     h = model(x.prompts, cache=cache, positions=torch.arange(Lp, device=dev)[None], mask=causal, absorb=False,
               logits_at=(x.prompt_lens - 1)[:, None], head=False)  # (P, 1, dim): predicts completion token 0
     h = h.repeat_interleave(G, 0)                                      # (B, 1, dim)
     if Tc > 1:
-        T = Tc - 1                                                     # the last token is a target only
         pos = plens[:, None] + torch.arange(T, device=dev)             # (B, T)
         see_prompt = torch.arange(Lp, device=dev)[None, None] < plens[:, None, None]         # (B, 1, Lp)
         see_own = torch.ones(T, T, dtype=torch.bool, device=dev).tril()[None]              # (1, T, T)
