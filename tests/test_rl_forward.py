@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanoseek.train.rl_forward import LinearLogprobs, linear_logprobs
+from nanoseek.train.rl_forward import _TICKET, LinearLogprobs, linear_logprobs
 
 
 def reference(h, w, t):
@@ -47,12 +47,13 @@ def test_under_bf16_autocast_the_matmuls_run_in_bf16_and_the_softmax_in_fp32():
     assert h.grad.dtype == w.grad.dtype == torch.float32 and h.grad.abs().sum() > 0
 
 
-def test_gradcheck_in_double():
+@pytest.mark.parametrize("keep", [True, False])
+def test_gradcheck_in_double(keep):
     g = torch.Generator().manual_seed(2)
     h = torch.randn(5, 4, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(7, 4, generator=g, dtype=torch.float64, requires_grad=True)
     t = torch.randint(0, 7, (5,), generator=g)
-    assert torch.autograd.gradcheck(lambda h, w: LinearLogprobs.apply(h, w, t)[0], (h, w))
+    assert torch.autograd.gradcheck(lambda h, w: LinearLogprobs.apply(h, w, t, keep)[0], (h, w))
 
 
 def test_two_forwards_before_their_backwards_each_get_their_own_gradients():
@@ -73,3 +74,23 @@ def test_two_forwards_before_their_backwards_each_get_their_own_gradients():
         reference(h, w, t)[0].sum().backward()
     for a, b in zip(got, [h.grad for h in hs] + [w.grad]):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_a_forward_without_grad_leaves_the_kept_probabilities_alone():
+    """Only a forward that will have a backward keeps its probabilities: a no-grad forward (an old
+    log-probs pass) between a forward and its backward must not take the buffer."""
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(20, 8, generator=g, requires_grad=True)
+    w = torch.randn(30, 8, generator=g, requires_grad=True)
+    t = torch.randint(0, 30, (20,), generator=g)
+    ticket = _TICKET[0]
+    logp = linear_logprobs(h, w, t)[0]
+    assert _TICKET[0] == ticket + 1                    # this forward kept its probabilities
+    with torch.no_grad():
+        linear_logprobs(torch.randn(20, 8, generator=g), w, t)
+    assert _TICKET[0] == ticket + 1                    # the no-grad one did not
+    logp.sum().backward()
+    dh, dw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    reference(h, w, t)[0].sum().backward()
+    assert torch.allclose(dh, h.grad, atol=1e-5) and torch.allclose(dw, w.grad, atol=1e-5)

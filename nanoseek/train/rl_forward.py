@@ -28,7 +28,9 @@ def linear_logprobs(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
         h, weight = h.to(dt), weight.to(dt)
     elif h.dtype != weight.dtype:
         h = h.to(weight.dtype)
-    logp, ent = LinearLogprobs.apply(h, weight, targets.reshape(-1))
+    keep = (torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+            and h.shape[0] * weight.shape[0] <= LinearLogprobs.KEEP_MAX)
+    logp, ent = LinearLogprobs.apply(h, weight, targets.reshape(-1), keep)
     return logp.view(shape), ent.view(shape)
 
 
@@ -44,7 +46,7 @@ class LinearLogprobs(torch.autograd.Function):
     KEEP_MAX = 1 << 22          # N * V up to this: the forward keeps the probabilities (16 MB in fp32)
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor):
+    def forward(ctx, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, keep: bool = False):
         with torch.autocast(h.device.type, enabled=False):
             N, V = h.shape[0], weight.shape[0]
             R = min(LinearLogprobs.ROWS, N)
@@ -54,9 +56,8 @@ class LinearLogprobs(torch.autograd.Function):
             lse = torch.empty(N, dtype=acc, device=h.device)
             lbuf = scratch("rl-logits", (R, V), h.dtype, h.device)
             fbuf = lbuf if h.dtype == acc else scratch("rl-logits-acc", (R, V), acc, h.device)
-            # a small (N, V) keeps the probabilities for the backward (no second head matmul and exp);
-            # in a scratch buffer (no page faults), claimed by a ticket the backward checks
-            keep = any(ctx.needs_input_grad[:2]) and N * V <= LinearLogprobs.KEEP_MAX
+            # keep (a small N x V that needs a backward): the probabilities stay for the backward (no second
+            # head matmul and exp), in a scratch buffer (no page faults), claimed by a ticket the backward checks
             if keep:
                 probs = scratch("rl-probs-kept", (N, V), acc, h.device)
                 ticket = _claim()
@@ -102,7 +103,7 @@ class LinearLogprobs(torch.autograd.Function):
                 dl = d if d.dtype == h.dtype else d.to(h.dtype)                   # rounded once, as F.linear's grad
                 dh = torch.mm(dl, weight) if need_h else None                     # (N, dim)
                 dw = torch.mm(d.t(), h.to(acc)).to(weight.dtype) if need_w else None   # (V, dim)
-                return dh, dw, None
+                return dh, dw, None, None
             R = min(LinearLogprobs.ROWS, N)
             dh = torch.empty_like(h) if need_h else None
             dw = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_w else None
@@ -120,7 +121,7 @@ class LinearLogprobs(torch.autograd.Function):
                     torch.mm(dl, weight, out=dh[r0:r1])                           # (R, dim)
                 if need_w:
                     dw.addmm_(d.t(), h[r0:r1].to(acc))                            # (V, dim) fp32
-        return dh, (None if dw is None else dw.to(weight.dtype)), None
+        return dh, (None if dw is None else dw.to(weight.dtype)), None, None
 
 
 _TICKET = [0]     # which forward's probabilities the kept buffer holds
