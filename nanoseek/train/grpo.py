@@ -170,14 +170,11 @@ def pack(batch: Rollouts, pad_id: int, device: torch.device | str = "cpu") -> Pa
     prompts = batch.prompt_ids[::G]
     plens = [len(p) for p in prompts]
     clens = [len(c) for c in batch.completion_ids]
-    P, B = len(prompts), len(clens)
-    prompt_t = torch.full((P, max(plens)), pad_id, dtype=torch.long)
-    comp_t = torch.full((B, max(max(clens), 1)), pad_id, dtype=torch.long)
-    for g, p in enumerate(prompts):
-        prompt_t[g, :plens[g]] = torch.tensor(p, dtype=torch.long)
-    for b, c in enumerate(batch.completion_ids):
-        comp_t[b, :clens[b]] = torch.tensor(c, dtype=torch.long)
-    mask = (torch.arange(comp_t.shape[1])[None] < torch.tensor(clens)[:, None]).float()
+    Lp, Tc = max(plens), max(max(clens), 1)
+    # padded on the host: one tensor call per table (not one per row)
+    prompt_t = torch.tensor([list(p) + [pad_id] * (Lp - len(p)) for p in prompts], dtype=torch.long)
+    comp_t = torch.tensor([list(c) + [pad_id] * (Tc - len(c)) for c in batch.completion_ids], dtype=torch.long)
+    mask = (torch.arange(Tc)[None] < torch.tensor(clens)[:, None]).float()
     return Packed(prompt_t.to(device), torch.tensor(plens).to(device), comp_t.to(device), mask.to(device), G)
 
 
