@@ -214,6 +214,15 @@ class _OnePassPrefix:
         return torch.cat([pre_kv, kv], dim=1), torch.cat([pre_pe, k_pe], dim=1)   # (P + B, Lp + W, .)
 
 
+def _prefix_mask(seen: torch.Tensor, Lp: int, T: int) -> torch.Tensor:
+    """(R, T, Lp + T) bool: row r's T queries see the first seen[r] of Lp prefix keys, then their own
+    row causally."""
+    see_prompt = torch.arange(Lp, device=seen.device)[None, None] < seen[:, None, None]   # (R, 1, Lp)
+    see_own = torch.ones(T, T, dtype=torch.bool, device=seen.device).tril()[None]        # (1, T, T)
+    R = seen.shape[0]
+    return torch.cat([see_prompt.expand(R, T, Lp), see_own.expand(R, T, T)], dim=2)
+
+
 ONE_PASS_MAX_PAD = 1.15      # one forward for prompts and completions while it pads at most 15% more tokens
 
 
@@ -256,10 +265,7 @@ def completion_logprobs(model: nn.Module, x: Packed, shared_prefix: bool = True,
         ids[P:, :T] = x.completions[:, :T]
         cols = torch.arange(W, device=dev)
         pos = torch.cat([cols.expand(P, W), plens[:, None] + cols])    # (P + B, W)
-        see_prompt = torch.cat([torch.zeros(P, 1, Lp, dtype=torch.bool, device=dev),
-                                torch.arange(Lp, device=dev)[None, None] < plens[:, None, None]])  # (P+B, 1, Lp)
-        see_own = torch.ones(W, W, dtype=torch.bool, device=dev).tril()[None]                 # (1, W, W)
-        mask = torch.cat([see_prompt.expand(P + B, W, Lp), see_own.expand(P + B, W, W)], dim=2)   # (P+B, W, Lp+W)
+        mask = _prefix_mask(torch.cat([plens.new_zeros(P), plens]), Lp, W)   # prompt rows see no prefix
         h = model(ids, cache=_OnePassPrefix(P, G, Lp, dev), positions=pos, mask=mask, absorb=False,
                   head=False)                                          # (P + B, W, dim)
         first = h[torch.arange(P, device=dev), x.prompt_lens - 1].repeat_interleave(G, 0)   # (B, dim) -> token 0
@@ -272,9 +278,7 @@ def completion_logprobs(model: nn.Module, x: Packed, shared_prefix: bool = True,
     h = h.repeat_interleave(G, 0)                                      # (B, 1, dim)
     if Tc > 1:
         pos = plens[:, None] + torch.arange(T, device=dev)             # (B, T)
-        see_prompt = torch.arange(Lp, device=dev)[None, None] < plens[:, None, None]         # (B, 1, Lp)
-        see_own = torch.ones(T, T, dtype=torch.bool, device=dev).tril()[None]              # (1, T, T)
-        mask = torch.cat([see_prompt.expand(B, T, Lp), see_own.expand(B, T, T)], dim=2)    # (B, T, Lp+T)
+        mask = _prefix_mask(plens, Lp, T)                              # (B, T, Lp+T)
         h_c = model(x.completions[:, :T], cache=cache, positions=pos, mask=mask, absorb=False, head=False)
         h = torch.cat([h, h_c], dim=1)                                 # (B, Tc, dim)
     return linear_logprobs(h, head, x.completions)
