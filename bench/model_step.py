@@ -5,7 +5,10 @@ same weights, in the same run, plus model FLOP utilisation against a matmul peak
     .venv/bin/python bench/model_step.py --preset tiny --batch 4 --seq 128 --iters 3   # quick look
     .venv/bin/python bench/model_step.py --modes fp32 --threads 1    # on a machine shared with other work
 
-Timings alternate between the two models so that machine noise hits both alike.
+Timings alternate between the two models so that machine noise hits both alike. On CPU nanoseek runs
+the batch as one chunk of rows per thread, each in its own thread (as `nanoseek pretrain` does; see
+train/parallel.split_backward); its one-chunk, intra-op-threaded step is timed beside it, and
+transformers runs as its users run it (intra-op threads).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 from nanoseek.common import pick_device
 from nanoseek.model import Transformer, count_parameters, preset
 from nanoseek.train.losses import linear_cross_entropy
+from nanoseek.train.parallel import cpu_split, split_backward
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device, n: int = 2048, reps: int = 10) -> float:
@@ -51,18 +55,26 @@ def flops_per_token(model: Transformer, T: int) -> float:
     return 6 * n + attn
 
 
-def step_fn(model, ids, hf: bool, autocast):
+def step_fn(model, ids, hf: bool, autocast, split: int = 1):
     """Forward + next-token loss + backward, each side with its own training loss: transformers'
     `labels=` loss (fp32 log-softmax of the logits), nanoseek's `train.losses.linear_cross_entropy`
     on the final-normed hidden states (head=False: the head and fp32 CE a row block at a time, as
-    train.step.pretrain_loss runs them). Both are the mean CE over the same B * (T-1) targets."""
+    train.step.pretrain_loss runs them). Both are the mean CE over the same B * (T-1) targets.
+    nanoseek runs the rows as `split` chunks in as many CPU threads, as `nanoseek pretrain` does
+    (train.parallel.split_backward; 1: one forward and backward with intra-op threads)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def chunk(weight, x):
+        with autocast():
+            loss = linear_cross_entropy(model(x, head=False)[:, :-1], model.head.weight, x[:, 1:])
+        return loss * weight, loss.detach()
+
     def run():
         model.zero_grad(set_to_none=True)
+        if not hf:
+            return split_backward(chunk, params, split, ids)[0]
         with autocast():
-            if hf:
-                loss = model(ids, labels=ids).loss                        # shifts the labels itself
-            else:
-                loss = linear_cross_entropy(model(ids, head=False)[:, :-1], model.head.weight, ids[:, 1:])
+            loss = model(ids, labels=ids).loss                            # shifts the labels itself
         loss.backward()
         return loss
     return run
@@ -77,6 +89,9 @@ def main() -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--modes", default="fp32,bf16")
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 on a shared machine)")
+    p.add_argument("--split", type=int, default=None,
+                   help="nanoseek's rows as this many chunks in as many threads (default: one per thread on "
+                        "CPU, as `nanoseek pretrain`); its one-chunk step is timed beside it when this is > 1")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,10 +114,12 @@ def main() -> None:
         loss_diff = abs(linear_cross_entropy(ours(ids[:2, :64], head=False)[:, :-1], ours.head.weight, ids[:2, 1:64]).item()
                         - theirs(ids[:2, :64], labels=ids[:2, :64]).loss.item())
     fpt = flops_per_token(ours, args.seq)
+    split = args.split or cpu_split(device, args.batch)
     tokens = args.batch * args.seq
     print(f"{args.preset}: {count_parameters(ours)['total'] / 1e6:.1f}M params, "
           f"{count_parameters(ours)['active'] / 1e6:.1f}M active, batch {args.batch} x {args.seq}, "
           f"{fpt / 1e6:.0f} MFLOP/token (fwd+bwd), device {device}, threads {torch.get_num_threads()}, "
+          f"nanoseek rows in {split} chunk(s), "
           f"logit diff {diff:.1e}, loss diff {loss_diff:.1e}")
 
     results = {}
@@ -111,7 +128,10 @@ def main() -> None:
         peak = matmul_peak(dtype, device)
         autocast = ((lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if mode == "bf16"
                     else nullcontext)
-        runs = {"nanoseek": step_fn(ours, ids, False, autocast), "transformers": step_fn(theirs, ids, True, autocast)}
+        runs = {"nanoseek": step_fn(ours, ids, False, autocast, split)}
+        if split > 1:
+            runs["nanoseek 1 chunk"] = step_fn(ours, ids, False, autocast)
+        runs["transformers"] = step_fn(theirs, ids, True, autocast)
         times = {k: [] for k in runs}
         for k, f in runs.items():   # warm-up
             f()
@@ -127,7 +147,7 @@ def main() -> None:
             t = statistics.median(ts)
             tps = tokens / t
             results[(mode, k)] = tps
-            print(f"  {k:<13} {t * 1e3:8.1f} ms/step  {tps:9.0f} tok/s  MFU {tps * fpt / peak:6.1%}")
+            print(f"  {k:<16} {t * 1e3:8.1f} ms/step  {tps:9.0f} tok/s  MFU {tps * fpt / peak:6.1%}")
         print(f"  ratio nanoseek / transformers: {results[(mode, 'nanoseek')] / results[(mode, 'transformers')]:.2f}x")
 
     best_ours = max(v for (m, k), v in results.items() if k == "nanoseek")

@@ -11,7 +11,9 @@ transformers' is its CE. Both use torch.optim.AdamW. Each transformers experts i
 can train (eager, grouped_mm) is timed and its best mode is the peer. Steps of all modes are
 interleaved, so a machine shared with other work slows them alike. MFU = tokens/s * FLOPs per token
 (nanoseek.train.step.flops_per_token) / the matmul peak of the precision used, measured here;
-both are best-of-N (the table also shows median step times).
+both are best-of-N (the table also shows median step times). nanoseek runs its rows as one chunk per
+thread, each in its own thread, as `nanoseek pretrain` does on CPU (train/parallel.split_backward); its
+one-chunk step (intra-op threads only) is timed beside it.
 bf16 modes are skipped with a message when this CPU only emulates bf16 (no AVX-512 BF16 / AMX).
 """
 
@@ -27,20 +29,22 @@ import torch
 
 from nanoseek.model import Transformer, count_parameters, preset
 from nanoseek.train.optim import build_optimizer
-from nanoseek.train.step import (autocast, flops_per_token, measure_peak_flops, pretrain_loss,
+from nanoseek.train.parallel import cpu_split
+from nanoseek.train.step import (autocast, flops_per_token, measure_peak_flops, pretrain_backward, pretrain_loss,
                                  update_router_bias)
 
 
 # --- the two kinds of step
-def nanoseek_step(model, opt, x, y, dtype, mtp_weight=0.0):
-    with autocast(torch.device("cpu"), dtype):
-        loss, _, counts = pretrain_loss(model, x, y, mtp_weight=mtp_weight, balance_alpha=1e-4)
-    loss.backward()
+def nanoseek_step(model, opt, x, y, dtype, mtp_weight=0.0, split=1):
+    """The step of `nanoseek pretrain`: its rows as `split` chunks in as many CPU threads."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    parts, counts = pretrain_backward(model, params, x, y, mtp_weight=mtp_weight, balance_alpha=1e-4,
+                                      amp_dtype=dtype, split=split)
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     opt.zero_grad(set_to_none=True)
     update_router_bias(model, counts, 1e-3)
-    return loss.item()
+    return parts["loss"].item()
 
 
 def hf_step(model, opt, x, y, dtype):
@@ -98,6 +102,9 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="also time nanoseek with each block torch.compile'd")
     p.add_argument("--no-mtp-row", action="store_true", help="skip the full V3 objective row (with MTP)")
     p.add_argument("--force-bf16", action="store_true", help="time bf16 even where it is only emulated")
+    p.add_argument("--split", type=int, default=None,
+                   help="nanoseek's rows as this many chunks in as many threads (default: one per thread, as "
+                        "`nanoseek pretrain`); its one-chunk step is timed beside it when this is > 1")
     p.add_argument("--profile", action="store_true")
     args = p.parse_args()
     if args.threads:
@@ -142,10 +149,16 @@ def main() -> None:
         hf_logits = modes[0][2](input_ids=x[:1, :64]).logits
         diff = (base(x[:1, :64]) - hf_logits).abs().max().item()
     print(f"parity: max |logits nanoseek - transformers| = {diff:.2e} (fp32)")
+    split = args.split or cpu_split(cpu, args.batch)
+    print(f"nanoseek: rows in {split} chunk(s)")
     for dt in dtypes:
         m = copy.deepcopy(base).train()
         modes.append(("nanoseek", dt, m, build_optimizer(m, "adamw", 1e-4, 0.1),
-                      lambda m, o, dt: nanoseek_step(m, o, x, y, dt)))
+                      lambda m, o, dt: nanoseek_step(m, o, x, y, dt, split=split)))
+        if split > 1:
+            m = copy.deepcopy(base).train()
+            modes.append(("nanoseek 1 chunk", dt, m, build_optimizer(m, "adamw", 1e-4, 0.1),
+                          lambda m, o, dt: nanoseek_step(m, o, x, y, dt)))
         if args.compile:
             mc = copy.deepcopy(base).train()
             for block in mc.layers:
@@ -159,7 +172,7 @@ def main() -> None:
         full.train()
         fpt_mtp = flops_per_token(full, args.seq, mtp=True)
         modes.append(("nanoseek V3 objective (+MTP)", torch.float32, full, build_optimizer(full, "adamw", 1e-4, 0.1),
-                      lambda m, o, dt: nanoseek_step(m, o, x, y, dt, mtp_weight=0.3)))
+                      lambda m, o, dt: nanoseek_step(m, o, x, y, dt, mtp_weight=0.3, split=split)))
 
     # --- interleaved timing
     times: dict[int, list[float]] = {i: [] for i in range(len(modes))}
@@ -173,7 +186,11 @@ def main() -> None:
             print(f"  {'warm-up' if rep == 0 else f'step {rep}'}: {name} {str(dt).removeprefix('torch.')} "
                   f"{dt_s:.2f} s", flush=True)
 
-    # --- results
+    # --- results: the peak measured again after the steps, the higher one counts (a VM has slow moments)
+    for dt in dtypes:
+        peak[dt] = max(peak[dt], measure_peak_flops(cpu, dt))
+    print(f"matmul peak (best of before and after): " + ", ".join(
+        f"{str(dt).removeprefix('torch.')} {peak[dt] / 1e9:.0f} GFLOP/s" for dt in dtypes))
     tokens = args.batch * args.seq
     # best step (as the peak is the best matmul): on a shared machine the median mixes in other jobs' bursts
     print(f"\n{'mode':<32}{'dtype':<10}{'best s':>8}{'median s':>10}{'tok/s':>9}{'MFU':>8}")

@@ -1,5 +1,5 @@
 """Data parallelism: 2 gloo processes (DDP and FSDP2) train exactly like 1 process on the same global
-batch, and gradient accumulation like a bigger batch."""
+batch, gradient accumulation like a bigger batch, and a batch split over CPU threads like one chunk."""
 
 import json
 import os
@@ -13,8 +13,10 @@ import torch
 
 from nanoseek.commands.pretrain import main as pretrain
 from nanoseek.data.pretrain import build_shards
-from nanoseek.model import Transformer
+from nanoseek.model import Transformer, preset
 from nanoseek.tokenizer import Tokenizer
+from nanoseek.train.parallel import split_backward
+from nanoseek.train.step import pretrain_backward
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ["--steps", "3", "--seq-len", "32", "--sample-tokens", "0", "--eval-every", "0", "--eval-steps", "1",
@@ -79,3 +81,67 @@ def test_grad_accumulation_matches_bigger_batch(shards, tmp_path):
     pretrain(["--data", str(shards), "--out", str(tmp_path / "acc"), "--batch-size", "2", "--grad-accum", "4",
               *COMMON])
     assert_same_run(tmp_path / "big", tmp_path / "acc", rtol=1e-5)
+
+
+def test_split_over_threads_matches_one_chunk(shards, tmp_path, capsys):
+    pretrain(["--data", str(shards), "--out", str(tmp_path / "one"), "--batch-size", "4", "--split", "1", *COMMON])
+    assert "chunks, one per thread" not in capsys.readouterr().out
+    pretrain(["--data", str(shards), "--out", str(tmp_path / "split"), "--batch-size", "4", "--split", "2",
+              "--grad-accum", "1", *COMMON])
+    assert "rows of each micro-batch in 2 chunks" in capsys.readouterr().out
+    assert_same_run(tmp_path / "one", tmp_path / "split", rtol=1e-5)
+
+
+# --- the batch split over CPU threads inside one process (train.parallel.split_backward)
+def _grads(model, x, y, split: int, accumulate: int = 1):
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.zero_grad(set_to_none=True)
+    for _ in range(accumulate):
+        parts, counts = pretrain_backward(model, params, x, y, mtp_weight=0.3, balance_alpha=1e-2,
+                                          amp_dtype=torch.float32, scale=1 / accumulate, split=split)
+    return parts, counts, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_split_backward_equals_one_chunk_and_is_deterministic():
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny"))
+    model.init_weights()
+    ids = torch.randint(0, model.embed.num_embeddings, (5, 33))
+    x, y = ids[:, :-1], ids[:, 1:]
+    torch.set_num_threads(2)
+    try:
+        ref_parts, ref_counts, ref = _grads(model, x, y, 1, accumulate=2)
+        for split in (2, 3):   # uneven chunks: 2 + 3 rows, 1 + 2 + 2 rows
+            parts, counts, got = _grads(model, x, y, split, accumulate=2)
+            assert torch.get_num_threads() == 2                   # the caller's count is restored
+            assert parts.keys() == ref_parts.keys() and "mtp" in parts and "balance" in parts
+            for k in parts:
+                assert parts[k].item() == pytest.approx(ref_parts[k].item(), rel=1e-6), k
+            assert torch.equal(counts, ref_counts)
+            assert got.keys() == ref.keys() and len(got) > 20
+            for k in ref:
+                torch.testing.assert_close(got[k], ref[k], rtol=1e-5, atol=1e-7, msg=k)
+        # added in chunk order: the same bits whichever thread finishes first
+        again = _grads(model, x, y, 3, accumulate=2)[2]
+        assert all(torch.equal(again[k], got[k]) for k in got)
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_split_backward_reraises_a_chunk_error_once_every_chunk_is_done():
+    w = torch.ones(3, requires_grad=True)
+    finished = []
+
+    def fn(weight, x):
+        if x[0, 0] < 0:
+            raise ValueError("bad chunk")
+        finished.append(x.shape[0])
+        return (w * x).sum() * weight, None
+
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(ValueError, match="bad chunk"):
+            split_backward(fn, [w], 3, torch.tensor([[1.0] * 3, [-1.0] * 3, [2.0] * 3]))
+        assert sorted(finished) == [1, 1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)

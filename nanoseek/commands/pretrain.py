@@ -32,7 +32,8 @@ from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import parallel
 from nanoseek.train.optim import build_optimizer, lr_at
 from nanoseek.train.plots import plot_run, read_metrics
-from nanoseek.train.step import (autocast, flops_per_token, max_violation, measure_peak_flops, pretrain_loss,
+from nanoseek.train.step import (autocast, flops_per_token, max_violation, measure_peak_flops, pretrain_backward,
+                                 pretrain_loss,
                                  sample, update_router_bias)
 from nanoseek.train.trainer_state import (load_trainer_state, plain_model, resolve_checkpoint, rng_state,
                                           save_checkpoint, set_rng_state)
@@ -42,7 +43,7 @@ DEFAULTS = dict(preset="tiny", steps=1000, batch_size=8, seq_len=256, grad_accum
                 warmup=100, schedule="cosine", optimizer="adamw", weight_decay=0.1, clip=1.0, mtp_weight=0.3,
                 balance_alpha=1e-4, bias_gamma=1e-3, eval_every=100, eval_steps=10, save_every=500, keep=2,
                 seed=1337, device=None, dtype=None, fsdp=False, compile=False, peak_flops=None,
-                sample_tokens=120, tokenizer=None, data=None, out=None, threads=None)
+                sample_tokens=120, tokenizer=None, data=None, out=None, threads=None, split=None)
 PRESET_DEFAULTS = {
     # tinyshakespeare: ~2M tokens (4 epochs of the 512-token BPE stream) in about 7 minutes on one
     # core; lr 3e-3 and 1e-2 gave the same curve within 0.02 nats. One thread: hidden 64 matmuls gain
@@ -89,6 +90,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--dtype", help="fp32 or bf16 (autocast, fp32 master weights); default fp32 on CPU, bf16 on CUDA")
     a("--threads", type=int, help="CPU threads per process (default: torch's choice; 1 is faster for tiny "
                                  "models and on a busy machine, where OpenMP threads wait on each other)")
+    a("--split", type=int, help="CPU, one process: each micro-batch's rows as this many chunks, each in its own "
+                               "thread with threads/N intra-op threads (default: one chunk per thread; 1: off)")
     a("--peak-flops", type=float, help="MFU denominator per device (default: measured matmul peak)")
     a("--fsdp", action="store_true", default=None, help="FSDP2 fully_shard instead of DDP (torchrun)")
     a("--compile", action="store_true", default=None, help="torch.compile each block")
@@ -120,6 +123,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("nanoseek pretrain: --data is required (a text file or a shard folder)")
     if args.steps <= 0 or args.batch_size <= 0 or args.seq_len <= 1 or args.grad_accum <= 0:
         raise SystemExit("nanoseek pretrain: --steps, --batch-size, --grad-accum must be > 0 and --seq-len > 1")
+    if args.split is not None and args.split <= 0:
+        raise SystemExit(f"nanoseek pretrain: --split {args.split}: give a chunk count >= 1 (1: no split)")
 
     # --- setup: device, processes, seed, run folder
     device = pick_device(args.device)
@@ -224,6 +229,11 @@ def main(argv: list[str] | None = None) -> None:
         if metrics_path.exists():   # drop what the interrupted run logged after its checkpoint
             rows = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= step]
             metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    params = [p for p in model.parameters() if p.requires_grad]
+    split = args.split or (1 if args.compile else parallel.cpu_split(device, args.batch_size))   # dynamo: one thread
+    if split > 1:
+        print0(f"rows of each micro-batch in {split} chunks, one per thread "
+               f"({max(1, torch.get_num_threads() // split)} intra-op thread(s) each; --split 1: off)")
     print0(f"model: {counts_p['total'] / 1e6:.2f}M parameters ({counts_p['active'] / 1e6:.2f}M active, "
            f"{counts_p['mtp'] / 1e6:.2f}M MTP) | {dist.world_size} process(es) on {device}, "
            f"{'FSDP2' if args.fsdp and dist.enabled else 'DDP' if dist.enabled else 'single'} | "
@@ -305,10 +315,9 @@ def main(argv: list[str] | None = None) -> None:
             x, y = next(batches)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with parallel.grad_sync(model, micro == args.grad_accum - 1):
-                with autocast(device, amp_dtype):
-                    loss, parts, c = pretrain_loss(model, x, y, mtp_weight=args.mtp_weight,
-                                                   balance_alpha=args.balance_alpha)
-                (loss / args.grad_accum).backward()
+                parts, c = pretrain_backward(model, params, x, y, mtp_weight=args.mtp_weight,
+                                             balance_alpha=args.balance_alpha, amp_dtype=amp_dtype,
+                                             scale=1 / args.grad_accum, split=split)
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0) + v / args.grad_accum
             if c is not None:

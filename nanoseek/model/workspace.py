@@ -6,14 +6,17 @@ and each first touch of a 4 KB page faults (2-10 us a page measured here, agains
 it). A training step of `small` at 8 x 512 took ~60k of them. A buffer reused from call to call is
 touched once. Only for temporaries whose every use ends before the function that takes them returns
 (nothing returned or saved for the backward may be a view of one); other devices allocate fresh
-(CUDA's caching allocator already reuses memory). Not for code that two threads may run at once.
+(CUDA's caching allocator already reuses memory). Each thread has its own buffers: the CPU data
+parallel step (train/parallel.split_backward) runs the model in several threads at once.
 """
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
-_BUFFERS: dict[tuple, torch.Tensor] = {}
+_LOCAL = threading.local()   # .buffers: {(tag, dtype): tensor}, per thread
 
 
 def scratch(tag: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -24,8 +27,11 @@ def scratch(tag: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.
         n *= s
     if torch.device(device).type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device)
+    buffers = getattr(_LOCAL, "buffers", None)
+    if buffers is None:
+        buffers = _LOCAL.buffers = {}
     key = (tag, dtype)
-    buf = _BUFFERS.get(key)
+    buf = buffers.get(key)
     if buf is None or buf.numel() < n:
-        buf = _BUFFERS[key] = torch.empty(n, dtype=dtype)
+        buf = buffers[key] = torch.empty(n, dtype=dtype)
     return buf[:n].view(shape)

@@ -132,3 +132,87 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Whole model state dict (parameters and the gates' bias buffers) on CPU, rank 0 only under FSDP2."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     return get_model_state_dict(unwrap(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+# --- data parallel over the cores of one CPU process
+# On CPU, intra-op threading splits every op across the cores, and many ops of a training step are too
+# small or too memory-bound to split well (`small` at 8 x 512, two cores, bf16: 2.5-2.7 s a step,
+# against ~1.95 s for half the batch on one core). Splitting the batch instead, one chunk per thread,
+# each thread running its chunk's forward and backward with its share of the cores, keeps every op
+# whole on one core: 2.2-2.5 s for the same step (tests/test_parallel.py checks the gradients equal).
+# The threads share the parameters; torch releases the GIL inside ops, and each thread has its own
+# scratch buffers (model/workspace.py).
+_POOL: list = []   # [ThreadPoolExecutor] once made: its threads (and their scratch buffers) persist
+
+
+def cpu_split(device: torch.device, rows: int, threads: int | None = None) -> int:
+    """Chunks for `split_backward`: one per intra-op thread on CPU (at most one per row), 1 on other
+    devices and under torch.distributed (DDP/FSDP reduce gradients during .backward(); a CPU run
+    there already has one process per core)."""
+    if device.type != "cpu" or is_distributed():
+        return 1
+    return max(1, min(threads or torch.get_num_threads(), rows))
+
+
+def split_backward(fn, params: list[torch.Tensor], n: int, *batch: torch.Tensor) -> list:
+    """Forward and backward of a batch as `n` row chunks, each in its own thread.
+
+    fn(weight, *chunk) -> (loss, result) runs in the chunk's thread (enter autocast inside: it is
+    per thread); weight = the chunk's rows / all rows, for fn to scale a per-row mean with, so that
+    the gradients summed over the chunks are the whole batch's. Gradients are added to the
+    parameters' .grad in chunk order (chunk 0 by its .backward(), the others' computed apart and
+    added after it), so the result does not depend on which thread finishes first, and an
+    accumulation over micro-steps works as with one .backward(). Returns the results in chunk order.
+    Each thread runs with intra-op threads // n of the caller's; the caller's count is restored.
+    n == 1 is the plain forward and backward on the calling thread.
+    """
+    rows = batch[0].shape[0]
+    if n <= 1:
+        loss, result = fn(1.0, *batch)
+        loss.backward()
+        return [result]
+    from concurrent.futures import ThreadPoolExecutor
+    bounds = [rows * k // n for k in range(n + 1)]
+    chunks = [tuple(t[bounds[k]:bounds[k + 1]] for t in batch) for k in range(n)]
+    weights = [(bounds[k + 1] - bounds[k]) / rows for k in range(n)]
+    total = torch.get_num_threads()
+    per = max(1, total // n)
+
+    def other(k: int):
+        torch.set_num_threads(per)   # this thread's OpenMP/MKL setting
+        loss, result = fn(weights[k], *chunks[k])
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        return grads, result
+
+    if not _POOL or _POOL[0]._max_workers < n - 1:
+        if _POOL:
+            _POOL.pop().shutdown()
+        _POOL.append(ThreadPoolExecutor(n - 1, thread_name_prefix="nanoseek-split"))
+    futures = [_POOL[0].submit(other, k) for k in range(1, n)]
+    torch.set_num_threads(per)
+    try:
+        loss, result = fn(weights[0], *chunks[0])
+        loss.backward()
+        results = [result]
+    finally:
+        done = []
+        for f in futures:             # wait for every chunk before anything else touches the grads
+            try:
+                done.append(f.result())
+            except BaseException as e:  # noqa: BLE001 - re-raised below, after the others finished
+                done.append(e)
+        torch.set_num_threads(total)
+    for d in done:
+        if isinstance(d, BaseException):
+            raise d
+    with torch.no_grad():
+        for grads, result in done:
+            for p, g in zip(params, grads):
+                if g is None:
+                    continue
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad.add_(g)
+            results.append(result)
+    return results

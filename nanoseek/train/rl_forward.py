@@ -8,6 +8,8 @@ tests/test_rl_forward.py.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from nanoseek.model.workspace import scratch
@@ -94,12 +96,12 @@ class LinearLogprobs(torch.autograd.Function):
             N, V = h.shape[0], weight.shape[0]
             acc = lse.dtype
             g = g.to(acc)
-            if kept is not None and kept[1] == _TICKET[0]:
+            if kept is not None and kept[1] == _ticket():
                 # the forward's probabilities, still in the buffer: d logits = g (onehot(t) - p), all rows
                 # at once (in place: the buffer is not read again)
                 d = kept[0].mul_(-g[:, None])                                     # (N, V)
                 d.scatter_add_(1, targets[:, None], g[:, None])
-                _TICKET[0] += 1                                                   # used up
+                _claim()                                                          # used up
                 dl = d if d.dtype == h.dtype else d.to(h.dtype)                   # rounded once, as F.linear's grad
                 dh = torch.mm(dl, weight) if need_h else None                     # (N, dim)
                 dw = torch.mm(d.t(), h.to(acc)).to(weight.dtype) if need_w else None   # (V, dim)
@@ -124,12 +126,16 @@ class LinearLogprobs(torch.autograd.Function):
         return dh, (None if dw is None else dw.to(weight.dtype)), None, None
 
 
-_TICKET = [0]     # which forward's probabilities the kept buffer holds
+_LOCAL = threading.local()   # .ticket: which forward's probabilities this thread's kept buffer holds
+
+
+def _ticket() -> int:
+    return getattr(_LOCAL, "ticket", 0)
 
 
 def _claim() -> int:
-    _TICKET[0] += 1
-    return _TICKET[0]
+    _LOCAL.ticket = _ticket() + 1
+    return _LOCAL.ticket
 
 
 def _block_logits(h: torch.Tensor, wt: torch.Tensor, lbuf: torch.Tensor, fbuf: torch.Tensor) -> torch.Tensor:

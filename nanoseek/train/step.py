@@ -14,6 +14,7 @@ from torch import nn
 from nanoseek.model import Transformer, count_parameters
 from nanoseek.model.moe import Gate, MoE
 from nanoseek.train.losses import bias_update, expert_counts, linear_cross_entropy, mtp_loss, sequence_balance_loss
+from nanoseek.train.parallel import split_backward
 
 
 def autocast(device: torch.device, dtype: torch.dtype):
@@ -64,6 +65,24 @@ def pretrain_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, mtp_wei
     return loss, parts, counts
 
 
+def pretrain_backward(model: nn.Module, params: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor, *,
+                      mtp_weight: float, balance_alpha: float, amp_dtype: torch.dtype, scale: float = 1.0,
+                      split: int = 1) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:
+    """`pretrain_loss` on (x, y) under autocast(amp_dtype) and its backward into `params`' .grad, the
+    gradients scaled by `scale` (1 / micro-steps when accumulating); the rows run as `split` chunks in
+    as many CPU threads (parallel.split_backward, parallel.cpu_split). Returns (the loss parts, the
+    whole batch's routed-token counts (n_gates, E) or None)."""
+    def chunk(weight: float, xc: torch.Tensor, yc: torch.Tensor):
+        with autocast(xc.device, amp_dtype):
+            loss, parts, counts = pretrain_loss(model, xc, yc, mtp_weight=mtp_weight, balance_alpha=balance_alpha)
+        # every part is a mean over the chunk's rows (all rows hold seq_len targets): weighted by rows
+        return loss * (weight * scale), ({k: v * weight for k, v in parts.items()}, counts)
+    results = split_backward(chunk, params, split, x, y)
+    parts = {k: sum(r[0][k] for r in results) for k in results[0][0]}
+    counts = None if results[0][1] is None else sum(r[1] for r in results)
+    return parts, counts
+
+
 @torch.no_grad()
 def update_router_bias(model: Transformer, counts: torch.Tensor, gamma: float) -> None:
     """b_i += gamma * sign(mean load - load_i) on every gate, from counts (n_gates, E) over the
@@ -101,18 +120,23 @@ def flops_per_token(model: Transformer, seq_len: int, mtp: bool = True) -> float
     return 6 * matmul + attn
 
 
-def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int | None = None, reps: int = 3) -> float:
+def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int | None = None, reps: int = 3,
+                       budget_s: float = 0.5) -> float:
     """Best observed FLOP/s of an n x n matmul in `dtype` on `device` (the MFU denominator).
 
-    n = 1024 on CPU (already at the BLAS plateau there, and a fraction of a second), 8192 on GPUs.
-    A dtype the hardware only emulates (bf16 on a CPU without AVX-512 BF16/AMX runs at ~1 GFLOP/s)
-    is measured once rather than spending a minute on it.
+    n = 1024 on CPU (already at the BLAS plateau there), 8192 on GPUs. At least `reps` timed calls
+    after a warm-up, and more until `budget_s` has passed: on a VM a few calls can all land in a slow
+    moment (3 calls of ~10 ms once gave 141 GFLOP/s for fp32 where 200 is usual), and a low peak
+    inflates every MFU figure. A dtype the hardware only emulates (bf16 on a CPU without AVX-512
+    BF16/AMX runs at ~1 GFLOP/s) is measured once rather than spending a minute on it.
     """
     n = n or (8192 if device.type == "cuda" else 1024)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
-    for i in range(reps + 1):
+    start = time.perf_counter()
+    i = 0
+    while i <= reps or time.perf_counter() - start < budget_s:
         if device.type == "cuda":
             torch.cuda.synchronize()
         t = time.perf_counter()
@@ -124,6 +148,7 @@ def measure_peak_flops(device: torch.device, dtype: torch.dtype, n: int | None =
             best = min(best, dt)
         if best < float("inf") and dt > 1.0:
             break
+        i += 1
     return 2 * n**3 / best
 
 
