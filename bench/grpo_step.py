@@ -106,7 +106,7 @@ def nanoseek_stepper(args, model_dir: Path, tok: Tokenizer, prompts, problems, d
         times["scoring"] += time.perf_counter() - t
         return r
 
-    cfg = GRPOConfig(variant="grpo", group_size=G, max_new_tokens=T, clip_grad=1.0, seed=args.seed)
+    cfg = GRPOConfig(variant="grpo", group_size=G, max_new_tokens=T, clip_grad=1.0, seed=args.seed, split=args.split)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     trainer = GRPO(model, opt, generate, reward_fn, cfg, pad_id=tok.pad_id)
     cursor = [0]
@@ -230,6 +230,8 @@ def main() -> None:
     p.add_argument("--device", help="cuda | cpu (default: cuda if present)")
     p.add_argument("--threads", type=int, help="torch CPU threads for both sides (default: torch's choice; on a "
                                                "shared machine 1 avoids idle threads spinning against others)")
+    p.add_argument("--split", type=int, default=0, help="nanoseek's update: the groups as this many chunks in as "
+                                                       "many CPU threads (GRPOConfig.split; 0: one per thread, 1: off)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -47,6 +47,7 @@ from torch import nn
 from nanoseek.eval_metrics import cons_at_k, pass_at_k
 from nanoseek.train.losses import (RL_VARIANTS, dynamic_sampling_mask, group_advantages, overlong_filter_mask,
                                    policy_loss)
+from nanoseek.train.parallel import cpu_split, split_backward
 from nanoseek.train.rl_forward import linear_logprobs
 from nanoseek.train.step import autocast
 
@@ -61,6 +62,8 @@ class GRPOConfig:
     epochs_per_batch: int = 1             # mu: passes over each batch of rollouts
     minibatches: int = 1                  # optimizer steps per pass (R1: 16)
     micro_batch: int = 0                  # completions per forward/backward; 0 = a whole minibatch
+    split: int = 0                        # CPU: a micro-batch's groups as this many chunks in as many threads
+                                          # (train.parallel.split_backward); 0 = one per thread, 1 = off
     eps_low: float | None = None          # None: the variant's paper value (losses.DEFAULT_EPS)
     eps_high: float | None = None
     beta: float = 0.0                     # k3 KL weight to the frozen reference (R1: 0.001)
@@ -77,8 +80,8 @@ class GRPOConfig:
         for name in ("group_size", "epochs_per_batch", "minibatches", "max_sampling_rounds", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"GRPOConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.beta < 0 or self.micro_batch < 0:
-            raise ValueError("GRPOConfig: beta and micro_batch must be >= 0")
+        if self.beta < 0 or self.micro_batch < 0 or self.split < 0:
+            raise ValueError("GRPOConfig: beta, micro_batch and split must be >= 0")
 
     @property
     def scale_rewards(self) -> str:
@@ -353,6 +356,8 @@ class GRPO:
         ref_logp = None if self.ref_model is None else self._no_grad_logprobs(self.ref_model, x, all_groups, micro)
 
         model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        split = cfg.split or cpu_split(self.device, n_groups)
         # running weighted sums of the logged stats, kept as 0-dim device tensors: one host sync per update
         sums: dict[str, torch.Tensor] = {}
         weights: dict[str, torch.Tensor] = {}
@@ -370,25 +375,29 @@ class GRPO:
                 mb_rows = x.rows(mb)
                 mb_tokens = x.mask[mb_rows].sum().clamp(min=1)
                 for groups in mb.split(micro):
-                    part, rows = x.take(groups), x.rows(groups)
-                    Tc = part.mask.shape[1]
-                    with autocast(self.device, self.dtype):
-                        logp, entropy = completion_logprobs(model, part)
-                    old = logp.detach() if old_logp is None else old_logp[rows, :Tc]
-                    loss, st = policy_loss(logp, old, adv[rows], part.mask, variant=cfg.variant,
-                                           eps_low=cfg.eps_low, eps_high=cfg.eps_high,
-                                           ref_logp=None if ref_logp is None else ref_logp[rows, :Tc],
-                                           beta=cfg.beta, max_len=cfg.max_new_tokens)
-                    # each variant's normalizer is over the whole minibatch: DAPO's is its token count,
-                    # the others' its sequence count, so weight the micro-batch losses accordingly
-                    n_tok = part.mask.sum()
-                    w = n_tok / mb_tokens if cfg.variant == "dapo" else len(rows) / len(mb_rows)
-                    (loss * w).backward()
-                    add("loss", loss, w)
-                    for k, v in st.items():
-                        add(k, v, n_tok)
-                    if epoch == 0:     # mean policy entropy over the valid tokens
-                        add("entropy", (entropy * part.mask).sum() / n_tok.clamp(min=1), n_tok)
+                    def chunk(_rows_weight: float, groups: torch.Tensor):
+                        part, rows = x.take(groups), x.rows(groups)
+                        Tc = part.mask.shape[1]
+                        with autocast(self.device, self.dtype):
+                            logp, entropy = completion_logprobs(model, part)
+                        old = logp.detach() if old_logp is None else old_logp[rows, :Tc]
+                        loss, st = policy_loss(logp, old, adv[rows], part.mask, variant=cfg.variant,
+                                               eps_low=cfg.eps_low, eps_high=cfg.eps_high,
+                                               ref_logp=None if ref_logp is None else ref_logp[rows, :Tc],
+                                               beta=cfg.beta, max_len=cfg.max_new_tokens)
+                        # each variant's normalizer is over the whole minibatch: DAPO's is its token count,
+                        # the others' its sequence count, so weight the micro-batch (chunk) losses accordingly
+                        n_tok = part.mask.sum()
+                        w = n_tok / mb_tokens if cfg.variant == "dapo" else len(rows) / len(mb_rows)
+                        return loss * w, (loss, w, st, n_tok, entropy, part.mask)
+                    # the groups as `split` chunks in as many CPU threads (one chunk: a plain backward)
+                    for loss, w, st, n_tok, entropy, mask in split_backward(
+                            chunk, params, min(split, len(groups)), groups):
+                        add("loss", loss, w)
+                        for k, v in st.items():
+                            add(k, v, n_tok)
+                        if epoch == 0:     # mean policy entropy over the valid tokens
+                            add("entropy", (entropy * mask).sum() / n_tok.clamp(min=1), n_tok)
                 max_norm = cfg.clip_grad if cfg.clip_grad > 0 else float("inf")
                 add("grad_norm", torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm), 1.0)
                 self.optimizer.step()
