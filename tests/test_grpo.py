@@ -249,3 +249,32 @@ def test_grpo_command_writes_metrics_plots_and_model(tok, tmp_path):
                                                      Transformer.from_pretrained(base).state_dict().values()))
     with pytest.raises(SystemExit, match="already holds a run"):
         grpo_cmd.main(["--model", str(base), "--task", "arithmetic", "--out", str(out), "--device", "cpu"])
+
+
+@pytest.mark.parametrize("variant", ["grpo", "dapo"])
+def test_update_split_over_threads_equals_one_chunk(variant):
+    # the micro-batch's groups as chunks in CPU threads (train.parallel.split_backward): the same step
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 64, (n,), generator=g).tolist() for n in (6, 3, 5)]
+    comps = [torch.randint(3, 64, (n,), generator=g).tolist() for n in (5, 2, 7, 4, 1, 6)]
+    batch = rollouts(prompts, comps, G=2)
+    deltas, stats = [], []
+    torch.set_num_threads(2)
+    try:
+        for split in (1, 2):   # 2: one group in one thread, two in the other
+            torch.manual_seed(0)
+            model = Transformer(preset("tiny", vocab_size=64))
+            model.init_weights()
+            before = [p.detach().clone() for p in model.parameters()]
+            cfg = GRPOConfig(variant=variant, group_size=2, clip_grad=0.0, split=split)
+            trainer = GRPO(model, torch.optim.SGD(model.parameters(), lr=1.0), None, None, cfg, pad_id=2)
+            stats.append(trainer.update(batch))
+            assert torch.get_num_threads() == 2
+            deltas.append(torch.cat([(b - p.detach()).flatten() for b, p in zip(before, model.parameters())]))
+    finally:
+        torch.set_num_threads(1)
+    assert deltas[0].abs().sum() > 0
+    torch.testing.assert_close(deltas[1], deltas[0], rtol=1e-4, atol=1e-7)
+    assert stats[0].keys() == stats[1].keys()
+    for k in stats[0]:
+        assert stats[1][k] == pytest.approx(stats[0][k], rel=1e-5, abs=1e-7), k
