@@ -68,14 +68,15 @@ class RMSNormFunction(torch.autograd.Function):
 
     # forward and backward run over row blocks of about this many elements: the fp32 temporaries stay
     # in cache (whole-tensor ones were 8 MB each for the residual norms of `small` at 8 x 512, fresh
-    # per call; one thread: forward 7.2 -> 4.1 ms, backward 13 -> 5 ms). Tensors of up to 4 blocks
-    # run whole (the extra ops cost more than they save there).
+    # per call; one thread: forward 7.2 -> 4.1 ms, backward 13 -> 5 ms). Already at 2 blocks the blocks
+    # win (fwd+bwd of (2, 512, 512), one thread: 2.0 vs 4.5-6 ms; (4, 512, 512), a thread's half of the
+    # `small` batch under the CPU split: 3.5 vs 4.5-11 ms); a tensor of one block runs whole.
     BLOCK_ELEMS = 2**18
 
     @staticmethod
     def _rows(x: torch.Tensor) -> int:
         D = x.shape[-1]
-        if x.numel() <= 4 * RMSNormFunction.BLOCK_ELEMS:
+        if x.numel() <= RMSNormFunction.BLOCK_ELEMS:
             return max(1, x.numel() // D)
         return max(1, RMSNormFunction.BLOCK_ELEMS // D)
 
