@@ -66,7 +66,11 @@ def test_one_row_fp16_gemv_only_where_fp16_holds_the_weights():
         assert layers.derived((big,), "fp16", layers._fp16_pack) is None
 
 
-def test_fp32_linear_equals_f_linear():
+@pytest.mark.parametrize("tall", [True, False])
+def test_fp32_linear_equals_f_linear(tall, monkeypatch):
+    monkeypatch.setattr(layers, "_TALL_FASTER", tall)        # both forms, whichever this CPU prefers
+    calls = []
+    monkeypatch.setattr(layers, "tall_mm", lambda x2, ws, f=layers.tall_mm: calls.append(1) or f(x2, ws))
     torch.manual_seed(0)
     w, b = torch.randn(96, 48), torch.randn(96)
     for rows in (1, 2, 8, 9):
@@ -74,6 +78,17 @@ def test_fp32_linear_equals_f_linear():
         with torch.no_grad():
             got = layers.linear(x, w, b)
         torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    assert len(calls) == (3 if tall else 0)     # 1-8 rows take the tall form where it is faster
+
+
+def test_tall_mm_choice_is_measured_once_or_set(monkeypatch):
+    monkeypatch.setattr(layers, "_TALL_FASTER", None)
+    monkeypatch.setenv("NANOSEEK_TALL_MM", "1")
+    assert layers.tall_mm_is_faster() is True
+    monkeypatch.setattr(layers, "_TALL_FASTER", None)
+    monkeypatch.delenv("NANOSEEK_TALL_MM")
+    measured = layers.tall_mm_is_faster()
+    assert isinstance(measured, bool) and layers._TALL_FASTER is measured
 
 
 @needs_onednn

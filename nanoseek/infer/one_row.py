@@ -7,7 +7,7 @@ decode step of `Transformer.forward` for one token with everything prepared once
 
 - the matvecs on weights packed for the kernel that streams them fastest: bf16 weights through
   FBGEMM's fp16 GEMV (exact for them, see layers._fp16_pack), fp32 weights through MKL with the weight
-  as the tall operand (layers.tall_mm); weights that read the same input as one pack: q_a|kv_a,
+  as the tall operand (layers.tall_mm) where this CPU runs that faster (layers.tall_mm_is_faster); weights that read the same input as one pack: q_a|kv_a,
   w1|w3, and the MoE gate with the shared expert's w1|w3;
 - RMSNorm as one vector_norm read to the host: its weight multiplies the input, the 1/rms scalar
   goes where it costs nothing (the query norm's into the softmax scale, the latent norm's into the
@@ -107,6 +107,7 @@ class OneRowDecoder:
     def _build(self) -> None:
         m, self._packable = self.model, True
         self._fp32 = next(m.parameters()).dtype == torch.float32
+        self._tall = self._fp32 and layers.tall_mm_is_faster()     # W as the tall operand (layers.linear)
         rope = self.rope
         f32 = lambda w: w.detach().float()        # noqa: E731
         self._layers = [self._pack_block(blk) for blk in m.layers]
@@ -178,7 +179,7 @@ class OneRowDecoder:
         """x (1, in) fp32 -> x W^T (1, out) fp32 (fp32: a strided view, see layers.tall_mm; a small
         weight, bound by the op count, as one F.linear: tiny preset, 64 x 64, 5 ops -> 1)."""
         if self._fp32:
-            if pack.numel() <= 32768:
+            if pack.numel() <= 32768 or not self._tall:
                 return F.linear(x, pack)
             return torch.mm(pack, torch.cat([x, x]).t())[:, :1].t()
         return _gemv(x, pack, None)
@@ -305,7 +306,8 @@ class OneRowDecoder:
         if x.shape[0] == 1:
             return self._mv(x, pack)
         if self._fp32:
-            return F.linear(x, pack) if pack.numel() <= 32768 else torch.mm(pack, x.contiguous().t()).t()
+            return (F.linear(x, pack) if pack.numel() <= 32768 or not self._tall
+                    else torch.mm(pack, x.contiguous().t()).t())
         return _gemv(x.contiguous(), pack, None)
 
     def _rows(self, x: torch.Tensor, start: int, cache, blocks: list) -> torch.Tensor:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import time
 import warnings
 import weakref
 from typing import Callable, TypeVar
@@ -276,10 +278,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """F.linear, faster for a few rows on CPU without autograd (decoding), the same dot products
     summed in another order:
 
-    - fp32, 1-8 rows: y^T = W x^T. MKL's sgemm for y = x W^T with a handful of rows streams W 2-4x
-      slower than the same product with W as the tall operand, and one row passed twice beats its
-      gemv (small preset, one thread: the 8192x512 head 1.7 -> 0.8 ms at 1 row, 3.4 -> 0.8 ms at 2).
-      The result is a strided view.
+    - fp32, 1-8 rows, where this CPU runs it faster (`tall_mm_is_faster`, measured once): y^T = W x^T.
+      On some CPUs MKL's sgemm for y = x W^T with a handful of rows streams W 2-4x slower than the
+      same product with W as the tall operand, and one row passed twice beats its gemv (AVX-512 VM,
+      small preset, one thread: the 8192x512 head 1.7 -> 0.8 ms at 1 row, 3.4 -> 0.8 ms at 2); on
+      others (an AMX Xeon VM) it is the tall form that is 2-4x slower. The result is a strided view.
     - bf16, up to FP16_MAX_ROWS rows: FBGEMM's fp16 GEMV on the weight packed once (`derived`,
       `_fp16_pack`), the rows widened to fp32 exactly, fp32 accumulation, one rounding of the result to
       bf16 (as F.linear).
@@ -309,7 +312,7 @@ def linears(x: torch.Tensor, weights: tuple[torch.Tensor, ...], biases: tuple | 
         y = torch.ops.mkldnn._linear_pointwise(x.view(n, d) if x.is_contiguous() else x.reshape(n, d),
                                                onednn, None, "none", [], "")
         outs = (y,) if len(weights) == 1 else y.split([w.shape[0] for w in weights], dim=-1)   # (n, out) each
-    elif dt == torch.float32 and 0 < n <= 8 and _all_dtype(weights, dt):
+    elif dt == torch.float32 and 0 < n <= 8 and _all_dtype(weights, dt) and tall_mm_is_faster():
         outs = tall_mm(x if x.dim() == 2 else x.reshape(n, d), weights)
     else:
         return [F.linear(x, w, b) for w, b in zip(weights, biases or (None,) * len(weights))]
@@ -317,6 +320,35 @@ def linears(x: torch.Tensor, weights: tuple[torch.Tensor, ...], biases: tuple | 
     if biases is None or all(b is None for b in biases):
         return [y.view(*lead, w.shape[0]) for y, w in zip(outs, weights)]
     return [(y if b is None else y + b).view(*lead, w.shape[0]) for y, w, b in zip(outs, weights, biases)]
+
+
+_TALL_FASTER: bool | None = None
+
+
+def tall_mm_is_faster() -> bool:
+    """Whether `tall_mm` beats F.linear for a few fp32 rows on this CPU, measured once per process
+    (10-25 ms): which of the two MKL streams a weight faster differs between CPUs by 2-4x either way.
+    NANOSEEK_TALL_MM=0/1 decides it instead."""
+    global _TALL_FASTER
+    if _TALL_FASTER is None:
+        env = os.environ.get("NANOSEEK_TALL_MM")
+        if env in ("0", "1"):
+            _TALL_FASTER = env == "1"
+        else:
+            with torch.no_grad():
+                g = torch.Generator().manual_seed(0)
+                ws = [torch.randn(1536, 512, generator=g) for _ in range(4)]    # 12 MB: past a core's L2
+                x = torch.randn(1, 512, generator=g)
+                forms = (lambda w: F.linear(x, w), lambda w: tall_mm(x, (w,)))
+                best = [float("inf"), float("inf")]
+                for _ in range(3):
+                    for i, f in enumerate(forms):
+                        t = time.perf_counter()
+                        for w in ws:
+                            f(w)
+                        best[i] = min(best[i], time.perf_counter() - t)
+            _TALL_FASTER = best[1] < best[0]
+    return _TALL_FASTER
 
 
 def tall_mm(x2: torch.Tensor, weights) -> list[torch.Tensor]:
