@@ -76,8 +76,22 @@ def llama_greedy(llm, prompt: list[int], n: int) -> tuple[list[int], np.ndarray]
 
 
 def open_llama(path: Path):
-    return llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, type_k=0, type_v=0,
-                           n_threads=1, verbose=False)
+    """llama.cpp without its "extra" CPU buffer types (`llama-cli --no-repack`): built on a CPU with
+    AMX, it repacks f16 and q8_0 weights for AMX and then aborts on deepseek2's 3-D attn_k_b
+    (GGML_ASSERT(*cur_backend_id != -1), llama-cpp-python 0.3.36; f32 and bf16 files load)."""
+    lib = llama_cpp.llama_cpp
+    default = lib.llama_model_default_params
+
+    def without_extra_bufts():
+        params = default()
+        params.use_extra_bufts = False
+        return params
+    lib.llama_model_default_params = without_extra_bufts        # Llama() reads its model params here
+    try:
+        return llama_cpp.Llama(model_path=str(path), n_ctx=64, logits_all=True, type_k=0, type_v=0,
+                               n_threads=1, verbose=False)
+    finally:
+        lib.llama_model_default_params = default
 
 
 CONFIGS = {

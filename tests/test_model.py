@@ -184,10 +184,17 @@ def test_grouped_moe_equals_loop():
     g1 = torch.autograd.grad(fast.square().mean(), m.layers[1].ffn.experts.w1)[0]
     g2 = torch.autograd.grad(m(ids, moe_reference=True).square().mean(), m.layers[1].ffn.experts.w1)[0]
     assert (g1 - g2).abs().max() < 1e-6
-    # and under CPU bf16 autocast (expert matmuls in bf16, the residual stream fp32)
+    # and under CPU bf16 autocast (expert matmuls in bf16, the residual stream fp32): one MoE layer on
+    # one input routes alike and agrees to bf16 rounding; through the whole model a near-tie in a later
+    # gate can route a token otherwise (1 token of 128 here on an AMX CPU), so there all tokens but a few
+    ffn = m.layers[1].ffn
+    x = torch.randn(128, ffn.gate.weight.shape[1])
     with torch.autocast("cpu", dtype=torch.bfloat16):
+        (a, ra), (b, rb) = ffn(x), ffn(x, reference=True)
         fast, slow = m(ids), m(ids, moe_reference=True)
-    assert fast.dtype == torch.bfloat16 and (fast.float() - slow.float()).abs().max() < 0.05 * slow.abs().max()
+    assert torch.equal(ra.indices, rb.indices) and (a.float() - b.float()).abs().max() < 0.02 * b.abs().max()
+    per_token = (fast.float() - slow.float()).abs().amax(-1)
+    assert fast.dtype == torch.bfloat16 and (per_token < 0.02 * slow.abs().max()).float().mean() >= 0.97
     fast.float().square().mean().backward()
 
 
