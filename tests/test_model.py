@@ -72,9 +72,10 @@ def test_cache_rows_of_different_lengths():
         assert (out[1, -1] - m(b[None])[0, -1]).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("qblock", [32, BlockCausalAttention.QBLOCK])
 @pytest.mark.parametrize("keep", [True, False])
 @pytest.mark.parametrize("T", [1, 37, 64, 200])
-def test_block_causal_attention_equals_sdpa(T, keep, monkeypatch):
+def test_block_causal_attention_equals_sdpa(T, keep, qblock, monkeypatch):
     # the CPU training path (explicit matmuls in blocks; the backward reuses the forward's probabilities
     # or recomputes them) against SDPA, with gradients; T = 200 is not a multiple of the block and its
     # heads split into unequal groups
@@ -82,7 +83,8 @@ def test_block_causal_attention_equals_sdpa(T, keep, monkeypatch):
     B, H, qk, vd = 2, 3, 24, 16
     q, k, v = (torch.randn(B, T, H, d, dtype=torch.float64, requires_grad=True) for d in (qk, qk, vd))
     dout = torch.randn(B, T, H, vd, dtype=torch.float64)
-    monkeypatch.setattr(BlockCausalAttention, "BLOCK_BYTES", 2 * 64 * T * 8)   # two heads per block: 3 groups
+    monkeypatch.setattr(BlockCausalAttention, "QBLOCK", qblock)
+    monkeypatch.setattr(BlockCausalAttention, "BLOCK_BYTES", 2 * qblock * T * 8)   # two heads per block: 3 groups
     monkeypatch.setattr(BlockCausalAttention, "KEEP_BYTES", 2**30 if keep else 0)
     ours = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.3)
     grads = torch.autograd.grad(ours, (q, k, v), dout)
@@ -112,6 +114,7 @@ def test_block_causal_attention_bf16_close_to_fp64(keep, monkeypatch):
     ref = run(lambda q, k, v: F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), F.pad(v, (0, qk - vd)).transpose(1, 2), is_causal=True,
         scale=0.3)[..., :vd].transpose(1, 2), torch.float64)
+    monkeypatch.setattr(BlockCausalAttention, "QBLOCK", 64)                    # T = 200: 4 uneven blocks
     monkeypatch.setattr(BlockCausalAttention, "BLOCK_BYTES", 2 * 64 * T * 2)   # two heads per block
     monkeypatch.setattr(BlockCausalAttention, "KEEP_BYTES", 2**30 if keep else 0)
     ours = run(lambda q, k, v: causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), 0.3),

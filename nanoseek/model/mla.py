@@ -48,9 +48,9 @@ class BlockCausalAttention(torch.autograd.Function):
     The fused kernel's backward runs at ~20% of the matmul peak here (3x its forward for 2x the FLOPs;
     in bf16 it is 2x slower than this path); plain bmm runs near the peak, but one (B*H, T, T) score
     tensor is far larger than the caches and costs a fresh allocation per op. So: blocks of `QBLOCK`
-    query rows against only the keys they may see (skipping the masked upper triangle, ~45% of the
-    work at T=512), a few heads at a time so a score block stays ~`BLOCK_BYTES`. The probability blocks
-    are kept for the backward while they total at most `KEEP_BYTES` (19 MB per layer for `small` at
+    query rows against only the keys they may see (skipping the masked upper triangle, ~38% of the
+    work at T=512 in 128-row blocks), a few heads at a time so a score block stays ~`BLOCK_BYTES`. The probability blocks
+    are kept for the backward while they total at most `KEEP_BYTES` (21 MB per layer for `small` at
     8 x 512 in bf16): recomputing them costs a score matmul and a softmax per block,
     about a quarter of the backward. Longer sequences recompute them block by block (FlashAttention's
     recomputation) instead of keeping (T, T) per head. q, k: (N, T, qk), v: (N, T, v), contiguous, one dtype.
@@ -67,8 +67,10 @@ class BlockCausalAttention(torch.autograd.Function):
     to the fp32 accumulators, before the one rounding) to the scores, dQ and dK.
     """
 
-    QBLOCK = 64
-    BLOCK_BYTES = 2**20           # bytes per score block: heads per block = this // (QBLOCK * T * itemsize)
+    # `small`, 8 x 512, bf16 step on the AMX VM, in process: 128 rows and 2 MB -4 to -8% against 64 and
+    # 1 MB (fp32 equal; 256 rows or 4-16 MB slower); on the AVX-512 VM 64/128 and 1-4 MB were within noise
+    QBLOCK = 128
+    BLOCK_BYTES = 2**21           # bytes per score block: heads per block = this // (QBLOCK * T * itemsize)
     KEEP_BYTES = 2**26            # keep the probabilities for the backward up to this many bytes per call
 
     @staticmethod
