@@ -253,6 +253,34 @@ def test_dense_moe_equals_loop():
     assert calls == ["dense", "grouped"]
 
 
+def test_16bit_decode_batches_go_dense_under_their_own_limit():
+    """bf16 weights, no autograd, CPU: rows whose dense product is under DENSE_DECODE_16BIT_MAX_FLOPS
+    (above the general limit) run every expert at once; with autograd, or in fp32, the same rows are
+    grouped. The dense bf16 output agrees with the grouped one within bf16 rounding."""
+    from nanoseek.model.moe import MoE
+    m = make(n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=3)
+    ex = next(mod for mod in m.modules() if isinstance(mod, MoE)).experts
+    E, inter, dim = ex.w1.shape
+    x = torch.randn(128, dim)
+    flops = 6 * 128 * E * inter * dim
+    assert ex.DENSE_MAX_FLOPS < flops <= ex.DENSE_DECODE_16BIT_MAX_FLOPS
+    calls = []
+    dense, grouped = ex.forward_dense, ex.forward_grouped
+    ex.forward_dense = lambda *a: calls.append("dense") or dense(*a)
+    ex.forward_grouped = lambda *a: calls.append("grouped") or grouped(*a)
+    gate = next(mod for mod in m.modules() if isinstance(mod, MoE)).gate
+    with torch.no_grad():
+        r = gate(x)
+        ex(x, r)                                                        # fp32: grouped
+        m.to(torch.bfloat16)
+        xb = x.bfloat16()
+        y = ex(xb, r)                                                   # bf16 decode: dense
+        ref = grouped(xb, r)
+    ex(xb, r)                                                           # autograd on: grouped
+    assert calls == ["grouped", "dense", "grouped"]
+    assert y.dtype == ref.dtype and (y.float() - ref.float()).abs().max() < 0.02 * ref.float().abs().max()
+
+
 def test_selection_bias_chooses_but_does_not_weight():
     torch.manual_seed(0)
     g = Gate(ModelConfig(n_group=1, topk_group=1))
