@@ -7,8 +7,9 @@ decode step of `Transformer.forward` for one token with everything prepared once
 
 - the matvecs on weights packed for the kernel that streams them fastest: bf16 weights through
   FBGEMM's fp16 GEMV (exact for them, see layers._fp16_pack), fp32 weights through MKL with the weight
-  as the tall operand (layers.tall_mm) where this CPU runs that faster (layers.tall_mm_is_faster); weights that read the same input as one pack: q_a|kv_a,
-  w1|w3, and the MoE gate with the shared expert's w1|w3;
+  as the tall operand (layers.tall_mm) where this CPU runs that faster (layers.tall_mm_is_faster);
+  weights that read the same input as one pack: q_a|kv_a, w1|w3, and the MoE gate with the shared
+  expert's w1|w3;
 - RMSNorm as one vector_norm read to the host: its weight multiplies the input, the 1/rms scalar
   goes where it costs nothing (the query norm's into the softmax scale, the latent norm's into the
   cache write), instead of the ~8 kernels of F.rms_norm;

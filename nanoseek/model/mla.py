@@ -49,9 +49,9 @@ class BlockCausalAttention(torch.autograd.Function):
     in bf16 it is 2x slower than this path); plain bmm runs near the peak, but one (B*H, T, T) score
     tensor is far larger than the caches and costs a fresh allocation per op. So: blocks of `QBLOCK`
     query rows against only the keys they may see (skipping the masked upper triangle, ~38% of the
-    work at T=512 in 128-row blocks), a few heads at a time so a score block stays ~`BLOCK_BYTES`. The probability blocks
-    are kept for the backward while they total at most `KEEP_BYTES` (21 MB per layer for `small` at
-    8 x 512 in bf16): recomputing them costs a score matmul and a softmax per block,
+    work at T=512 in 128-row blocks), a few heads at a time so a score block stays ~`BLOCK_BYTES`.
+    The probability blocks are kept for the backward while they total at most `KEEP_BYTES` (21 MB per
+    layer for `small` at 8 x 512 in bf16): recomputing them costs a score matmul and a softmax per block,
     about a quarter of the backward. Longer sequences recompute them block by block (FlashAttention's
     recomputation) instead of keeping (T, T) per head. q, k: (N, T, qk), v: (N, T, v), contiguous, one dtype.
 
