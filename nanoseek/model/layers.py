@@ -322,6 +322,12 @@ def linears(x: torch.Tensor, weights: tuple[torch.Tensor, ...], biases: tuple | 
     return [(y if b is None else y + b).view(*lead, w.shape[0]) for y, w, b in zip(outs, weights, biases)]
 
 
+def onednn_cpu(t: torch.Tensor) -> bool:
+    """A 16-bit CPU tensor: its matmuls go through oneDNN (fp32/fp64 ones through MKL), whose kernels
+    want whole contiguous operands and pay per call and per shape."""
+    return t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16)
+
+
 _TALL_FASTER: bool | None = None
 
 

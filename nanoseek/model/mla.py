@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.model.config import ModelConfig
-from nanoseek.model.layers import RMSNorm, apply_rope, derived, linear, linears
+from nanoseek.model.layers import RMSNorm, apply_rope, derived, linear, linears, onednn_cpu
 from nanoseek.model.workspace import scratch
 
 
@@ -100,7 +100,7 @@ class BlockCausalAttention(torch.autograd.Function):
     def _buffers(q, k, v):
         """Reused prefix buffers for oneDNN's dtypes (bf16/fp16); fp32/fp64 bmm (MKL) reads strided
         batches as they are."""
-        if q.dtype not in (torch.bfloat16, torch.float16) or q.device.type != "cpu":
+        if not onednn_cpu(q):
             return None, None
         N, T, _ = q.shape
         heads = min(N, max(1, BlockCausalAttention.BLOCK_BYTES // (BlockCausalAttention.QBLOCK * T * q.element_size())))

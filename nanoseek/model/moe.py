@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.model.config import ModelConfig
-from nanoseek.model.layers import MLP, linear, linears, swiglu
+from nanoseek.model.layers import MLP, linear, linears, onednn_cpu, swiglu
 
 
 @dataclass
@@ -113,9 +113,7 @@ class Experts(nn.Module):
         if no_grad and N * K <= 8:
             return self.forward_few(x, r)
         E, inter, dim = self.w1.shape
-        limit = (self.DENSE_DECODE_16BIT_MAX_FLOPS
-                 if no_grad and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
-                 else self.DENSE_MAX_FLOPS)
+        limit = self.DENSE_DECODE_16BIT_MAX_FLOPS if no_grad and onednn_cpu(x) else self.DENSE_MAX_FLOPS
         # dense only when about every expert is active anyway (dense then reads no extra weights)
         if N * K >= E and 6 * N * E * inter * dim <= limit:
             return self.forward_dense(x, r)

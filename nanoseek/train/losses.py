@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nanoseek.model.layers import onednn_cpu
 from nanoseek.model.workspace import scratch
 
 
@@ -160,7 +161,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         nll = _label_nll(picked, safe, lambda rows: torch.mm(h[rows], wt))
         dw = None
         if ctx.needs_input_grad[1]:                                          # (V, dim)
-            if h.dtype in (torch.bfloat16, torch.float16) and h.device.type == "cpu":
+            if onednn_cpu(h):
                 # oneDNN runs a transposed (N, V) operand ~1.8x slower than whole rows (AMX VM, `small`
                 # bf16, one thread's 2044 rows: 20.9 -> 12.3 ms): (h^T dlogits)^T with h^T (dim, N) made
                 # contiguous (~1 ms), a transposed view of the same product
