@@ -13,7 +13,9 @@ interleaved, so a machine shared with other work slows them alike. MFU = tokens/
 (nanoseek.train.step.flops_per_token) / the matmul peak of the precision used, measured here;
 both are best-of-N (the table also shows median step times). nanoseek runs its rows as one chunk per
 thread, each in its own thread, as `nanoseek pretrain` does on CPU (train/parallel.split_backward); its
-one-chunk step (intra-op threads only) is timed beside it.
+one-chunk step (intra-op threads only) is timed beside it. Then the matmul ceiling: one thread's chunk of
+the step with every matmul recorded and replayed alone (same shapes, strides, dtypes), the MFU the step
+would have if nothing but its matmuls took time, and the slowest matmul classes (`--no-ceiling` skips).
 bf16 modes are skipped with a message when this CPU only emulates bf16 (no AVX-512 BF16 / AMX).
 """
 
@@ -92,6 +94,82 @@ def profile_nanoseek(model, opt, x, y, dtype) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
 
 
+# --- the matmul ceiling: the step's own matmuls, replayed alone
+_MM = {"mm": (0, 1), "mm.out": (0, 1), "addmm": (1, 2), "bmm": (0, 1), "bmm.out": (0, 1), "baddbmm": (1, 2),
+       "baddbmm_": (1, 2), "baddbmm.out": (1, 2)}      # op -> positions of its two factors
+
+
+def matmul_ceiling(model, opt, x, y, dtype, top: int = 5) -> None:
+    """Record every matmul of one chunk's step (the rows one thread runs in `nanoseek pretrain`) on one
+    thread, replay them alone with their own shapes, strides and dtypes, and print their FLOP rate
+    against the one-thread peak: the MFU the step could reach if every other op (norms, casts, copies,
+    softmax, routing, the optimizer) took no time. Also the matmul classes that take longest."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    def flops(a: torch.Tensor, b: torch.Tensor) -> int:
+        return 2 * a.shape[:-1].numel() * a.shape[-1] * b.shape[-1]       # (.., M, K) x (.., K, N)
+
+    calls: list = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = func.__name__.removesuffix(".default")
+            if name in _MM:
+                i, j = _MM[name]
+                spec = lambda t: (t.shape, t.stride(), t.dtype) if isinstance(t, torch.Tensor) else t
+                calls.append((func, name, [spec(a) for a in args], {k: spec(v) for k, v in kwargs.items()},
+                              flops(args[i], args[j])))
+            return func(*args, **kwargs)
+
+    def tensor(s):     # a tensor with the recorded layout (expanded strides included)
+        if not (isinstance(s, tuple) and len(s) == 3 and isinstance(s[2], torch.dtype)):
+            return s
+        shape, stride, dt = s
+        n = 1 + sum((a - 1) * b for a, b in zip(shape, stride)) if all(shape) else 1
+        return torch.randn(n).to(dt).as_strided(shape, stride)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        split = cpu_split(torch.device("cpu"), x.shape[0], threads)
+        xc, yc = x[: x.shape[0] // split], y[: y.shape[0] // split]
+        step_s = float("inf")
+        for _ in range(2):
+            t = time.perf_counter()
+            nanoseek_step(model, opt, xc, yc, dtype)
+            step_s = min(step_s, time.perf_counter() - t)
+        with Record():
+            nanoseek_step(model, opt, xc, yc, dtype)
+        replay = [(f, name, [tensor(a) for a in args], {k: tensor(v) for k, v in kw.items()}, fl)
+                  for f, name, args, kw, fl in calls]
+        per = [float("inf")] * len(replay)
+        for _ in range(3):
+            for i, (f, _n, args, kw, _fl) in enumerate(replay):
+                t = time.perf_counter()
+                f(*args, **kw)
+                per[i] = min(per[i], time.perf_counter() - t)
+        peak = measure_peak_flops(torch.device("cpu"), dtype)
+    finally:
+        torch.set_num_threads(threads)
+    total, fl = sum(per), sum(c[-1] for c in replay)
+    model_fl = flops_per_token(model, x.shape[1], mtp=False) * xc.numel()
+    print(f"\nmatmul ceiling, {str(dtype).removeprefix('torch.')}, one thread, {xc.shape[0]} x {xc.shape[1]} rows: "
+          f"{len(replay)} matmuls, {fl / 1e9:.0f} GFLOP, replayed alone in {total:.2f} s = {fl / total / 1e9:.0f} "
+          f"GFLOP/s = {100 * model_fl / total / peak:.0f}% MFU at best (one-thread peak {peak / 1e9:.0f} GFLOP/s); "
+          f"the step {step_s:.2f} s = {100 * model_fl / step_s / peak:.0f}% MFU, its matmuls {100 * total / step_s:.0f}% "
+          f"of it")
+    classes: dict[tuple, list] = {}
+    for (f, name, args, _kw, fl), s in zip(replay, per):
+        shapes = " ".join("x".join(map(str, a.shape)) + ("" if a.is_contiguous() else "(T)")
+                          for a in args if isinstance(a, torch.Tensor))
+        c = classes.setdefault((name, shapes), [0, 0.0, 0])
+        c[0], c[1], c[2] = c[0] + 1, c[1] + s, c[2] + fl
+    print("  longest matmul classes ((T): a strided, e.g. transposed, operand):")
+    for (name, shapes), (n, s, f) in sorted(classes.items(), key=lambda kv: -kv[1][1])[:top]:
+        print(f"  {s * 1e3:7.1f} ms {n:4d} x {name:<11} {shapes:<44} {f / s / 1e9:6.0f} GFLOP/s")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="small")
@@ -106,6 +184,8 @@ def main() -> None:
                    help="nanoseek's rows as this many chunks in as many threads (default: one per thread, as "
                         "`nanoseek pretrain`); its one-chunk step is timed beside it when this is > 1")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--no-ceiling", action="store_true", help="skip the matmul ceiling (the step's matmuls replayed "
+                                                               "alone: the MFU reachable if all else were free)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -205,6 +285,10 @@ def main() -> None:
         best[side] = max(best.get(side, 0), tps)
     print(f"\nnanoseek best / transformers best: {best['nanoseek'] / best['transformers']:.2f}x "
           f"({best['nanoseek']:.0f} vs {best['transformers']:.0f} tok/s)")
+    if not args.no_ceiling:
+        for name, dt, m, opt, _ in modes:
+            if name == "nanoseek":
+                matmul_ceiling(m, opt, x, y, dt)
     if args.profile:
         name, dt, m, opt, _ = next(md for md in modes if md[0] == "nanoseek")
         profile_nanoseek(m, opt, x, y, dt)
