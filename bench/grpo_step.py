@@ -13,8 +13,9 @@ the saved tokenizer.json through PreTrainedTokenizerFast (AutoTokenizer). Matche
 arithmetic prompts (chat-rendered, identical token ids on both sides), G completions for each of
 --prompts prompts per step, exactly --new tokens per completion (eos ignored / min_new_tokens), T=1,
 no top-k/top-p, loss "grpo" with std-scaled group advantages, beta 0 (no reference model), one
-optimizer step per batch of rollouts, AdamW at the same lr, fp32 weights on --device, the task's
-verifier (accuracy + 0.1 format) as the reward. Neither side runs a separate old log-probs pass
+optimizer step per batch of rollouts, AdamW at the same lr and betas (0.9, 0.999) in torch's fused
+kernel on both sides (trl: optim adamw_torch_fused; nanoseek: build_optimizer, as `nanoseek grpo`),
+fp32 weights on --device, the task's verifier (accuracy + 0.1 format) as the reward. Neither side runs a separate old log-probs pass
 (one optimizer step per batch: the update's own forward, detached, gives them).
 
 The two sides alternate step by step (trl's step k, then nanoseek's step k, from a trl callback, outside
@@ -45,6 +46,7 @@ from nanoseek.tasks import get_task
 from nanoseek.tasks.rewards import Example
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.grpo import GRPO, GRPOConfig, chat_prompts
+from nanoseek.train.optim import build_optimizer
 
 arith = get_task("arithmetic")
 INSTRUCTION = "Think step by step, then write only the final answer after the thinking."
@@ -107,7 +109,7 @@ def nanoseek_stepper(args, model_dir: Path, tok: Tokenizer, prompts, problems, d
         return r
 
     cfg = GRPOConfig(variant="grpo", group_size=G, max_new_tokens=T, clip_grad=1.0, seed=args.seed, split=args.split)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    opt = build_optimizer(model, "adamw", args.lr, 0.0, betas=(0.9, 0.999))   # as `nanoseek grpo`; trl's betas
     trainer = GRPO(model, opt, generate, reward_fn, cfg, pad_id=tok.pad_id)
     cursor = [0]
 
@@ -195,7 +197,8 @@ def run_trl(args, model_dir: Path, tok: Tokenizer, prompts, problems, device, be
                         gradient_accumulation_steps=1, max_completion_length=T, temperature=1.0, top_p=1.0, top_k=0,
                         generation_kwargs={"min_new_tokens": T}, beta=0.0, loss_type="grpo", scale_rewards="group",
                         num_iterations=1, learning_rate=args.lr, lr_scheduler_type="constant", warmup_steps=0,
-                        weight_decay=0.0, max_grad_norm=1.0, max_steps=args.warmup + args.steps, logging_steps=1,
+                        weight_decay=0.0, optim="adamw_torch_fused", adam_beta1=0.9, adam_beta2=0.999,
+                        max_grad_norm=1.0, max_steps=args.warmup + args.steps, logging_steps=1,
                         report_to="none", save_strategy="no", use_cpu=device.type == "cpu", bf16=False,
                         seed=args.seed, shuffle_dataset=False, disable_tqdm=True, dataloader_num_workers=0,
                         log_completions=False)
