@@ -7,6 +7,7 @@ import pkgutil
 import sys
 
 import nanoseek.commands as _commands
+from nanoseek.common import UsageError
 
 
 def available() -> list[str]:
@@ -25,7 +26,10 @@ def main(argv: list[str] | None = None) -> None:
     cmd = argv[0].replace("-", "_")
     if cmd not in names:
         raise SystemExit(f"nanoseek: unknown command {argv[0]!r}; choose one of: {', '.join(names)}")
-    importlib.import_module(f"nanoseek.commands.{cmd}").main(argv[1:])
+    try:
+        importlib.import_module(f"nanoseek.commands.{cmd}").main(argv[1:])
+    except UsageError as e:          # a bad --device / --dtype value: one line, not a traceback
+        raise SystemExit(f"nanoseek {argv[0]}: {e}") from None
 
 
 if __name__ == "__main__":

@@ -16,11 +16,24 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
+class UsageError(ValueError):
+    """A bad command-line value (an unknown --device or --dtype, say): `nanoseek` prints it as one line."""
+
+
 def pick_device(name: str | None = None) -> torch.device:
-    """`--device` default: cuda when present, else cpu."""
+    """`--device` default: cuda when present, else cpu. A device this machine lacks is a UsageError."""
     if name in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: this torch ({torch.__version__}) sees no CUDA device; use cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
 
 
 def pick_dtype(name: str | torch.dtype | None, device: torch.device | None = None) -> torch.dtype:
@@ -30,7 +43,7 @@ def pick_dtype(name: str | torch.dtype | None, device: torch.device | None = Non
     if name in (None, "", "auto"):
         return torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
     if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
+        raise UsageError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
     return DTYPES[name]
 
 

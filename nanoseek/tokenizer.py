@@ -119,7 +119,11 @@ class Tokenizer:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no tokenizer.json there")
-        return cls(_HFTokenizer.from_file(str(path)))
+        try:
+            backend = _HFTokenizer.from_file(str(path))
+        except Exception as e:   # noqa: BLE001 - the tokenizers library raises plain Exception on a bad file
+            raise ValueError(f"{path} is not a tokenizer file the tokenizers library can read: {e}") from None
+        return cls(backend)
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:

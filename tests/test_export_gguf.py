@@ -240,3 +240,21 @@ def test_bad_tokenizer_is_refused_before_writing(tmp_path):
     path.unlink()
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         export_gguf(tmp_path / "hf", out, log=lambda s: None)
+
+
+def test_export_never_overwrites_the_model_and_asks_before_replacing(tmp_path):
+    make_model_dir(tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    before = weights.read_bytes()
+    with pytest.raises(SystemExit, match="file of the model"):     # not even with --force
+        export_main(["--model", str(tmp_path / "hf"), "--out", str(weights), "--force"])
+    assert weights.read_bytes() == before
+    with pytest.raises(SystemExit, match="is a directory"):
+        export_main(["--model", str(tmp_path / "hf"), "--out", str(tmp_path)])
+    out = export_gguf(tmp_path / "hf", tmp_path / "m.gguf", log=lambda s: None)
+    first = out.read_bytes()
+    with pytest.raises(SystemExit, match="--force"):
+        export_main(["--model", str(tmp_path / "hf"), "--out", str(out), "--dtype", "f16"])
+    assert out.read_bytes() == first
+    export_main(["--model", str(tmp_path / "hf"), "--out", str(out), "--dtype", "f16", "--force"])
+    assert gguf.GGUFReader(out).fields["general.file_type"].parts[-1][0] == gguf.LlamaFileType.MOSTLY_F16

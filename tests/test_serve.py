@@ -389,6 +389,14 @@ BAD = [  # (name, path, body: dict -> JSON, bytes -> raw, status, param)
     ("completion logprobs too big", "/v1/completions", {"model": "tiny", "prompt": "x", "logprobs": 6}, 400,
      "logprobs"),
     ("completion unknown model", "/v1/completions", {"model": "nope", "prompt": "x"}, 404, "model"),
+    # valid JSON that is no valid Unicode / no number (a lone surrogate, the NaN literal), and a seed
+    # torch.Generator cannot take
+    ("lone surrogate in content", "/v1/chat/completions",
+     json.dumps({**GOOD, "messages": [{"role": "user", "content": "\ud800"}]}).encode(), 400, "messages[0].content"),
+    ("lone surrogate in prompt", "/v1/completions", b'{"model": "tiny", "prompt": ["ok", "\\udc00"]}', 400, "prompt"),
+    ("temperature NaN", "/v1/chat/completions", json.dumps({**GOOD, "temperature": float("nan")}).encode(), 400,
+     "temperature"),
+    ("seed past 64 bits", "/v1/chat/completions", {**GOOD, "seed": 2**64}, 400, "seed"),
 ]
 
 
@@ -481,6 +489,32 @@ def test_disconnect_frees_the_slot_at_once(server):
     finally:
         pace.remove()
     assert engine.stats["generated_tokens"] - decoded < 480
+
+
+def test_a_client_that_leaves_first_is_client_gone_not_an_asgi_error():
+    """_unless_disconnected when the hang-up wins: the work was only asked to cancel (not done yet),
+    so reading its result would raise InvalidStateError; it must be ClientGone (a 499)."""
+    from nanoseek.serve.app import ClientGone, _unless_disconnected
+
+    class Request:
+        def __init__(self, gone: bool):
+            self.gone = gone
+
+        async def receive(self):
+            if not self.gone:
+                await asyncio.sleep(3600)
+            return {"type": "http.disconnect"}
+
+    async def work(seconds: float):
+        await asyncio.sleep(seconds)
+        return 7
+
+    async def main():
+        with pytest.raises(ClientGone):
+            await _unless_disconnected(Request(gone=True), work(3600))
+        assert await _unless_disconnected(Request(gone=False), work(0)) == 7
+
+    asyncio.run(main())
 
 
 def test_32_concurrent_streaming_clients(server):

@@ -72,6 +72,12 @@ def main(argv: list[str] | None = None) -> None:
     from nanoseek.model import Transformer
     from nanoseek.tokenizer import Tokenizer
 
+    try:    # the sampling options, checked before anything loads (each answer builds its own)
+        SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                       top_k=args.top_k, seed=args.seed).validate()
+    except ValueError as e:
+        raise SystemExit(f"nanoseek chat: {e}") from None
+
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     model_dir = Path(args.model)

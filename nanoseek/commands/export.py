@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, help="output file, e.g. model.gguf")
     p.add_argument("--dtype", default="f32", choices=sorted(FILE_TYPES),
                    help="storage type of the weight matrices (norms and the router stay f32)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file (never the model's own files)")
     p.add_argument("--device", default="cpu", help="conversion runs on the CPU; accepted for uniformity")
     args = p.parse_args(argv)
 
@@ -35,6 +36,6 @@ def main(argv: list[str] | None = None) -> None:
     # --- export
     try:
         with torch.no_grad():   # scoped: tests call main() in-process and must get grad mode back
-            export_gguf(args.model, args.out, dtype=args.dtype)
-    except (ValueError, FileNotFoundError) as e:
+            export_gguf(args.model, args.out, dtype=args.dtype, overwrite=args.force)
+    except (ValueError, OSError) as e:
         raise SystemExit(f"nanoseek export: {e}") from None

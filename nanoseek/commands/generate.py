@@ -19,9 +19,12 @@ from nanoseek.common import pick_device, pick_dtype
 
 def parse_ids(text: str) -> list[int]:
     try:
-        return [int(t) for t in text.replace(",", " ").split()]
+        ids = [int(t) for t in text.replace(",", " ").split()]
     except ValueError:
+        ids = []
+    if not ids:
         raise SystemExit(f"nanoseek generate: --prompt-ids {text!r}: expected integers separated by commas")
+    return ids
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -56,13 +59,13 @@ def main(argv: list[str] | None = None) -> None:
     model_dir = Path(args.model)
     try:
         model = Transformer.from_pretrained(model_dir, dtype=dtype, device=device)
+        tokenizer = None
+        if (model_dir / "tokenizer.json").is_file():
+            from nanoseek.tokenizer import Tokenizer
+            tokenizer = Tokenizer.from_dir(model_dir)
     except (FileNotFoundError, CheckpointError, ValueError) as e:
         raise SystemExit(f"nanoseek generate: cannot load a model from {model_dir}: {e}")
-    tokenizer = None
-    if (model_dir / "tokenizer.json").is_file():
-        from nanoseek.tokenizer import Tokenizer
-        tokenizer = Tokenizer.from_dir(model_dir)
-    elif args.prompt is not None:
+    if tokenizer is None and args.prompt is not None:
         raise SystemExit(f"nanoseek generate: {model_dir} has no tokenizer.json; give --prompt-ids instead of --prompt")
 
     # --- prompt

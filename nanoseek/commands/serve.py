@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> None:
                              "with config.json, safetensors weights and tokenizer.json")
     if args.max_batch < 1:
         raise SystemExit(f"nanoseek serve: --max-batch must be >= 1, got {args.max_batch}")
+    if args.max_seq_len is not None and args.max_seq_len < 2:
+        raise SystemExit(f"nanoseek serve: --max-seq-len must be >= 2, got {args.max_seq_len}")
     if not 0 < args.port < 65536:
         raise SystemExit(f"nanoseek serve: --port must be in 1..65535, got {args.port}")
 
@@ -56,8 +58,15 @@ def main(argv: list[str] | None = None) -> None:
     # --- load
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
-    model = Transformer.from_pretrained(model_dir, dtype=dtype, device=device).eval()  # the engine runs under inference_mode
-    tokenizer = Tokenizer.from_dir(model_dir)
+    try:
+        model = Transformer.from_pretrained(model_dir, dtype=dtype, device=device).eval()  # engine: inference_mode
+        tokenizer = Tokenizer.from_dir(model_dir)
+    except (FileNotFoundError, ValueError) as e:      # CheckpointError is a ValueError
+        raise SystemExit(f"nanoseek serve: cannot load a model from {model_dir}: {e}") from None
+    limit = model.config.max_position_embeddings
+    if args.max_seq_len is not None and args.max_seq_len > limit:
+        raise SystemExit(f"nanoseek serve: --max-seq-len {args.max_seq_len} is beyond the model's "
+                         f"max_position_embeddings ({limit}), positions it was never built for")
     name = args.name or model_dir.resolve().name
 
     # --- engine

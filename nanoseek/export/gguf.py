@@ -380,13 +380,29 @@ def _ggml_type(kind: T, shape: tuple[int, ...], qtype: Q) -> Q:
 
 
 # --- the export
+def check_output(model_dir: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an `out` that is no file name, a directory, one of the model's own files (config,
+    weights, tokenizer: never, as the export reads them), or an existing file unless overwrite."""
+    if not out.name or out.name in (".", ".."):
+        raise ValueError(f"--out {str(out)!r} is not a file name; give one such as model.gguf")
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give a file name such as {out / 'model.gguf'}")
+    if out.exists():
+        if out.resolve().parent == model_dir.resolve() and out.suffix in (".json", ".safetensors"):
+            raise ValueError(f"--out {out} is a file of the model being exported; write the GGUF elsewhere")
+        if not overwrite:
+            raise FileExistsError(f"{out} exists; give another --out, or --force to overwrite it")
+
+
 def export_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f32",
-                log: Callable[[str], None] = print) -> Path:
+                log: Callable[[str], None] = print, overwrite: bool = False) -> Path:
     """Write `out` (a deepseek2 GGUF) from a Hugging Face model directory with tokenizer.json.
 
     Everything is checked before the first byte is written; the file is written to out.tmp and renamed.
+    An existing `out` is replaced only with overwrite=True, and never when it is one of the model's files.
     """
     model_dir, out = Path(model_dir), Path(out)
+    check_output(model_dir, out, overwrite)
     if dtype not in FILE_TYPES:
         raise ValueError(f"unknown GGUF dtype {dtype!r}; choose one of {sorted(FILE_TYPES)}")
     qtype, ftype = FILE_TYPES[dtype]

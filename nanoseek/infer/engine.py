@@ -87,8 +87,8 @@ class SamplingParams:
             bad("stop_token_ids", "must be a list of token ids")
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or self.logprobs < 0):
             bad("logprobs", "must be None or an integer >= 0")
-        if self.seed is not None and not isinstance(self.seed, int):
-            bad("seed", "must be an integer or None")
+        if self.seed is not None and (not isinstance(self.seed, int) or not -2**63 <= self.seed < 2**64):
+            bad("seed", "must be an integer in [-2**63, 2**64) or None")
 
 
 @dataclass
@@ -318,6 +318,8 @@ class Engine:
         self.batch_rows = (BatchDecoder(model) if batch_rows and BatchDecoder.supports(model, cache_dtype)
                            else None)
         self.max_batch = max_batch
+        if max_seq_len is not None and (not isinstance(max_seq_len, int) or max_seq_len < 2):
+            raise ValueError(f"max_seq_len {max_seq_len!r}: a context window needs at least 2 positions")
         self.max_seq_len = int(max_seq_len or cfg.max_position_embeddings)
         self.max_prefill_tokens = max(max_prefill_tokens, 1)
         self.vocab_size = cfg.vocab_size

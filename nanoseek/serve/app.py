@@ -162,12 +162,14 @@ async def _unless_disconnected(request: Request, aw: Any) -> Any:
     work = asyncio.ensure_future(aw)
     watch = asyncio.ensure_future(_wait_disconnect(request))
     try:
-        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
+        done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
         watch.cancel()
-        if not work.done():
-            work.cancel()
-    if work.cancelled():
+        work.cancel()
+        raise
+    watch.cancel()
+    if work not in done:     # the client left first: cancel() only asks, the task is not done yet
+        work.cancel()
         raise ClientGone
     return work.result()
 

@@ -18,8 +18,18 @@ MAX_STOP = 4   # OpenAI's limit on stop sequences
 
 
 class _Strict(BaseModel):
-    # strict: "1" is not an int, true is not 1; extra fields are ignored (clients send many).
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # strict: "1" is not an int, true is not 1; extra fields are ignored (clients send many); NaN and
+    # infinity are not numbers a knob takes (JSON parsers accept the NaN literal)
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+
+def _unicode(text: str, what: str) -> str:
+    """JSON may carry a lone UTF-16 surrogate ("\\ud800"), which is no Unicode text a tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid Unicode (a lone surrogate)") from None
+    return text
 
 
 def _check_stop(v: Any) -> list[str]:
@@ -33,7 +43,7 @@ def _check_stop(v: Any) -> list[str]:
         raise ValueError(f"stop has {len(v)} entries; at most {MAX_STOP} are allowed")
     if any(s == "" for s in v):
         raise ValueError("stop strings must not be empty")
-    return v
+    return [_unicode(s, "stop") for s in v]
 
 
 class StreamOptions(_Strict):
@@ -49,7 +59,7 @@ class _Sampling(_Strict):
     top_p: float = Field(1.0, ge=0.0, le=1.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, lt=2**64)    # what torch.Generator.manual_seed takes
     stop: list[str] = Field(default_factory=list)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -77,10 +87,10 @@ class ChatMessage(_Strict):
             if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
                        for p in v):
                 raise ValueError('content parts must be {"type": "text", "text": "..."}; nothing else is supported')
-            return "".join(p["text"] for p in v)
+            return _unicode("".join(p["text"] for p in v), "content")
         if not isinstance(v, str):
             raise ValueError("content must be a string or a list of text parts")
-        return v
+        return _unicode(v, "content")
 
 
 class ChatCompletionRequest(_Sampling):
@@ -128,6 +138,9 @@ class CompletionRequest(_Sampling):
               (isinstance(v, list) and len(v) > 0 and (all(isinstance(p, str) for p in v) or all(ids(p) for p in v))))
         if not ok:
             raise ValueError("prompt must be a string, a non-empty list of token ids, or a non-empty list of either")
+        for p in [v] if isinstance(v, str) else v:
+            if isinstance(p, str):
+                _unicode(p, "prompt")
         return v
 
     @field_validator("echo")

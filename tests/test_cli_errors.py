@@ -1,0 +1,93 @@
+"""Bad command-line values and damaged files give one line from `nanoseek`, not a traceback, and
+nothing is loaded or written first."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nanoseek.__main__ import main as nanoseek
+from nanoseek.common import UsageError, pick_device, pick_dtype
+from nanoseek.infer.engine import Engine, SamplingParams
+from nanoseek.model import Transformer, preset
+from nanoseek.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("model")
+    tok = Tokenizer.train([f"hello world {i}" for i in range(200)], vocab_size=300)
+    model = Transformer(preset("tiny", vocab_size=tok.vocab_size))
+    model.init_weights()
+    model.save_pretrained(d)
+    tok.save(d)
+    return d
+
+
+def one_line(excinfo, start: str) -> str:
+    msg = str(excinfo.value.code)
+    assert msg.startswith(start) and "\n" not in msg, msg
+    return msg
+
+
+def test_device_and_dtype_values():
+    with pytest.raises(UsageError, match="not a device"):
+        pick_device("foo")
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="no CUDA device"):
+            pick_device("cuda")
+    with pytest.raises(UsageError, match="unknown dtype"):
+        pick_dtype("int8")
+    assert pick_device("cpu").type == "cpu" and pick_dtype("bf16") == torch.bfloat16
+
+
+@pytest.mark.parametrize("flags, says", [(["--device", "foo"], "--device 'foo'"), (["--dtype", "int8"], "unknown dtype")])
+def test_generate_bad_flags_are_one_line(model_dir, flags, says):
+    with pytest.raises(SystemExit) as e:
+        nanoseek(["generate", "--model", str(model_dir), "--prompt", "hi", *flags])
+    assert says in one_line(e, "nanoseek generate: ")
+
+
+def test_generate_empty_prompt_ids(model_dir):
+    with pytest.raises(SystemExit) as e:
+        nanoseek(["generate", "--model", str(model_dir), "--prompt-ids", ""])
+    one_line(e, "nanoseek generate: --prompt-ids")
+
+
+@pytest.mark.parametrize("flags", [["--temperature", "-1"], ["--max-tokens", "0"], ["--top-p", "2"], ["--seed", str(2**64)]])
+def test_chat_checks_its_sampling_options_before_loading(tmp_path, flags):
+    # the model directory does not even exist: the options are refused first
+    with pytest.raises(SystemExit) as e:
+        nanoseek(["chat", "--model", str(tmp_path / "none"), *flags])
+    assert "SamplingParams" in one_line(e, "nanoseek chat: ")
+
+
+def test_damaged_tokenizer_is_one_line_everywhere(model_dir, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in model_dir.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    (bad / "tokenizer.json").write_text("garbage")
+    with pytest.raises(ValueError, match="not a tokenizer file"):
+        Tokenizer.from_dir(bad)
+    for cmd in (["generate", "--prompt", "hi"], ["serve"]):
+        with pytest.raises(SystemExit) as e:
+            nanoseek([cmd[0], "--model", str(bad), *cmd[1:]])
+        assert "not a tokenizer file" in one_line(e, f"nanoseek {cmd[0]}: ")
+
+
+def test_serve_context_window_flag(model_dir):
+    for value, says in (("0", "must be >= 2"), ("100000", "max_position_embeddings")):
+        with pytest.raises(SystemExit) as e:
+            nanoseek(["serve", "--model", str(model_dir), "--max-seq-len", value])
+        assert says in one_line(e, "nanoseek serve: ")
+
+
+def test_engine_and_sampling_ranges(model_dir):
+    model = Transformer.from_pretrained(model_dir)
+    with pytest.raises(ValueError, match="at least 2 positions"):
+        Engine(model, None, max_seq_len=1)
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=2**64).validate()
+    SamplingParams(seed=2**64 - 1).validate()
+    SamplingParams(seed=-2**63).validate()
