@@ -91,3 +91,62 @@ def test_engine_and_sampling_ranges(model_dir):
         SamplingParams(seed=2**64).validate()
     SamplingParams(seed=2**64 - 1).validate()
     SamplingParams(seed=-2**63).validate()
+
+
+@pytest.mark.parametrize("cmd, flags, says", [
+    ("eval", ["--batch", "0"], "--batch must be >= 1"),                      # used to hang
+    ("eval", ["--temperature", "-1", "--k", "2"], "temperature"),
+    ("distill", ["--batch", "0"], "--batch must be >= 1"),
+    ("distill", ["--lr=-1"], "--lr must be a number > 0"),
+    ("distill", ["--max-new-tokens", "0"], "max_tokens"),
+    ("grpo", ["--group-size", "1"], "--group-size must be >= 2"),
+    ("grpo", ["--lr", "nan"], "--lr must be a number > 0"),
+    ("grpo", ["--temperature=-1"], "temperature"),
+    ("grpo", ["--top-k=-5"], "top_k"),
+    ("grpo", ["--eps-low", "1.5"], "--eps-low must be in [0, 1)"),
+    ("grpo", ["--micro-batch", "3"], "whole groups"),
+    ("grpo", ["--eval-problems=-3"], "--eval-problems must be a number >= 0"),
+    ("sft", ["--val-frac", "1"], "--val-frac must be in [0, 1)"),
+    ("sft", ["--weight-decay=-1"], "--weight-decay"),
+    ("sft", ["--n", "0"], "--n must be >= 1"),
+])
+def test_training_commands_check_values_before_writing(model_dir, tmp_path, cmd, flags, says):
+    out = tmp_path / "run"
+    base = {"eval": ["--model", str(model_dir), "--task", "arithmetic"],
+            "distill": ["--teacher", str(model_dir), "--student", str(model_dir), "--task", "arithmetic"],
+            "grpo": ["--model", str(model_dir), "--task", "arithmetic"],
+            "sft": ["--model", str(model_dir), "--task", "arithmetic"]}[cmd]
+    with pytest.raises(SystemExit) as e:
+        nanoseek([cmd, *base, *flags, "--out", str(out / "e.json" if cmd == "eval" else out)])
+    assert says in one_line(e, f"nanoseek {cmd}: ")
+    assert not out.exists()
+
+
+def test_eval_out_directory_and_task_options(model_dir, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        nanoseek(["eval", "--model", str(model_dir), "--task", "arithmetic", "--out", str(tmp_path)])
+    assert "is a directory" in one_line(e, "nanoseek eval: ")
+    for arg, says in (("bogus=3", "unknown task option 'bogus'"), ("n_digits=abc", "expected an integer"),
+                      ("n_digits=2.5", "expected an integer")):
+        with pytest.raises(SystemExit) as e:
+            nanoseek(["eval", "--model", str(model_dir), "--task", "arithmetic", "--task-arg", arg,
+                      "--out", str(tmp_path / "e.json")])
+        assert says in one_line(e, "nanoseek eval: ")
+
+
+def test_sft_data_file_errors_name_the_line(tmp_path):
+    from nanoseek.data.sft import load_conversations
+
+    path = tmp_path / "c.jsonl"
+    good = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}'
+    for line, says in (('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 5}]}',
+                        "content is int"),
+                       ('{"messages": [{"role": "wizard", "content": "hi"}]}', "role 'wizard'")):
+        path.write_text(good + "\n" + line + "\n")
+        with pytest.raises(ValueError, match=f"c.jsonl:2: .*{says}"):
+            load_conversations(path)
+    path.write_bytes(good.encode() + b"\n\xff\xfe\n")
+    with pytest.raises(ValueError, match="c.jsonl:2: not UTF-8"):
+        load_conversations(path)
+    path.write_text(good + "\n")
+    assert load_conversations(path) == [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]]

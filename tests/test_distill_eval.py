@@ -156,3 +156,20 @@ def test_distill_command_keeps_verified_traces_and_trains_the_student(tok, tmp_p
         distill_cmd.main(["--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "alien"),
                           "--task", "arithmetic", "--out", str(tmp_path / "r2"), "--device", "cpu"])
     assert not (tmp_path / "r2").exists()
+
+    # a finished run is never written into, by distill or by sft; a teacher that solves nothing
+    # leaves nothing behind, so the retry its message suggests can use the same --out
+    common = ["--teacher", str(tmp_path / "teacher"), "--student", str(tmp_path / "student"), "--task",
+              "arithmetic", "--task-arg", "n_digits=1", "--task-arg", "ops=+", "--n-prompts", "2", "--steps", "1",
+              "--batch-size", "2", "--device", "cpu"]
+    before = (out / "model" / "model.safetensors").read_bytes()
+    with pytest.raises(SystemExit, match="already holds a run"):
+        distill_cmd.main([*common, "--out", str(out)])
+    from nanoseek.commands import sft as sft_cmd
+    with pytest.raises(SystemExit, match="already holds a run"):
+        sft_cmd.main(["--model", str(tmp_path / "student"), "--task", "arithmetic", "--n", "4", "--steps", "1",
+                      "--out", str(out), "--device", "cpu"])
+    assert (out / "model" / "model.safetensors").read_bytes() == before
+    with pytest.raises(SystemExit, match="solved none"):
+        distill_cmd.main([*common, "--samples-per-prompt", "1", "--max-new-tokens", "1", "--out", str(tmp_path / "r3")])
+    assert not (tmp_path / "r3").exists()

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from nanoseek.commands import _checks as checks
 from nanoseek.common import pick_device, pick_dtype, seed_everything
 from nanoseek.data.sft import SFTDataset
 from nanoseek.infer.engine import Engine, SamplingParams
@@ -65,9 +66,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.n_prompts < 1 or args.samples_per_prompt < 1 or args.batch_size < 1 or args.seq_len < 2:
         raise SystemExit("nanoseek distill: --n-prompts, --samples-per-prompt and --batch-size must be >= 1, "
                          "--seq-len >= 2")
-    run = Path(args.out)
-    if (run / "traces.jsonl").exists():
-        raise SystemExit(f"nanoseek distill: {run} already holds a run; choose another --out")
+    checks.numbers("distill", args, at_least_1=("batch", "steps"), positive=("lr", "epochs"),
+                   non_negative=("warmup", "eval_problems"))
+    checks.sampling("distill", max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
+    run = checks.fresh_run("distill", args.out)
 
     # --- setup: teacher, student, task
     device = pick_device(args.device)
@@ -83,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
                          f"teacher ({args.teacher}); distillation by SFT on traces needs the same one")
     task = get_task(args.task)
     try:
-        knobs = task_knobs(args.task_arg)
+        knobs = task_knobs(args.task_arg, task.examples)
         problems = task.examples(args.n_prompts, args.seed, "train", **knobs)
         heldout = task.examples(args.eval_problems, args.seed, "test", **knobs) if args.eval_problems > 0 else []
     except (ValueError, TypeError, FileNotFoundError) as e:
@@ -109,16 +111,16 @@ def main(argv: list[str] | None = None) -> None:
     t_sample = time.perf_counter() - t0
     teacher_acc = heldout_accuracy(teacher)
     del engine, teacher
+    print(f"teacher: {stats['sampled']} traces sampled for {len(problems)} problems in {t_sample:.1f} s; "
+          f"{stats['verified']} verified (correct and well-formed), {stats['kept']} kept (distinct, not truncated), "
+          f"covering {stats['prompts_with_a_trace']} problems")
+    if not convs:       # before anything is written: the suggested retry may use the same --out
+        raise SystemExit("nanoseek distill: the teacher solved none of the problems, so there is nothing to "
+                         "distill; use a stronger teacher, more --samples-per-prompt or a higher --temperature")
     run.mkdir(parents=True, exist_ok=True)
     with (run / "traces.jsonl").open("w") as f:
         for conv in convs:
             f.write(json.dumps({"messages": conv}, ensure_ascii=False) + "\n")
-    print(f"teacher: {stats['sampled']} traces sampled for {len(problems)} problems in {t_sample:.1f} s; "
-          f"{stats['verified']} verified (correct and well-formed), {stats['kept']} kept (distinct, not truncated), "
-          f"covering {stats['prompts_with_a_trace']} problems")
-    if not convs:
-        raise SystemExit("nanoseek distill: the teacher solved none of the problems, so there is nothing to "
-                         "distill; use a stronger teacher, more --samples-per-prompt or a higher --temperature")
 
     # --- SFT of the student on the kept traces
     ds = SFTDataset(convs, tokenizer, args.seq_len)

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from nanoseek.commands import _checks as checks
 from nanoseek.common import pick_device, pick_dtype, seed_everything
 from nanoseek.infer.engine import Engine, SamplingParams
 from nanoseek.tasks import TASKS, get_task
@@ -60,6 +61,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("nanoseek eval: greedy decoding gives the same completion every time; pass "
                          "--temperature > 0 with --k or --samples above 1")
 
+    checks.numbers("eval", args, at_least_1=("batch",))
+    checks.sampling("eval", max_tokens=args.max_new_tokens, temperature=temperature, top_k=args.top_k)
+    if args.out is not None and Path(args.out).is_dir():
+        checks.fail("eval", f"--out {args.out} is a directory; give a JSON file name")
+
     # --- model, task, engine
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
@@ -71,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     model.to(dtype).eval()
     task = get_task(args.task)
     try:
-        problems = task.examples(args.n_problems, args.seed, "test", **task_knobs(args.task_arg))
+        problems = task.examples(args.n_problems, args.seed, "test", **task_knobs(args.task_arg, task.examples))
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise SystemExit(f"nanoseek eval: task {args.task}: {e}") from None
     prompts = chat_prompts(tokenizer, task.messages, problems)

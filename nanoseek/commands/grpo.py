@@ -30,6 +30,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from nanoseek.commands import _checks as checks
 from nanoseek.common import pick_device, pick_dtype, seed_everything
 from nanoseek.infer.engine import Engine, SamplingParams
 from nanoseek.tasks import TASKS, get_task
@@ -89,14 +90,22 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"nanoseek grpo: --{name.replace('_', '-')} must be >= 1")
     if args.overlong_penalty >= args.max_new_tokens:
         raise SystemExit("nanoseek grpo: --overlong-penalty (the soft buffer) must be < --max-new-tokens")
+    if args.group_size < 2:
+        raise SystemExit("nanoseek grpo: --group-size must be >= 2: advantages are relative to the group's other "
+                         "completions (one alone has advantage 0 and nothing to learn)")
+    checks.numbers("grpo", args, positive=("lr",), fraction=("eps_low",),
+                   non_negative=("warmup", "weight_decay", "beta", "eps_high", "overlong_penalty", "clip",
+                                 "eval_every", "eval_problems", "save_every"))
+    if args.micro_batch % args.group_size:
+        raise SystemExit(f"nanoseek grpo: --micro-batch {args.micro_batch} is not whole groups of "
+                         f"--group-size {args.group_size}")
+    checks.sampling("grpo", max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
 
     # --- setup: device, seed, run folder, model, tokenizer
     device = pick_device(args.device)
     amp_dtype = pick_dtype(args.dtype, device)
     seed_everything(args.seed)
-    run = Path(args.out)
-    if (run / "metrics.jsonl").exists():
-        raise SystemExit(f"nanoseek grpo: {run} already holds a run; choose another --out")
+    run = checks.fresh_run("grpo", args.out)
     try:
         model, tokenizer = load_model(args.model, device, args.tokenizer)
         cfg = GRPOConfig(variant=args.variant, group_size=args.group_size, epochs_per_batch=args.epochs_per_batch,
@@ -113,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     # --- task: training stream and held-out problems
     task = get_task(args.task)
     try:
-        knobs = task_knobs(args.task_arg)
+        knobs = task_knobs(args.task_arg, task.examples)
         n_train = args.train_problems
         while True:          # a small problem space (1-digit arithmetic) has fewer distinct problems
             try:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from nanoseek.commands import _checks as checks
 from nanoseek.common import pick_device, pick_dtype, seed_everything
 from nanoseek.data.sft import SFTDataset, load_conversations
 from nanoseek.tasks import get_task
@@ -64,14 +65,14 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("nanoseek sft: give exactly one of --data FILE.jsonl or --task NAME")
     if args.batch_size <= 0 or args.seq_len <= 1 or (args.steps is not None and args.steps <= 0) or args.epochs <= 0:
         raise SystemExit("nanoseek sft: --steps, --epochs, --batch-size must be > 0 and --seq-len > 1")
+    checks.numbers("sft", args, at_least_1=("n",), positive=("lr",), fraction=("val_frac",),
+                   non_negative=("min_lr", "warmup", "weight_decay", "clip"))
 
     # --- setup
     device = pick_device(args.device)
     amp_dtype = pick_dtype(args.dtype, device)
     seed_everything(args.seed)
-    run = Path(args.out)
-    if (run / "model" / "config.json").exists():
-        raise SystemExit(f"nanoseek sft: {run} already holds a trained model; choose another --out")
+    run = checks.fresh_run("sft", args.out)
     try:
         model, tokenizer = load_model(args.model, device, args.tokenizer)
     except (FileNotFoundError, ValueError) as e:
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
             if not hasattr(task, "sft_messages"):
                 raise ValueError(f"task {args.task!r} has no worked examples; give --data FILE.jsonl")
             convs = [task.sft_messages(ex) for ex in task.examples(args.n, args.seed, "train",
-                                                                   **task_knobs(args.task_arg))]
+                                                                   **task_knobs(args.task_arg, task.examples))]
     except (ValueError, TypeError) as e:
         raise SystemExit(f"nanoseek sft: {e}") from None
     random.Random(args.seed).shuffle(convs)

@@ -24,13 +24,18 @@ import torch
 from nanoseek.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index
+ROLES = ("system", "user", "assistant")   # what the chat format renders
 
 
 def load_conversations(path: str | Path) -> list[list[dict]]:
     """Conversations from a jsonl file with a "messages" list per line."""
     convs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n}: not UTF-8 text (byte {e.start} of the line)") from None
             if not line.strip():
                 continue
             try:
@@ -41,6 +46,12 @@ def load_conversations(path: str | Path) -> list[list[dict]]:
             if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m
                                                      for m in msgs):
                 raise ValueError(f"{path}:{n}: expected {{\"messages\": [{{\"role\": ..., \"content\": ...}}, ...]}}")
+            for m in msgs:
+                if m["role"] not in ROLES:
+                    raise ValueError(f"{path}:{n}: role {m['role']!r}; expected one of {', '.join(ROLES)}")
+                if not isinstance(m["content"], str):
+                    raise ValueError(f"{path}:{n}: a {m['role']} message's content is "
+                                     f"{type(m['content']).__name__}, not a string")
             convs.append(msgs)
     if not convs:
         raise ValueError(f"{path}: no conversations in it")

@@ -140,8 +140,30 @@ def save_model(model: Transformer, tokenizer: Tokenizer, path: str | Path) -> Pa
     return path
 
 
-def task_knobs(pairs: Sequence[str] | None) -> dict[str, Any]:
-    """["n_digits=3", "ops=+-"] -> {"n_digits": 3, "ops": "+-"} (ints and floats converted)."""
+def task_knobs(pairs: Sequence[str] | None, examples: Callable | None = None) -> dict[str, Any]:
+    """["n_digits=3", "ops=+-"] -> {"n_digits": 3, "ops": "+-"} (ints and floats converted). With the
+    task's `examples` function, each key must be one of its keyword knobs and each value of its
+    default's kind (an int knob takes an int, a float knob a number)."""
+    out = _parse_knobs(pairs)
+    if examples is not None:
+        import inspect
+
+        knobs = {name: p.default for name, p in inspect.signature(examples).parameters.items()
+                 if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        for key, value in out.items():
+            if key not in knobs:
+                raise ValueError(f"unknown task option {key!r}; this task has {', '.join(knobs) or 'none'}")
+            default = knobs[key]
+            if isinstance(default, bool) or default is None:
+                continue
+            if isinstance(default, int) and not isinstance(value, int):
+                raise ValueError(f"task option {key}={value!r}: expected an integer")
+            if isinstance(default, float) and not isinstance(value, (int, float)):
+                raise ValueError(f"task option {key}={value!r}: expected a number")
+    return out
+
+
+def _parse_knobs(pairs: Sequence[str] | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for pair in pairs or []:
         key, eq, value = pair.partition("=")

@@ -1,0 +1,61 @@
+"""Checks the training and evaluation commands share, run before anything is loaded or written: a
+bad value is one line (SystemExit), and a run folder that already holds a run is never written into."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+# what a finished or started run of sft / grpo / distill / demo leaves in its folder
+RUN_FILES = ("run.json", "metrics.jsonl", "report.md", "traces.jsonl", "model", "final")
+
+
+def fail(prog: str, message: str):
+    raise SystemExit(f"nanoseek {prog}: {message}")
+
+
+def fresh_run(prog: str, out: str | Path) -> Path:
+    """--out as a run folder that holds no run yet (it may exist, empty or with other files)."""
+    run = Path(out)
+    if run.exists() and not run.is_dir():
+        fail(prog, f"--out {run} is a file; give a folder for the run")
+    for name in RUN_FILES:
+        if (run / name).exists():
+            fail(prog, f"{run} already holds a run ({name}); choose another --out")
+    return run
+
+
+def numbers(prog: str, args: Any, *, at_least_1: tuple[str, ...] = (), positive: tuple[str, ...] = (),
+            non_negative: tuple[str, ...] = (), fraction: tuple[str, ...] = ()) -> None:
+    """Range checks of argparse values by attribute name (None: not given, skipped): integers >= 1,
+    finite numbers > 0, finite numbers >= 0, and fractions in [0, 1)."""
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
+
+    for name in at_least_1:
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            fail(prog, f"{flag(name)} must be >= 1, got {v}")
+    for name in positive:
+        v = getattr(args, name)
+        if v is not None and not (math.isfinite(v) and v > 0):
+            fail(prog, f"{flag(name)} must be a number > 0, got {v}")
+    for name in non_negative:
+        v = getattr(args, name)
+        if v is not None and not (math.isfinite(v) and v >= 0):
+            fail(prog, f"{flag(name)} must be a number >= 0, got {v}")
+    for name in fraction:
+        v = getattr(args, name)
+        if v is not None and not (math.isfinite(v) and 0 <= v < 1):
+            fail(prog, f"{flag(name)} must be in [0, 1), got {v}")
+
+
+def sampling(prog: str, **params: Any) -> None:
+    """The engine's own check of SamplingParams (temperature, top-k, max tokens, ...), up front."""
+    from nanoseek.infer.engine import SamplingParams
+
+    try:
+        SamplingParams(**params).validate()
+    except ValueError as e:
+        fail(prog, str(e))
