@@ -150,3 +150,52 @@ def test_sft_data_file_errors_name_the_line(tmp_path):
         load_conversations(path)
     path.write_text(good + "\n")
     assert load_conversations(path) == [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]]
+
+
+# --- pretraining data, tokenizer and resume
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n" * 120
+RUN = ["--preset", "tiny", "--steps", "4", "--batch-size", "2", "--seq-len", "32", "--save-every", "2",
+       "--eval-every", "2", "--eval-steps", "1", "--sample-tokens", "0", "--device", "cpu"]
+
+
+def test_tokenizer_and_data_never_replace_good_files_with_bad(tmp_path):
+    (tmp_path / "a.txt").write_text(TEXT)
+    (tmp_path / "bad.txt").write_bytes(b"ok\xff\xfe")
+    nanoseek(["tokenizer", "--data", str(tmp_path / "a.txt"), "--vocab-size", "300", "--out", str(tmp_path / "tok")])
+    with pytest.raises(SystemExit) as e:
+        nanoseek(["tokenizer", "--data", str(tmp_path / "a.txt"), "--vocab-size", "280", "--out", str(tmp_path / "tok")])
+    assert "already holds a tokenizer.json" in one_line(e, "nanoseek tokenizer: ")
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(SystemExit, match="no text"):
+        nanoseek(["tokenizer", "--data", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "t2")])
+    shards = tmp_path / "shards"
+    nanoseek(["data", "--input", str(tmp_path / "a.txt"), "--tokenizer", str(tmp_path / "tok"), "--out", str(shards)])
+    kept = {f.name: f.read_bytes() for f in shards.iterdir() if f.is_file()}
+    for flags in (["--input", str(tmp_path / "bad.txt")], ["--input", str(tmp_path / "a.txt"), "--shard-tokens", "0"]):
+        with pytest.raises(SystemExit) as e:
+            nanoseek(["data", *flags, "--tokenizer", str(tmp_path / "tok"), "--out", str(shards)])
+        one_line(e, "nanoseek data: ")
+        assert {f.name: f.read_bytes() for f in shards.iterdir() if f.is_file()} == kept
+        assert not (shards / ".staging").exists()
+
+
+def test_resume_goes_on_in_the_folder_it_is_given(tmp_path):
+    import shutil
+
+    (tmp_path / "a.txt").write_text(TEXT)
+    run1, copy = tmp_path / "run1", tmp_path / "copy"
+    nanoseek(["pretrain", *RUN, "--data", str(tmp_path / "a.txt"), "--out", str(run1)])
+    shutil.copytree(run1, copy)
+    before = sorted(p.name for p in (run1 / "checkpoints").iterdir())
+    nanoseek(["pretrain", "--resume", str(copy), "--steps", "6", "--device", "cpu"])
+    assert (copy / "checkpoints" / "step_000006").is_dir()
+    assert sorted(p.name for p in (run1 / "checkpoints").iterdir()) == before      # the original is untouched
+    # a damaged trainer state is one line that names an earlier checkpoint to resume from
+    (copy / "checkpoints" / "step_000006" / "trainer" / "optimizer.pt").write_bytes(b"not a zip")
+    with pytest.raises(SystemExit) as e:
+        nanoseek(["pretrain", "--resume", str(copy), "--steps", "8", "--device", "cpu"])
+    assert "resume from an earlier one" in one_line(e, "nanoseek pretrain: ")
+    with pytest.raises(SystemExit) as e:
+        nanoseek(["pretrain", *RUN, "--data", str(tmp_path / "a.txt"), "--out", str(tmp_path / "r2"), "--lr=-1"])
+    assert "--lr must be a number > 0" in one_line(e, "nanoseek pretrain: ")
+    assert not (tmp_path / "r2").exists()

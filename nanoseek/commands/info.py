@@ -48,7 +48,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.preset:
         cfg, name = preset(args.preset), args.preset
     else:
-        cfg, name = ModelConfig.from_json(f"{args.model}/config.json"), args.model
+        try:
+            cfg, name = ModelConfig.from_json(f"{args.model}/config.json"), args.model
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"nanoseek info: {e}") from None
 
     # --- count
     d = describe(cfg, name)

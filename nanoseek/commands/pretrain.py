@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from nanoseek.commands import _checks as checks
 from nanoseek.common import init_distributed, pick_device, pick_dtype, print0, seed_everything
 from nanoseek.data.pretrain import PretrainLoader, build_shards, check_tokenizer
 from nanoseek.model import PRESETS, Transformer, count_parameters, preset
@@ -116,15 +118,39 @@ def main(argv: list[str] | None = None) -> None:
     # --- resume: the checkpoint decides the model, the data and (unless overridden) the settings
     ckpt = state = optim_state = None
     if cli.resume:
-        ckpt = resolve_checkpoint(cli.resume)
-        state, optim_state = load_trainer_state(ckpt)
+        try:
+            ckpt = resolve_checkpoint(cli.resume)
+            state, optim_state = load_trainer_state(ckpt)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"nanoseek pretrain: {e}") from None
     args = resolve(cli, state["args"] if state else None)
+    if ckpt is not None:
+        # a resumed run goes on in the folder it was resumed from (it may have been copied or moved since
+        # it was saved: not the folder named in its saved settings), or forks into a new --out; a raw
+        # text's shards are read from the resumed folder
+        run_dir = ckpt.parent.parent
+        if cli.out is not None and Path(cli.out).resolve() != run_dir.resolve():
+            if (Path(cli.out) / "checkpoints").exists():
+                raise SystemExit(f"nanoseek pretrain: --out {cli.out} already holds a run; a run resumed from "
+                                 f"{ckpt} goes on in {run_dir}, or in a new --out")
+        saved_out = state["args"].get("out")
+        if saved_out and args.data:
+            try:
+                inside = Path(args.data).relative_to(Path(saved_out).resolve())
+            except ValueError:
+                inside = None
+            if inside is not None and (run_dir / inside).exists():
+                args.data = str((run_dir / inside).resolve())
+        args.out = cli.out or str(run_dir)
     if args.data is None and ckpt is None:
         raise SystemExit("nanoseek pretrain: --data is required (a text file or a shard folder)")
     if args.steps <= 0 or args.batch_size <= 0 or args.seq_len <= 1 or args.grad_accum <= 0:
         raise SystemExit("nanoseek pretrain: --steps, --batch-size, --grad-accum must be > 0 and --seq-len > 1")
     if args.split is not None and args.split <= 0:
         raise SystemExit(f"nanoseek pretrain: --split {args.split}: give a chunk count >= 1 (1: no split)")
+    checks.numbers("pretrain", args, positive=("lr",),
+                   non_negative=("min_lr", "warmup", "weight_decay", "clip", "eval_steps", "eval_every",
+                                 "save_every", "keep", "sample_tokens", "mtp_weight", "balance_alpha", "bias_gamma"))
 
     # --- setup: device, processes, seed, run folder
     device = pick_device(args.device)
@@ -161,14 +187,24 @@ def main(argv: list[str] | None = None) -> None:
         if data.is_file():
             shards = run / "data"
             if dist.is_main:
-                if args.tokenizer:
-                    tokenizer = Tokenizer.from_dir(args.tokenizer)
-                else:
-                    vocab = PRESETS[args.preset].get("vocab_size", 512)
-                    print0(f"training a {vocab}-token byte-level BPE tokenizer on {data}")
-                    tokenizer = Tokenizer.train([data.read_text(encoding="utf-8")], vocab_size=vocab)
-                # one text is one document: hold out its last 10% (nanoGPT's split of tinyshakespeare)
-                build_shards([data], tokenizer, shards, val_fraction=RAW_TEXT_VAL_FRACTION)
+                fresh = not shards.exists()
+                try:
+                    if args.tokenizer:
+                        tokenizer = Tokenizer.from_dir(args.tokenizer)
+                    else:
+                        vocab = PRESETS[args.preset].get("vocab_size", 512)
+                        print0(f"training a {vocab}-token byte-level BPE tokenizer on {data}")
+                        try:
+                            text = data.read_text(encoding="utf-8")
+                        except UnicodeDecodeError as e:
+                            raise ValueError(f"{data} is not UTF-8 text (byte {e.start})") from None
+                        tokenizer = Tokenizer.train([text], vocab_size=vocab)
+                    # one text is one document: hold out its last 10% (nanoGPT's split of tinyshakespeare)
+                    build_shards([data], tokenizer, shards, val_fraction=RAW_TEXT_VAL_FRACTION)
+                except (FileNotFoundError, ValueError) as e:
+                    if fresh:
+                        shutil.rmtree(shards, ignore_errors=True)
+                    raise SystemExit(f"nanoseek pretrain: {e}") from None
                 print0(f"tokenized {data} into {shards}")
             parallel.barrier()
             args.data = str(shards.resolve())
@@ -176,9 +212,9 @@ def main(argv: list[str] | None = None) -> None:
         else:
             tok_dir = Path(args.tokenizer) if args.tokenizer else data / "tokenizer"
         args.tokenizer = str(tok_dir.resolve())
-    tokenizer = Tokenizer.from_dir(tok_dir)
-    check_tokenizer(args.data, tokenizer)
     try:
+        tokenizer = Tokenizer.from_dir(tok_dir)
+        check_tokenizer(args.data, tokenizer)
         loader = PretrainLoader(args.data, "train", args.batch_size, args.seq_len, rank=dist.rank,
                                 world_size=dist.world_size, seed=args.seed)
         val_loader = PretrainLoader(args.data, "val", args.batch_size, args.seq_len, rank=dist.rank,
@@ -189,7 +225,10 @@ def main(argv: list[str] | None = None) -> None:
 
     # --- model, parallel wrapping, optimizer
     if ckpt is not None:
-        raw = Transformer.from_pretrained(ckpt / "model", dtype=torch.float32, device=device)
+        try:
+            raw = Transformer.from_pretrained(ckpt / "model", dtype=torch.float32, device=device)
+        except (FileNotFoundError, ValueError) as e:     # CheckpointError is a ValueError
+            raise SystemExit(f"nanoseek pretrain: --resume {cli.resume}: {e}") from None
         cfg = raw.config
     else:
         cfg = preset(args.preset, vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,

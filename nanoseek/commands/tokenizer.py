@@ -13,6 +13,7 @@ import argparse
 import itertools
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 from nanoseek.data.pretrain import find_inputs, read_documents
 from nanoseek.tokenizer import Tokenizer
@@ -42,6 +43,15 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if not args.load and not (args.data and args.out):
         p.error("give --data and --out to train, or --load DIR to inspect")
+    if args.max_chars is not None and args.max_chars < 1:
+        raise SystemExit(f"nanoseek tokenizer: --max-chars must be >= 1, got {args.max_chars}")
+    if args.out and not args.load:
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise SystemExit(f"nanoseek tokenizer: --out {out} is a file; give a folder")
+        for name in ("tokenizer.json", "config.json"):   # another tokenizer, or a model whose ids it fixes
+            if (out / name).exists():
+                raise SystemExit(f"nanoseek tokenizer: {out} already holds a {name}; choose another --out")
 
     def documents() -> Iterator[str]:
         for path in find_inputs(args.data):
@@ -53,6 +63,8 @@ def main(argv: list[str] | None = None) -> None:
             tok = Tokenizer.from_dir(args.load)
         else:
             t0 = time.time()
+            if not any(d.strip() for d in limited(documents(), args.max_chars)):
+                raise ValueError(f"no text in {', '.join(args.data)}: every file or field is empty")
             tok = Tokenizer.train(limited(documents(), args.max_chars), args.vocab_size)
             tok.save(args.out)
             print(f"trained vocab {tok.vocab_size} in {time.time() - t0:.1f}s -> {args.out}/tokenizer.json")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -183,18 +184,41 @@ def write_shards(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str | 
                  sources: list[str] | None = None, batch_docs: int = 256) -> dict:
     """Tokenize `documents` (plain text: special-token strings are not parsed) into out_dir.
 
-    Returns the meta dict also written to out_dir/meta.json. Old shards there are removed first.
+    Returns the meta dict also written to out_dir/meta.json. The new shards are written into
+    out_dir/.staging and replace the old ones (shards, meta.json, tokenizer/) only once all are
+    written: bad input (an empty or non-UTF-8 file) leaves the old shards as they were.
     """
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction {val_fraction} must be in [0, 1)")
+    if shard_tokens < 1:
+        raise ValueError(f"shard_tokens {shard_tokens} must be >= 1")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; give a folder for the shards")
+    stage = out / ".staging"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir(parents=True)
+    try:
+        meta = _write_shards(documents, tokenizer, stage, val_fraction, shard_tokens, sources, batch_docs)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+    # swap: old shards out, new ones in, meta.json last (a reader without meta.json refuses the folder)
+    for old in [out / "meta.json", *out.glob("train_*.bin"), *out.glob("val_*.bin")]:
+        old.unlink(missing_ok=True)
+    shutil.rmtree(out / "tokenizer", ignore_errors=True)
+    for f in sorted(stage.iterdir(), key=lambda f: f.name == "meta.json"):
+        os.replace(f, out / f.name)
+    stage.rmdir()
+    return meta
+
+
+def _write_shards(documents: Iterable[str], tokenizer: Tokenizer, out: Path, val_fraction: float,
+                  shard_tokens: int, sources: list[str] | None, batch_docs: int) -> dict:
     if tokenizer.vocab_size > 2**32:
         raise ValueError(f"vocab size {tokenizer.vocab_size} does not fit uint32")
     dtype_name = "uint16" if tokenizer.vocab_size <= 2**16 else "uint32"
     dtype = _DTYPES[dtype_name]
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for old in [*out.glob("train_*.bin"), *out.glob("val_*.bin"), out / "meta.json"]:
-        old.unlink(missing_ok=True)
     writers = {s: _SplitWriter(out, s, dtype, shard_tokens) for s in ("train", "val")}
     eos = tokenizer.eos_id
     first = True
@@ -283,7 +307,12 @@ def read_meta(data_dir: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} missing: {data_dir} is not a `nanoseek data` output "
                                 "(run `nanoseek data --input ... --tokenizer ... --out DIR`)")
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); re-run `nanoseek data`") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: expected a JSON object; re-run `nanoseek data`")
     if meta.get("version") != FORMAT_VERSION or meta.get("dtype") not in _DTYPES:
         raise ValueError(f"{path}: version {meta.get('version')} / dtype {meta.get('dtype')} not understood")
     return meta

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import time
@@ -152,7 +153,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     pointer = root / LATEST
     if not pointer.exists():
-        raise FileNotFoundError(f"--resume {path}: no checkpoint there (no {pointer})")
+        raise FileNotFoundError(f"--resume {path}: no checkpoint there (neither {path / 'checkpoints' / LATEST} "
+                                f"nor a step_* folder)")
     ckpt = root / pointer.read_text().strip()
     if not (ckpt / "trainer" / "state.pt").exists():
         raise FileNotFoundError(f"--resume {path}: {pointer} names {ckpt.name}, which is incomplete or missing")
@@ -162,6 +164,13 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def load_trainer_state(ckpt: str | Path) -> tuple[dict[str, Any], dict]:
     """(state, optimizer_state) of a step_* folder; tensors on CPU, no unpickling."""
     ckpt = Path(ckpt)
-    state = torch.load(ckpt / "trainer" / "state.pt", map_location="cpu", weights_only=True)
-    optim = torch.load(ckpt / "trainer" / "optimizer.pt", map_location="cpu", weights_only=True)
-    return state, optim
+    out = []
+    for name in ("state.pt", "optimizer.pt"):
+        try:
+            out.append(torch.load(ckpt / "trainer" / name, map_location="cpu", weights_only=True))
+        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            others = sorted(p.name for p in ckpt.parent.glob("step_*") if p != ckpt and (p / "trainer").is_dir())
+            hint = f"; resume from an earlier one: {', '.join(str(ckpt.parent / o) for o in others)}" if others else ""
+            raise ValueError(f"{ckpt / 'trainer' / name} is missing or damaged "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:120]}){hint}") from None
+    return out[0], out[1]
