@@ -397,6 +397,8 @@ BAD = [  # (name, path, body: dict -> JSON, bytes -> raw, status, param)
     ("temperature NaN", "/v1/chat/completions", json.dumps({**GOOD, "temperature": float("nan")}).encode(), 400,
      "temperature"),
     ("seed past 64 bits", "/v1/chat/completions", {**GOOD, "seed": 2**64}, 400, "seed"),
+    ("body not UTF-8", "/v1/chat/completions", b'{"model": "tiny", "messages": "\xff\xfe"}', 400, None),
+    ("nested past the parser's limit", "/v1/completions", b"[" * 100_000 + b"]" * 100_000, 400, None),
 ]
 
 
@@ -420,6 +422,7 @@ def test_bad_requests_get_openai_errors_while_others_are_served(server):
             assert r.status_code == status, (name, r.status_code, r.text)
             err = r.json()["error"]
             assert set(err) == {"message", "type", "param", "code"}, name
+            assert err["code"] is not None, (name, err)
             assert err["type"] == "invalid_request_error" and err["message"], name
             assert err["param"] == param, (name, err)
             assert http.get("/health").status_code == 200

@@ -271,6 +271,11 @@ def create_app(engine: Any, tokenizer: Any, model_name: str, api_key: str | None
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            # FastAPI's answer when the body fails to decode other than as a JSON syntax error: bytes that
+            # are not UTF-8, or arrays nested past the parser's recursion limit
+            return error_response(400, "the request body is not valid JSON (not UTF-8 text, or nested too deeply)",
+                                  code="invalid_json")
         message = f"no route {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail)
         return error_response(exc.status_code, message, headers=exc.headers)
 
