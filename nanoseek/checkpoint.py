@@ -20,6 +20,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from nanoseek.common import read_json_object
 from nanoseek.model.config import ModelConfig
 from nanoseek.model.transformer import Transformer
 
@@ -189,12 +190,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
     cfg_path = path / "config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"{path}: config.json is missing")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{cfg_path}: expected a JSON object")
+    raw = read_json_object(cfg_path, CheckpointError)
     cfg = ModelConfig.from_dict(raw)
     quant = raw.get("quantization_config") or {}
     block = tuple(quant.get("weight_block_size", (128, 128)))

@@ -5,15 +5,30 @@ Imports nothing else from nanoseek, so every layer of the package may use it.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def read_json_object(path: str | Path, error: type[Exception] = ValueError, hint: str = "") -> dict:
+    """A JSON file holding one object (config.json, meta.json, tokenizer.json): anything else raises
+    `error` naming the file, with `hint` appended. A missing file raises FileNotFoundError."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e}){hint}") from None
+    if not isinstance(obj, dict):
+        raise error(f"{path}: expected a JSON object{hint}")
+    return obj
 
 
 class UsageError(ValueError):

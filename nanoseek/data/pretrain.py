@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from nanoseek.common import read_json_object
 from nanoseek.tokenizer import Tokenizer
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -307,12 +308,7 @@ def read_meta(data_dir: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} missing: {data_dir} is not a `nanoseek data` output "
                                 "(run `nanoseek data --input ... --tokenizer ... --out DIR`)")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); re-run `nanoseek data`") from None
-    if not isinstance(meta, dict):
-        raise ValueError(f"{path}: expected a JSON object; re-run `nanoseek data`")
+    meta = read_json_object(path, hint="; re-run `nanoseek data`")
     if meta.get("version") != FORMAT_VERSION or meta.get("dtype") not in _DTYPES:
         raise ValueError(f"{path}: version {meta.get('version')} / dtype {meta.get('dtype')} not understood")
     return meta

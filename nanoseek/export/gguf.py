@@ -37,6 +37,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import MODEL_TENSOR as T
 
+from nanoseek.common import read_json_object
 from nanoseek.model import ModelConfig, Transformer
 from nanoseek.model.layers import rope_inv_freq
 
@@ -225,10 +226,7 @@ def _load_tokenizer(model_dir: Path) -> tuple[dict, dict]:
     path = model_dir / "tokenizer.json"
     if not path.exists():
         raise FileNotFoundError(f"{path}: llama.cpp needs the vocabulary; save the tokenizer into the model directory")
-    try:
-        tok = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    tok = read_json_object(path)
     cfg_path = model_dir / "tokenizer_config.json"
     tok_cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
     return tok, tok_cfg
