@@ -190,10 +190,13 @@ def test_resume_goes_on_in_the_folder_it_is_given(tmp_path):
     nanoseek(["pretrain", "--resume", str(copy), "--steps", "6", "--device", "cpu"])
     assert (copy / "checkpoints" / "step_000006").is_dir()
     assert sorted(p.name for p in (run1 / "checkpoints").iterdir()) == before      # the original is untouched
+    shutil.rmtree(run1)       # the copy reads its own tokenized text (RUN/data), not the original's
+    nanoseek(["pretrain", "--resume", str(copy), "--steps", "8", "--device", "cpu"])
+    assert (copy / "checkpoints" / "step_000008").is_dir() and not run1.exists()
     # a damaged trainer state is one line that names an earlier checkpoint to resume from
-    (copy / "checkpoints" / "step_000006" / "trainer" / "optimizer.pt").write_bytes(b"not a zip")
+    (copy / "checkpoints" / "step_000008" / "trainer" / "optimizer.pt").write_bytes(b"not a zip")
     with pytest.raises(SystemExit) as e:
-        nanoseek(["pretrain", "--resume", str(copy), "--steps", "8", "--device", "cpu"])
+        nanoseek(["pretrain", "--resume", str(copy), "--steps", "10", "--device", "cpu"])
     assert "resume from an earlier one" in one_line(e, "nanoseek pretrain: ")
     with pytest.raises(SystemExit) as e:
         nanoseek(["pretrain", *RUN, "--data", str(tmp_path / "a.txt"), "--out", str(tmp_path / "r2"), "--lr=-1"])

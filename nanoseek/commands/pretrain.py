@@ -133,14 +133,9 @@ def main(argv: list[str] | None = None) -> None:
             if (Path(cli.out) / "checkpoints").exists():
                 raise SystemExit(f"nanoseek pretrain: --out {cli.out} already holds a run; a run resumed from "
                                  f"{ckpt} goes on in {run_dir}, or in a new --out")
-        saved_out = state["args"].get("out")
-        if saved_out and args.data:
-            try:
-                inside = Path(args.data).relative_to(Path(saved_out).resolve())
-            except ValueError:
-                inside = None
-            if inside is not None and (run_dir / inside).exists():
-                args.data = str((run_dir / inside).resolve())
+        saved_out, data = state["args"].get("out"), Path(args.data or "")
+        if saved_out and data.parent.name == Path(saved_out).name and (run_dir / data.name / "meta.json").exists():
+            args.data = str((run_dir / data.name).resolve())      # RUN/data, tokenized from a raw text
         args.out = cli.out or str(run_dir)
     if args.data is None and ckpt is None:
         raise SystemExit("nanoseek pretrain: --data is required (a text file or a shard folder)")
