@@ -21,12 +21,14 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from nanoseek.commands import _checks as checks
-from nanoseek.common import pick_device, pick_dtype, seed_everything
+from nanoseek.common import init_distributed, pick_device, pick_dtype, print0, seed_everything
 from nanoseek.data.sft import SFTDataset, load_conversations
 from nanoseek.tasks import get_task
+from nanoseek.train import parallel
 from nanoseek.train.optim import build_optimizer
 from nanoseek.train.plots import plot_run
 from nanoseek.train.sft import load_model, save_model, sft_eval_loss, sft_train, task_knobs
@@ -68,11 +70,16 @@ def main(argv: list[str] | None = None) -> None:
     checks.numbers("sft", args, at_least_1=("n",), positive=("lr",), fraction=("val_frac",),
                    non_negative=("min_lr", "warmup", "weight_decay", "clip"))
 
-    # --- setup
+    # --- setup (under torchrun: one process per device, DDP over the batch's rows)
     device = pick_device(args.device)
+    owns_group = not parallel.is_distributed()   # a caller that set up the group keeps it afterwards
+    info = init_distributed(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
     amp_dtype = pick_dtype(args.dtype, device)
     seed_everything(args.seed)
     run = checks.fresh_run("sft", args.out)
+    parallel.barrier()          # every rank has checked --out before rank 0 writes into it
     try:
         model, tokenizer = load_model(args.model, device, args.tokenizer)
     except (FileNotFoundError, ValueError) as e:
@@ -105,42 +112,51 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"nanoseek sft: {e}") from None
     batch = min(args.batch_size, len(train_ds))
     steps = args.steps or max(1, round(args.epochs * len(train_ds) / batch))
-    print(f"{len(train_convs)} conversations -> {len(train_ds)} packed rows of {args.seq_len} tokens "
+    print0(f"{len(train_convs)} conversations -> {len(train_ds)} packed rows of {args.seq_len} tokens "
           f"({train_ds.truncated} cut to fit), {int(train_ds.mask[:, 1:].sum())} target tokens; "
-          f"{steps} steps of {batch} rows; {n_val} conversations held out")
+          f"{steps} steps of {batch} rows; {n_val} conversations held out"
+           + (f"; {info.world_size} processes on {device.type}, DDP" if info.enabled else ""))
 
-    # --- train
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "run.json").write_text(json.dumps({"args": vars(args), "steps": steps, "rows": len(train_ds),
-                                              "conversations": len(train_convs)}, indent=2))
+    # --- train (files written by rank 0; the validation loss is computed by every rank alike)
     metrics_path = run / "metrics.jsonl"
-    metrics_path.write_text("")
+    if info.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "run.json").write_text(json.dumps({"args": vars(args), "steps": steps, "rows": len(train_ds),
+                                                  "conversations": len(train_convs),
+                                                  "processes": info.world_size}, indent=2))
+        metrics_path.write_text("")
     optimizer = build_optimizer(model, "adamw", args.lr, args.weight_decay)
 
+    def record(row: dict) -> None:
+        if info.is_main:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+
     def log(row: dict) -> None:
-        row = {**row, "ce": row["loss"]}     # plots.plot_run draws "ce"
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        record({**row, "ce": row["loss"]})     # plots.plot_run draws "ce"
         bar.update(1)
         bar.set_postfix(loss=f"{row['loss']:.3f}")
 
     val_before = sft_eval_loss(model, val_ds, batch, device, amp_dtype) if val_ds else None
     if val_before is not None:
-        with metrics_path.open("a") as f:
-            f.write(json.dumps({"step": 0, "val_loss": val_before}) + "\n")
+        record({"step": 0, "val_loss": val_before})
     t0 = time.perf_counter()
-    with tqdm(total=steps, desc="sft", dynamic_ncols=True) as bar:
+    with tqdm(total=steps, desc="sft", dynamic_ncols=True, disable=not info.is_main) as bar:
         try:
             rows = sft_train(model, train_ds, optimizer, steps=steps, batch_size=batch, lr=args.lr,
                              min_lr=args.min_lr, warmup=min(args.warmup, steps // 2), clip=args.clip,
-                             device=device, dtype=amp_dtype, seed=args.seed, log=log)
-        except FloatingPointError as e:
+                             device=device, dtype=amp_dtype, seed=args.seed, log=log, dist=info)
+        except (FloatingPointError, ValueError) as e:
             raise SystemExit(f"nanoseek sft: {e}") from None
     wall = time.perf_counter() - t0
     val_after = sft_eval_loss(model, val_ds, batch, device, amp_dtype) if val_ds else None
     if val_after is not None:
-        with metrics_path.open("a") as f:
-            f.write(json.dumps({"step": steps, "val_loss": val_after}) + "\n")
+        record({"step": steps, "val_loss": val_after})
+    if not info.is_main:
+        parallel.barrier()            # rank 0 saves; then every rank leaves together
+        if owns_group and info.enabled:
+            torch.distributed.destroy_process_group()
+        return
 
     # --- save: model dir, plots, report
     out = save_model(model, tokenizer, run / "model")
@@ -155,6 +171,9 @@ def main(argv: list[str] | None = None) -> None:
         f"- model: model/ (Hugging Face directory with tokenizer)\n")
     print(f"train loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}"
           + (f", validation {val_before:.3f} -> {val_after:.3f}" if val_ds else "") + f"; saved {out}")
+    parallel.barrier()
+    if owns_group and info.enabled:
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -24,70 +24,94 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanoseek.common import DistInfo
 from nanoseek.data.sft import IGNORE_INDEX, SFTDataset
 from nanoseek.model import Transformer
 from nanoseek.tokenizer import Tokenizer
+from nanoseek.train import parallel
 from nanoseek.train.optim import lr_at
 from nanoseek.train.step import autocast
 
 
-def sft_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over the target tokens where loss_mask is True.
+def sft_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_mask: torch.Tensor,
+             reduction: str = "mean") -> torch.Tensor:
+    """Mean (or with reduction="sum", summed) cross-entropy over the target tokens where loss_mask is True.
 
     x, y, loss_mask: (B, T). Targets outside the mask are ignored whatever their value. The MTP
     modules are not trained here (SFT teaches the main head; R1's SFT stages do not mention MTP).
     """
     logits = model(x)                                                 # (B, T, V)
     targets = torch.where(loss_mask.bool(), y, IGNORE_INDEX)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX)
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction=reduction)
 
 
 def sft_train(model: nn.Module, dataset: SFTDataset, optimizer: torch.optim.Optimizer, *, steps: int,
               batch_size: int, lr: float, min_lr: float | None = None, warmup: int = 0, clip: float = 1.0,
               device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
-              log: Callable[[dict], Any] | None = None, log_every: int = 1) -> list[dict]:
+              log: Callable[[dict], Any] | None = None, log_every: int = 1, dist: DistInfo | None = None) -> list[dict]:
     """`steps` optimizer steps over `dataset` (reshuffled each epoch), cosine lr from `lr` to `min_lr`.
 
     Returns the logged rows ({"step", "loss", "lr", "grad_norm", "tokens", "tok_per_s"}); `log` gets
     each row as it is made. Raises if the loss stops being finite. The router's aux-loss-free bias
     is left as it is: SFT data are few and skewed, and the balance learned in pretraining should stay.
+
+    Under torchrun (`dist` enabled) every rank draws the same global batch of `batch_size` rows and
+    trains on its share (rows rank::world) in DDP; each rank's summed loss over the global token count
+    (times world, as DDP averages) makes the step equal to the one-process step on the global batch.
+    The MTP modules, which SFT does not train, are frozen meanwhile (DDP needs every trained parameter
+    to get a gradient).
     """
     if steps <= 0 or batch_size <= 0:
         raise ValueError(f"steps ({steps}) and batch_size ({batch_size}) must be > 0")
+    dist = dist or DistInfo()
     batch_size = min(batch_size, len(dataset))   # a small set still trains (one batch per epoch)
+    if batch_size < dist.world_size:
+        raise ValueError(f"a batch of {batch_size} rows cannot give each of {dist.world_size} processes one")
     min_lr = lr / 10 if min_lr is None else min_lr
     device = torch.device(device)
     model.train()
+    frozen = [p for p in model.mtp.parameters() if p.requires_grad] if dist.enabled else []
+    for p in frozen:
+        p.requires_grad_(False)
+    net = parallel.wrap_model(model, dist, device)
     rows: list[dict] = []
     epoch, batches = 0, dataset.batches(batch_size, epoch=0, seed=seed)
     t0 = time.perf_counter()
-    for step in range(steps):
-        try:
-            x, y, m = next(batches)
-        except StopIteration:
-            epoch += 1
-            batches = dataset.batches(batch_size, epoch=epoch, seed=seed)
-            x, y, m = next(batches)
-        x, y, m = x.to(device), y.to(device), m.to(device)
-        cur_lr = lr_at(step, lr=lr, min_lr=min_lr, warmup=warmup, total=steps)
-        for group in optimizer.param_groups:
-            group["lr"] = cur_lr
-        with autocast(device, dtype):
-            loss = sft_loss(model, x, y, m)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            value = loss.item()
-            if not math.isfinite(value):
-                raise FloatingPointError(f"SFT loss is {value} at step {step + 1}; lower the learning rate")
-            dt = time.perf_counter() - t0
-            row = {"step": step + 1, "epoch": epoch, "loss": value, "lr": cur_lr,
-                   "grad_norm": float(grad_norm), "tokens": int(m.sum()), "time": dt}
-            rows.append(row)
-            if log is not None:
-                log(row)
+    try:
+        for step in range(steps):
+            try:
+                x, y, m = next(batches)
+            except StopIteration:
+                epoch += 1
+                batches = dataset.batches(batch_size, epoch=epoch, seed=seed)
+                x, y, m = next(batches)
+            tokens = m.sum().to(device)          # the global batch's target tokens (every rank has the batch)
+            if dist.enabled:
+                x, y, m = x[dist.rank::dist.world_size], y[dist.rank::dist.world_size], m[dist.rank::dist.world_size]
+            x, y, m = x.to(device), y.to(device), m.to(device)
+            cur_lr = lr_at(step, lr=lr, min_lr=min_lr, warmup=warmup, total=steps)
+            for group in optimizer.param_groups:
+                group["lr"] = cur_lr
+            with autocast(device, dtype):
+                loss_sum = sft_loss(net, x, y, m, reduction="sum")
+            (loss_sum * (dist.world_size / tokens.clamp(min=1))).backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if (step + 1) % log_every == 0 or step + 1 == steps:
+                value = (parallel.all_reduce_sum_(loss_sum.detach().clone()) / tokens.clamp(min=1)).item()
+                if not math.isfinite(value):
+                    raise FloatingPointError(f"SFT loss is {value} at step {step + 1}; lower the learning rate")
+                dt = time.perf_counter() - t0
+                row = {"step": step + 1, "epoch": epoch, "loss": value, "lr": cur_lr,
+                       "grad_norm": float(grad_norm), "tokens": int(tokens), "time": dt}
+                rows.append(row)
+                if log is not None:
+                    log(row)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
     return rows
 
 
