@@ -181,3 +181,104 @@ def test_sft_in_two_gloo_processes_matches_one(tmp_path):
     assert any(not torch.equal(one[k], start[k]) for k in one)           # it trained
     for k in one:      # Adam moved the weights by ~lr (3e-3) a step; summation order in the all-reduce by ~1e-6
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-5)
+
+
+GRPO_WORKER = """
+import sys
+import torch
+import torch.distributed as dist
+from nanoseek.model import Transformer, preset
+from nanoseek.train.grpo import GRPO, GRPOConfig, Rollouts
+
+
+def batch():
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 64, (n,), generator=g).tolist() for n in (6, 3, 5, 4)]
+    comps = [torch.randint(3, 64, (n,), generator=g).tolist() for n in (5, 2, 7, 4, 1, 6, 3, 3)]
+    B, G = len(comps), 2
+    return Rollouts(prompt_ids=[p for p in prompts for _ in range(G)], completion_ids=comps, texts=[""] * B,
+                    truncated=torch.zeros(B, dtype=torch.bool),
+                    rewards=(torch.arange(B, dtype=torch.float32) * 7 % 5).view(-1, G),
+                    accuracy=torch.zeros(B // G, G), format=torch.zeros(B // G, G), examples=[None] * (B // G))
+
+
+def update(variant, rank=0, world=1):
+    b = batch()
+    b = b.select(torch.arange(len(b.examples)) % world == rank)        # this rank's groups
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=64))
+    model.init_weights()
+    before = [p.detach().clone() for p in model.parameters()]
+    trainer = GRPO(model, torch.optim.SGD(model.parameters(), lr=1.0), None, None,
+                   GRPOConfig(variant=variant, group_size=2, clip_grad=0.0, split=1), pad_id=2)
+    stats = trainer.update(b)
+    return torch.cat([(a - p.detach()).flatten() for a, p in zip(before, model.parameters())]), stats
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    out = {v: update(v, dist.get_rank(), dist.get_world_size()) for v in ("grpo", "dapo", "gspo")}
+    if dist.get_rank() == 0:
+        torch.save(out, sys.argv[1])
+    dist.destroy_process_group()
+"""
+
+
+def test_grpo_update_in_two_gloo_processes_equals_one(tmp_path):
+    """Each rank updates on its share of the groups with the global normalizers and the gradients
+    summed over the ranks (train.parallel.all_reduce_grads_): the step of one process on all groups."""
+    worker = tmp_path / "grpo_worker.py"
+    worker.write_text(GRPO_WORKER)
+    env = {**os.environ, "PYTHONPATH": f"{REPO}:{tmp_path}", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(worker),
+           str(tmp_path / "two.pt")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    two = torch.load(tmp_path / "two.pt", weights_only=False)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import grpo_worker
+        for variant in ("grpo", "dapo", "gspo"):
+            delta, stats = grpo_worker.update(variant)
+            assert delta.abs().sum() > 0
+            torch.testing.assert_close(two[variant][0], delta, rtol=1e-4, atol=1e-7)
+            assert two[variant][1].keys() == stats.keys()
+            for k in stats:
+                assert two[variant][1][k] == pytest.approx(stats[k], rel=1e-5, abs=1e-7), (variant, k)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("grpo_worker", None)
+
+
+def test_grpo_command_under_torchrun(tmp_path):
+    """`torchrun -m nanoseek grpo`: each rank rolls out half the prompts; rank 0 logs the global batch
+    (all completions, the held-out set scored in shares) and saves one model."""
+    from helpers import arith_tokenizer, tiny_model
+
+    tok = arith_tokenizer()
+    base = tmp_path / "base"
+    model = tiny_model(tok)
+    with torch.no_grad():   # eos often near the top: lengths vary, so the overlong shaping gives groups a signal
+        model.head.weight[tok.eos_id] *= 10
+    model.save_pretrained(base)
+    tok.save(base)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "nanoseek",
+           "grpo", "--variant", "dapo", "--overlong-penalty", "2", "--model", str(base), "--task", "arithmetic", "--task-arg", "n_digits=1", "--out",
+           str(tmp_path / "run"), "--steps", "2", "--group-size", "4", "--prompts-per-step", "4",
+           "--max-new-tokens", "6", "--eval-problems", "5", "--eval-every", "0", "--lr", "1e-3", "--device", "cpu"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "(2 processes on cpu)" in proc.stdout
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "reward" in r]
+    assert [r["step"] for r in train] == [1, 2]
+    assert all(r["completions"] == 16 and r["groups_trained"] == 4 for r in train)     # both ranks' shares
+    assert train[0]["reward_std"] > 0 and train[0]["grad_norm"] > 1e-3
+    held = [r for r in rows if "heldout_accuracy" in r]
+    assert [r["step"] for r in held] == [0, 2]
+    assert all(0 <= r["heldout_accuracy"] <= 1 and r["heldout_length"] > 0 for r in held)
+    model = Transformer.from_pretrained(tmp_path / "run" / "model")
+    start = Transformer.from_pretrained(base)
+    assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), start.state_dict().values()))

@@ -28,13 +28,15 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from nanoseek.commands import _checks as checks
-from nanoseek.common import pick_device, pick_dtype, seed_everything
+from nanoseek.common import init_distributed, pick_device, pick_dtype, print0, seed_everything
 from nanoseek.infer.engine import Engine, SamplingParams
 from nanoseek.tasks import TASKS, get_task
 from nanoseek.tasks.rewards import overlong_penalty
+from nanoseek.train import parallel
 from nanoseek.train.grpo import GRPO, GRPOConfig, chat_prompts, evaluate, plot_grpo
 from nanoseek.train.losses import RL_VARIANTS
 from nanoseek.train.optim import build_optimizer, lr_at
@@ -101,11 +103,22 @@ def main(argv: list[str] | None = None) -> None:
                          f"--group-size {args.group_size}")
     checks.sampling("grpo", max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
 
-    # --- setup: device, seed, run folder, model, tokenizer
+    # --- setup: device, processes, seed, run folder, model, tokenizer
     device = pick_device(args.device)
+    owns_group = not parallel.is_distributed()   # a caller that set up the group keeps it afterwards
+    info = init_distributed(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    if info.enabled and args.dynamic_sampling:
+        raise SystemExit("nanoseek grpo: --dynamic-sampling runs in one process (its extra sampling rounds differ "
+                         "between ranks); drop it or run without torchrun")
+    if args.prompts_per_step % info.world_size:
+        raise SystemExit(f"nanoseek grpo: --prompts-per-step {args.prompts_per_step} does not split evenly over "
+                         f"{info.world_size} processes")
     amp_dtype = pick_dtype(args.dtype, device)
-    seed_everything(args.seed)
+    seed_everything(args.seed + info.rank)       # each rank's engine samples its own noise
     run = checks.fresh_run("grpo", args.out)
+    parallel.barrier()          # every rank has checked --out before rank 0 writes into it
     try:
         model, tokenizer = load_model(args.model, device, args.tokenizer)
         cfg = GRPOConfig(variant=args.variant, group_size=args.group_size, epochs_per_batch=args.epochs_per_batch,
@@ -144,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     cursor = [len(order)]
 
     def next_prompts() -> tuple[list[list[int]], list]:
-        """The next --prompts-per-step training problems (reshuffled after each pass)."""
+        """The next --prompts-per-step training problems (reshuffled after each pass); under torchrun
+        every rank draws the same ones and rolls out its share."""
         picked = []
         while len(picked) < args.prompts_per_step:
             if cursor[0] >= len(order):
@@ -152,13 +166,16 @@ def main(argv: list[str] | None = None) -> None:
                 cursor[0] = 0
             picked.append(order[cursor[0]])
             cursor[0] += 1
+        picked = picked[info.rank::info.world_size]
         return [train_prompts[i] for i in picked], [train[i] for i in picked]
 
     # --- engine (shares the model's weights: every update is visible to the next rollout) and rewards
     longest = max(len(p) for p in train_prompts + heldout_prompts)
-    engine = Engine(model, tokenizer, max_batch=max(args.prompts_per_step * args.group_size, len(heldout) or 1),
+    rows = args.prompts_per_step // info.world_size * args.group_size      # this rank's completions a step
+    my_heldout = list(range(info.rank, len(heldout), info.world_size))     # and its share of the held-out set
+    engine = Engine(model, tokenizer, max_batch=max(rows, len(my_heldout) or 1),
                     max_seq_len=longest + args.max_new_tokens + 1,
-                    max_prefill_tokens=min(16384, max(2048, args.prompts_per_step * args.group_size * longest)))
+                    max_prefill_tokens=min(16384, max(2048, rows * longest)))
     sample_params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
     greedy_params = SamplingParams(max_tokens=args.max_new_tokens, temperature=0.0)
 
@@ -178,31 +195,46 @@ def main(argv: list[str] | None = None) -> None:
     trainer = GRPO(model, optimizer, generate, reward_fn, cfg, ref_model=ref_model, pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id,
                    dtype=amp_dtype)
 
-    # --- bookkeeping
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "run.json").write_text(json.dumps({"args": vars(args), "grpo": vars(cfg), "model": model.config.to_hf_dict(),
-                                              "train_problems": len(train), "heldout_problems": len(heldout)},
-                                             indent=2, default=str))
+    # --- bookkeeping (rank 0 writes)
     metrics_path = run / "metrics.jsonl"
+    if info.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "run.json").write_text(json.dumps({"args": vars(args), "grpo": vars(cfg), "processes": info.world_size,
+                                                  "model": model.config.to_hf_dict(), "train_problems": len(train),
+                                                  "heldout_problems": len(heldout)}, indent=2, default=str))
 
     def log(row: dict) -> None:
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        if info.is_main:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(row) + "\n")
 
     def heldout_eval(step: int) -> float | None:
+        """Greedy accuracy on the held-out problems, each rank scoring its share."""
         if not heldout:
             return None
-        res = evaluate(generate_greedy, heldout_prompts, heldout, task.reward, task.extract_answer)
-        log({"step": step, "heldout_accuracy": res["pass@1"], "heldout_format": res["format"],
-             "heldout_length": res["response_length"]})
-        return res["pass@1"]
+        res = evaluate(generate_greedy, [heldout_prompts[i] for i in my_heldout], [heldout[i] for i in my_heldout],
+                       task.reward, task.extract_answer)
+        acc, fmt, length = res["pass@1"], res["format"], res["response_length"]
+        if info.enabled:        # the shares' sums over all the problems
+            n = len(my_heldout)
+            acc, fmt, length = (parallel.all_reduce_sum_(torch.tensor([acc * n, fmt * n, length * n],
+                                                                      dtype=torch.float64, device=device))
+                                / len(heldout)).tolist()
+        log({"step": step, "heldout_accuracy": acc, "heldout_format": fmt, "heldout_length": length})
+        return acc
+
+    def save() -> Path:
+        if info.is_main:
+            save_model(model, tokenizer, run / "model")
+        parallel.barrier()
+        return run / "model"
 
     # --- training loop
     acc_before = heldout_eval(0)
     if acc_before is not None:
-        print(f"held-out accuracy before: {acc_before:.3f} ({len(heldout)} problems, greedy)")
+        print0(f"held-out accuracy before: {acc_before:.3f} ({len(heldout)} problems, greedy)")
     t_start = time.perf_counter()
-    bar = tqdm(range(1, args.steps + 1), desc=f"grpo ({args.variant})", dynamic_ncols=True)
+    bar = tqdm(range(1, args.steps + 1), desc=f"grpo ({args.variant})", dynamic_ncols=True, disable=not info.is_main)
     for step in bar:
         lr = lr_at(step - 1, lr=args.lr, min_lr=args.lr, warmup=args.warmup, total=args.steps)
         for group in optimizer.param_groups:
@@ -214,15 +246,19 @@ def main(argv: list[str] | None = None) -> None:
                         len=f"{stats['response_length']:.0f}", cps=f"{stats['completions_per_s']:.0f}")
         if args.eval_every > 0 and step % args.eval_every == 0 and step != args.steps:
             acc = heldout_eval(step)
-            if acc is not None:
+            if acc is not None and info.is_main:
                 tqdm.write(f"step {step}: held-out accuracy {acc:.3f}")
         if args.save_every > 0 and step % args.save_every == 0:
-            save_model(model, tokenizer, run / "model")
+            save()
     wall = time.perf_counter() - t_start
     acc_after = heldout_eval(args.steps)
 
-    # --- end: model, plots, report
-    out = save_model(model, tokenizer, run / "model")
+    # --- end: model, plots, report (rank 0)
+    out = save()
+    if not info.is_main:
+        if owns_group and info.enabled:
+            torch.distributed.destroy_process_group()
+        return
     plot_grpo(metrics_path, run / "plots")
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     train_rows = [r for r in rows if "reward" in r]
@@ -242,7 +278,10 @@ def main(argv: list[str] | None = None) -> None:
         f"- plots: plots/reward.png, plots/response_length.png, plots/diagnostics.png\n"
         f"- model: model/ (Hugging Face directory with tokenizer)\n")
     print(f"reward {first:.3f} -> {last:.3f}" + (f", held-out accuracy {acc_before:.3f} -> {acc_after:.3f}"
-                                                 if heldout else "") + f"; saved {out}")
+                                                 if heldout else "") + f"; saved {out}"
+          + (f" ({info.world_size} processes on {device.type})" if info.enabled else ""))
+    if owns_group and info.enabled:
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -27,6 +27,11 @@ One step (DeepSeekMath's GRPO; mu passes and minibatches per batch of rollouts a
      loss of the whole minibatch). The forward runs each group's prompt once and its G completions
      against the stored prompt latents (`completion_logprobs`; the plain per-row forward beside it).
 
+Under torchrun each process rolls out its share of a step's prompts with its own engine on its own
+replica of the policy; the loss normalizers are the global ones (all ranks' sequences or tokens), the
+gradients are summed over the ranks before each optimizer step, so every replica takes the same step
+as one process would on the whole batch, and the logged statistics are the global batch's.
+
 Not applied in RL, deliberately: DeepSeek-V3's aux-loss-free router bias update (rollouts from one
 task are a skewed sample of token types; the balance from pretraining is kept, the bias frozen) and
 the MTP loss (a denser pretraining signal; here the objective is the reward alone). The MTP module
@@ -47,7 +52,7 @@ from torch import nn
 from nanoseek.eval_metrics import cons_at_k, pass_at_k
 from nanoseek.train.losses import (RL_VARIANTS, dynamic_sampling_mask, group_advantages, overlong_filter_mask,
                                    policy_loss)
-from nanoseek.train.parallel import cpu_split, split_backward
+from nanoseek.train.parallel import all_reduce_grads_, all_reduce_sum_, cpu_split, is_distributed, split_backward
 from nanoseek.train.rl_forward import linear_logprobs
 from nanoseek.train.step import autocast
 
@@ -356,6 +361,7 @@ class GRPO:
         ref_logp = None if self.ref_model is None else self._no_grad_logprobs(self.ref_model, x, all_groups, micro)
 
         model.train()
+        world = torch.distributed.get_world_size() if is_distributed() else 1
         params = [p for p in model.parameters() if p.requires_grad]
         split = cfg.split or cpu_split(self.device, n_groups)
         # running weighted sums of the logged stats, kept as 0-dim device tensors: one host sync per update
@@ -373,7 +379,9 @@ class GRPO:
             order = torch.randperm(n_groups, generator=self.gen)
             for mb in order.chunk(cfg.minibatches):
                 mb_rows = x.rows(mb)
-                mb_tokens = x.mask[mb_rows].sum().clamp(min=1)
+                # the minibatch's normalizers over every process's share (the same shares on every rank)
+                mb_tokens = all_reduce_sum_(x.mask[mb_rows].sum()).clamp(min=1)
+                mb_seqs = len(mb_rows) * world
                 for groups in mb.split(micro):
                     def chunk(_rows_weight: float, groups: torch.Tensor):
                         part, rows = x.take(groups), x.rows(groups)
@@ -388,7 +396,7 @@ class GRPO:
                         # each variant's normalizer is over the whole minibatch: DAPO's is its token count,
                         # the others' its sequence count, so weight the micro-batch (chunk) losses accordingly
                         n_tok = part.mask.sum()
-                        w = n_tok / mb_tokens if cfg.variant == "dapo" else len(rows) / len(mb_rows)
+                        w = n_tok / mb_tokens if cfg.variant == "dapo" else len(rows) / mb_seqs
                         return loss * w, (loss, w, st, n_tok, entropy, part.mask)
                     # the groups as `split` chunks in as many CPU threads (one chunk: a plain backward)
                     for loss, w, st, n_tok, entropy, mask in split_backward(
@@ -398,13 +406,15 @@ class GRPO:
                             add(k, v, n_tok)
                         if epoch == 0:     # mean policy entropy over the valid tokens
                             add("entropy", (entropy * mask).sum() / n_tok.clamp(min=1), n_tok)
+                all_reduce_grads_(params)      # torchrun: the ranks' shares summed (no-op in one process)
                 max_norm = cfg.clip_grad if cfg.clip_grad > 0 else float("inf")
                 add("grad_norm", torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm), 1.0)
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 n_updates += 1
         names = list(sums)
-        means = (torch.stack([sums[k] for k in names]) / torch.stack([weights[k] for k in names]).clamp(min=1e-12))
+        total = all_reduce_sum_(torch.stack([sums[k] for k in names] + [weights[k] for k in names]))
+        means = total[:len(names)] / total[len(names):].clamp(min=1e-12)
         out: dict[str, float] = dict(zip(names, means.tolist()))
         out["updates"] = n_updates
         return out
@@ -429,14 +439,26 @@ class GRPO:
         n = len(sampled.completion_ids)
         lengths = torch.tensor([len(c) for c in sampled.completion_ids], dtype=torch.float32)
         r = sampled.rewards
-        return {
-            "reward": r.mean().item(), "reward_std": r.std().item() if r.numel() > 1 else 0.0,
-            "accuracy": sampled.accuracy.mean().item(), "format": sampled.format.mean().item(),
-            "frac_zero_std": (~dynamic_sampling_mask(r)).float().mean().item(),
-            "response_length": lengths.mean().item(), "truncated": sampled.truncated.float().mean().item(),
-            "groups_trained": len(batch.examples), "completions": n,
-            **upd, "time_rollout": t1 - t0, "time_update": t2 - t1, "completions_per_s": n / max(t2 - t0, 1e-9),
-        }
+        if is_distributed():     # the global batch's statistics: sums over the ranks' shares
+            sums = all_reduce_sum_(torch.stack([
+                torch.tensor(float(n)), r.sum(), (r.double() ** 2).sum().float(), sampled.accuracy.sum(),
+                sampled.format.sum(), lengths.sum(), sampled.truncated.float().sum(),
+                (~dynamic_sampling_mask(r)).float().sum(), torch.tensor(float(r.shape[0])),
+                torch.tensor(float(len(batch.examples)))]).to(self.device)).tolist()
+            n_all, groups = sums[0], sums[8]
+            mean = sums[1] / n_all
+            stats = {"reward": mean, "reward_std": max(sums[2] - n_all * mean**2, 0.0) ** 0.5 / max(n_all - 1, 1) ** 0.5,
+                     "accuracy": sums[3] / n_all, "format": sums[4] / n_all, "frac_zero_std": sums[7] / groups,
+                     "response_length": sums[5] / n_all, "truncated": sums[6] / n_all,
+                     "groups_trained": int(sums[9]), "completions": int(n_all)}
+        else:
+            stats = {"reward": r.mean().item(), "reward_std": r.std().item() if r.numel() > 1 else 0.0,
+                     "accuracy": sampled.accuracy.mean().item(), "format": sampled.format.mean().item(),
+                     "frac_zero_std": (~dynamic_sampling_mask(r)).float().mean().item(),
+                     "response_length": lengths.mean().item(), "truncated": sampled.truncated.float().mean().item(),
+                     "groups_trained": len(batch.examples), "completions": n}
+        return {**stats, **upd, "time_rollout": t1 - t0, "time_update": t2 - t1,
+                "completions_per_s": stats["completions"] / max(t2 - t0, 1e-9)}
 
 
 # --- evaluation (held-out accuracy during GRPO, and `nanoseek eval`)

@@ -83,6 +83,25 @@ def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def all_reduce_grads_(params: list[torch.Tensor]) -> None:
+    """Sum the parameters' gradients over the ranks, in place (no-op in one process): one flat
+    all-reduce per dtype. For loops that normalize their losses globally themselves (GRPO) rather
+    than through DDP's average; every rank must hold gradients for the same parameters."""
+    if not is_distributed():
+        return
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+    for grads in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         t = t.clone()
