@@ -97,22 +97,30 @@ def test_evaluate_pass_at_k_and_cons_at_k_match_closed_forms(tok):
                  n_samples=3, k=4)
 
 
-def test_eval_command_table_and_json(tok, tmp_path, capsys):
+def test_eval_command_table_and_json(tok, tmp_path, capsys, monkeypatch):
     from nanoseek.commands import eval as eval_cmd
+    from nanoseek.tasks import get_task
 
     base = tmp_path / "base"
     tiny_model(tok).save_pretrained(base)
     tok.save(base)
     out = tmp_path / "e.json"
-    eval_cmd.main(["--model", str(base), "--task", "arithmetic", "--n-problems", "5", "--k", "2", "--samples", "4",
+    # a random model solves nothing; a verifier that accepts the samples of even length gives each
+    # problem its own mix of right and wrong, so the estimators below are exercised for real
+    task = get_task("arithmetic")
+    monkeypatch.setattr(task, "reward", lambda text, ex: {"total": 1.0, "accuracy": float(len(text) % 2 == 0),
+                                                          "format": 0.0})
+    eval_cmd.main(["--model", str(base), "--task", "arithmetic", "--n-problems", "8", "--k", "2", "--samples", "4",
                    "--max-new-tokens", "8", "--out", str(out), "--device", "cpu"])
     res = json.loads(out.read_text())
-    assert res["split"] == "test" and res["n_problems"] == 5 and res["n_samples"] == 4
-    # the JSON's aggregate is the estimator applied to its own per-problem counts
+    assert res["split"] == "test" and res["n_problems"] == 8 and res["n_samples"] == 4
+    # the JSON's aggregates are the estimators applied to its own per-problem counts
     cs = [p["correct"] for p in res["problems"]]
-    assert res["pass@2"] == pytest.approx(sum(1 - comb(4 - c, 2) / comb(4, 2) for c in cs) / 5)
+    assert len(set(cs)) > 1 and 0 < sum(cs) < 32, cs
+    assert res["pass@1"] == pytest.approx(sum(cs) / 32)
+    assert res["pass@2"] == pytest.approx(sum(1 - comb(4 - c, 2) / comb(4, 2) for c in cs) / 8)
     assert "pass@2" in capsys.readouterr().out
-    held = {e.prompt for e in arith.examples(5, 0, "test")}
+    held = {e.prompt for e in arith.examples(8, 0, "test")}
     assert {p["prompt"] for p in res["problems"]} == held
     with pytest.raises(SystemExit, match="greedy"):
         eval_cmd.main(["--model", str(base), "--task", "arithmetic", "--k", "4", "--temperature", "0"])

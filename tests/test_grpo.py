@@ -83,6 +83,29 @@ def test_ratio_starts_at_one_and_every_variant_updates(tok):
         assert moved > 0, f"{variant}: no parameter changed"
 
 
+def test_separate_old_logprobs_pass_starts_the_ratio_at_one(tok, monkeypatch):
+    # two passes: the old log-probs come from the no-grad pass before any update, so the first
+    # optimizer step's ratio is exactly 1 and the second's is not
+    import nanoseek.train.grpo as grpo_mod
+
+    seen = []
+    real = grpo_mod.policy_loss
+
+    def recording(*a, **kw):
+        loss, st = real(*a, **kw)
+        seen.append({k: float(v) for k, v in st.items()})
+        return loss, st
+
+    monkeypatch.setattr(grpo_mod, "policy_loss", recording)
+    model = tiny_model(tok, seed=1)
+    cfg = GRPOConfig(variant="grpo", group_size=4, max_new_tokens=6, epochs_per_batch=2, split=1)
+    trainer, next_prompts = make_trainer(tok, model, cfg, P=3, T=6, lr=1e-2)
+    batch, _ = trainer.collect(next_prompts)
+    assert trainer.update(batch)["updates"] == 2 and len(seen) == 2
+    assert seen[0]["ratio_mean"] == pytest.approx(1.0, abs=1e-6) and seen[0]["clip_frac"] == 0.0
+    assert seen[1]["ratio_mean"] != pytest.approx(1.0, abs=1e-4)
+
+
 def test_old_logprobs_pass_matches_the_training_forward(tok):
     # the no-grad pass (used when a batch gets several optimizer steps) gives the numbers the
     # training forward computes at the same weights, whatever the micro-batching: ratio 1 at the start
@@ -211,10 +234,17 @@ def test_overlong_filter_gives_truncated_completions_no_gradient():
                         texts=[""] * 4, truncated=torch.tensor([True, True, True, False]),
                         rewards=torch.tensor([[1.0, 0.0, 0.5, 0.2]]), accuracy=torch.zeros(1, 4),
                         format=torch.zeros(1, 4), examples=[None])
-    for flag in (True, False):               # one completion ended by itself: it still gets a gradient
+    # other tokens in the truncated completions: with the filter they change nothing (no loss, no
+    # gradient comes from them); without it they do. The completion that ended by itself still trains.
+    other = Rollouts(**{**rollouts.__dict__, "completion_ids": [[20, 21, 22], [23, 24, 25], [26, 27, 28], [14, 15, 1]]})
+    for flag in (True, False):
         cfg = GRPOConfig(variant="dapo", group_size=4, max_new_tokens=3, overlong_filter=flag)
-        stats = GRPO(model, opt, None, None, cfg).update(rollouts)
-        assert stats["grad_norm"] > 0
+        a, b = (GRPO(model, opt, None, None, cfg).update(r) for r in (rollouts, other))
+        assert a["grad_norm"] > 0
+        if flag:
+            assert (a["loss"], a["grad_norm"]) == pytest.approx((b["loss"], b["grad_norm"]), rel=1e-6)
+        else:
+            assert a["grad_norm"] != pytest.approx(b["grad_norm"], rel=1e-3)
     all_cut = Rollouts(**{**rollouts.__dict__, "truncated": torch.ones(4, dtype=torch.bool)})
     cfg = GRPOConfig(variant="dapo", group_size=4, max_new_tokens=3, overlong_filter=True)
     assert GRPO(model, opt, None, None, cfg).update(all_cut)["grad_norm"] == 0.0

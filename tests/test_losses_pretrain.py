@@ -49,15 +49,15 @@ def test_mtp_loss_shifts_labels_by_depth():
     tokens = torch.arange(T + 1)[None]              # distinct tokens 0..T
     y = tokens[:, 1:]                               # main targets: y[i] = token i+1
     m = 3.0
-    # depth 1 at position i must predict token i+2 = y[i+1]; depth 2 is left uniform
+    # depth k at position i must predict token i+1+k = y[i+k]: depth 1 tokens 2.., depth 2 tokens 3..
     d1 = peaked(tokens[:, 2:], V, m)                # (1, T-1, V)
-    d2 = torch.zeros(1, T - 2, V)
+    d2 = peaked(tokens[:, 3:], V, m)                # (1, T-2, V)
     got = mtp_loss([d1, d2], y, lam)
-    want = lam / 2 * (math.log(1 + (V - 1) * math.exp(-m)) + math.log(V))
+    want = lam / 2 * 2 * math.log(1 + (V - 1) * math.exp(-m))
     assert abs(got.item() - want) < 1e-6
-    # the same logits scored against unshifted labels would be far worse: the shift matters
-    wrong = cross_entropy(d1, y[:, :-1]).item()
-    assert wrong > math.log(1 + (V - 1) * math.exp(-m)) + 1.0
+    # the same logits scored against the labels of another depth would be far worse: the shift matters
+    for d, wrong_labels in ((d1, y[:, :-1]), (d2, y[:, 1:-1]), (d2, y[:, :-2])):
+        assert cross_entropy(d, wrong_labels).item() > math.log(1 + (V - 1) * math.exp(-m)) + 1.0
     assert mtp_loss([], y, lam).item() == 0.0
 
 

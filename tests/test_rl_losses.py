@@ -97,11 +97,15 @@ def test_kl_term(variant):
 
 
 def test_on_policy_ratio_one_is_reinforce():
-    # old = logp (first step on fresh rollouts): ratio 1, nothing clipped, loss = -mean A per token.
-    logp = torch.randn(3, 5)
+    # old = logp (first step on fresh rollouts): ratio 1, nothing clipped, and DAPO's token-level loss
+    # is -sum_i A_i |o_i| / sum_i |o_i| with gradient -A_i / 15 on every one of the 3 x 5 tokens
+    logp = torch.randn(3, 5, requires_grad=True)
     mask = torch.ones(3, 5)
-    loss, st = policy_loss(logp, logp.clone(), torch.tensor([1.0, 2.0, -3.0]), mask, variant="dapo")
-    assert loss.item() == pytest.approx(0.0, abs=1e-6) and st["clip_frac"].item() == 0.0
+    adv = torch.tensor([1.0, 2.0, -1.0])
+    loss, st = policy_loss(logp, logp.detach().clone(), adv, mask, variant="dapo")
+    assert loss.item() == pytest.approx(-(1 + 2 - 1) * 5 / 15, abs=1e-6) and st["clip_frac"].item() == 0.0
+    loss.backward()
+    torch.testing.assert_close(logp.grad, (-adv / 15)[:, None].expand(3, 5))
 
 
 def test_group_advantages_hand_values():
