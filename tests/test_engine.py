@@ -609,8 +609,10 @@ def test_chat_command_multi_turn(model_dir, capsys, monkeypatch):
     s = chat.ThinkSplitter(thinking=True)
     pieces = s.feed("plan: add</th") + s.feed("ink>\n4") + s.feed("", final=True)
     assert pieces == [("think", "plan: add"), ("answer", "\n4")]
-    monkeypatch.setattr("sys.stdin", io.StringIO(""))   # EOF quits
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))   # EOF quits, answering nothing
     chat.main(["--model", str(d), "--max-tokens", "2"])
+    out = capsys.readouterr().out
+    assert "nanoseek chat:" in out and "assistant> " not in out
 
 
 def test_logits_at_selects_positions():

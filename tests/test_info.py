@@ -30,4 +30,14 @@ def test_model_dir(capsys, tmp_path):
     from nanoseek.model import ModelConfig
     ModelConfig().save_json(tmp_path / "config.json")
     d = run(capsys, "--model", str(tmp_path))
-    assert d["total"] > 0 and d["active"] < d["total"]
+    # against the module itself: every parameter outside MTP, and all but the idle experts' active
+    import torch
+    from nanoseek.model import Transformer
+    with torch.device("meta"):
+        model = Transformer(ModelConfig())
+    cfg = model.config
+    assert d["total"] == sum(p.numel() for n, p in model.named_parameters() if not n.startswith("mtp."))
+    moe_layers = cfg.num_hidden_layers - cfg.first_k_dense_replace
+    per_expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+    idle = moe_layers * (cfg.n_routed_experts - cfg.num_experts_per_tok) * per_expert
+    assert d["active"] == d["total"] - idle
