@@ -5,6 +5,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH ?= torch==2.13.0
+TORCH_INDEX ?=          # e.g. https://download.pytorch.org/whl/cpu where pip's default torch is the CUDA build
+TORCH_PIP := $(if $(strip $(TORCH_INDEX)),--index-url $(strip $(TORCH_INDEX)))
 
 .PHONY: demo test info clean
 
@@ -13,13 +15,13 @@ TORCH ?= torch==2.13.0
 # `make demo` on a fresh clone starts in a minute or two.
 $(VENV)/.demo-deps: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH)"
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install $(TORCH_PIP) "$(TORCH)"
 	$(BIN)/pip install -e ".[serve]"
 	touch $@
 
 $(VENV)/.test-deps: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install "$(TORCH)"
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install $(TORCH_PIP) "$(TORCH)"
 	$(BIN)/pip install -e ".[test]"
 	touch $@
 
