@@ -23,3 +23,15 @@ def tiny_model(tok: Tokenizer, seed: int = 0) -> Transformer:
     model = Transformer(preset("tiny", vocab_size=tok.vocab_size))
     model.init_weights()
     return model
+
+
+def eos_heavy_model_dir(tok: Tokenizer, path) -> None:
+    """A tiny model saved with its tokenizer, eos often near the top: completion lengths vary, so a
+    short GRPO run with DAPO's overlong shaping gives its groups a reward signal."""
+    import torch
+
+    model = tiny_model(tok)
+    with torch.no_grad():
+        model.head.weight[tok.eos_id] *= 10
+    model.save_pretrained(path)
+    tok.save(path)

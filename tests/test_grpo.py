@@ -14,7 +14,7 @@ from nanoseek.tokenizer import Tokenizer
 from nanoseek.train.grpo import GRPO, GRPOConfig, Rollouts, chat_prompts, completion_logprobs, pack
 from nanoseek.train.losses import RL_VARIANTS, policy_loss, token_logprobs
 
-from helpers import arith, arith_tokenizer, tiny_model
+from helpers import arith, arith_tokenizer, eos_heavy_model_dir, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -254,11 +254,7 @@ def test_grpo_command_writes_metrics_plots_and_model(tok, tmp_path):
     from nanoseek.commands import grpo as grpo_cmd
 
     base = tmp_path / "base"
-    model = tiny_model(tok)
-    with torch.no_grad():   # eos often near the top: lengths vary, so the overlong shaping gives groups a signal
-        model.head.weight[tok.eos_id] *= 10
-    model.save_pretrained(base)
-    tok.save(base)
+    eos_heavy_model_dir(tok, base)
     out = tmp_path / "run"
     grpo_cmd.main(["--model", str(base), "--task", "arithmetic", "--task-arg", "n_digits=1", "--out", str(out),
                    "--steps", "2", "--group-size", "4", "--prompts-per-step", "2", "--max-new-tokens", "6",

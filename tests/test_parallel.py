@@ -254,18 +254,14 @@ def test_grpo_update_in_two_gloo_processes_equals_one(tmp_path):
 def test_grpo_command_under_torchrun(tmp_path):
     """`torchrun -m nanoseek grpo`: each rank rolls out half the prompts; rank 0 logs the global batch
     (all completions, the held-out set scored in shares) and saves one model."""
-    from helpers import arith_tokenizer, tiny_model
+    from helpers import arith_tokenizer, eos_heavy_model_dir
 
-    tok = arith_tokenizer()
     base = tmp_path / "base"
-    model = tiny_model(tok)
-    with torch.no_grad():   # eos often near the top: lengths vary, so the overlong shaping gives groups a signal
-        model.head.weight[tok.eos_id] *= 10
-    model.save_pretrained(base)
-    tok.save(base)
+    eos_heavy_model_dir(arith_tokenizer(), base)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "nanoseek",
-           "grpo", "--variant", "dapo", "--overlong-penalty", "2", "--model", str(base), "--task", "arithmetic", "--task-arg", "n_digits=1", "--out",
+           "grpo", "--variant", "dapo", "--overlong-penalty", "2", "--model", str(base), "--task", "arithmetic",
+           "--task-arg", "n_digits=1", "--out",
            str(tmp_path / "run"), "--steps", "2", "--group-size", "4", "--prompts-per-step", "4",
            "--max-new-tokens", "6", "--eval-problems", "5", "--eval-every", "0", "--lr", "1e-3", "--device", "cpu"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
