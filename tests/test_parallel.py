@@ -278,3 +278,57 @@ def test_grpo_command_under_torchrun(tmp_path):
     model = Transformer.from_pretrained(tmp_path / "run" / "model")
     start = Transformer.from_pretrained(base)
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), start.state_dict().values()))
+
+
+def test_eval_and_distill_under_torchrun(tmp_path):
+    """`torchrun -m nanoseek eval`: each rank scores every second problem and rank 0 writes the whole
+    table, the same as one process (greedy). `distill`: the ranks sample their shares of the problems,
+    all the traces train the student in DDP, one model is saved."""
+    from helpers import arith_tokenizer, tiny_model
+
+    from nanoseek.commands.eval import main as eval_main
+
+    tok = arith_tokenizer()
+    base = tmp_path / "base"
+    tiny_model(tok).save_pretrained(base)
+    tok.save(base)
+    ev = ["--model", str(base), "--task", "arithmetic", "--n-problems", "7", "--max-new-tokens", "6", "--device", "cpu"]
+    eval_main([*ev, "--out", str(tmp_path / "one.json")])
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "nanoseek"]
+    proc = subprocess.run([*launch, "eval", *ev, "--out", str(tmp_path / "two.json")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert two["n_problems"] == 7 and [p["prompt"] for p in two["problems"]] == [p["prompt"] for p in one["problems"]]
+    assert [p["first_sample"] for p in two["problems"]] == [p["first_sample"] for p in one["problems"]]
+    for key in ("pass@1", "format", "response_length"):
+        assert two[key] == pytest.approx(one[key]), key
+
+    # distill: a teacher that has memorized two problems (as in test_distill_eval); each rank samples
+    # one problem's traces, and the student trains on both ranks' traces in DDP
+    from helpers import arith
+
+    from nanoseek.data.sft import SFTDataset
+    from nanoseek.train.sft import sft_train
+
+    problems = arith.examples(2, 0, n_digits=1, ops="+")
+    teacher = tiny_model(tok, seed=0)
+    ds = SFTDataset([arith.sft_messages(e) for e in problems], tok, seq_len=64)
+    sft_train(teacher, ds, torch.optim.AdamW(teacher.parameters(), lr=1e-2), steps=80, batch_size=2, lr=1e-2)
+    teacher.save_pretrained(tmp_path / "teacher")
+    tok.save(tmp_path / "teacher")
+    out = tmp_path / "distill"
+    proc = subprocess.run([*launch, "distill", "--teacher", str(tmp_path / "teacher"), "--student", str(base),
+                           "--task", "arithmetic", "--task-arg", "n_digits=1", "--task-arg", "ops=+",
+                           "--n-prompts", "2", "--samples-per-prompt", "4", "--temperature", "0.3",
+                           "--max-new-tokens", "16", "--steps", "3", "--batch-size", "2", "--seq-len", "64",
+                           "--device", "cpu", "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = json.loads((out / "run.json").read_text())
+    traces = (out / "traces.jsonl").read_text().splitlines()
+    assert run["processes"] == 2 and run["sampling"]["sampled"] == 8 and run["sampling"]["kept"] == len(traces) >= 1
+    assert len([line for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]) == 3
+    student, start = Transformer.from_pretrained(out / "model"), Transformer.from_pretrained(base)
+    assert any(not torch.equal(a, b) for a, b in zip(student.state_dict().values(), start.state_dict().values()))

@@ -20,14 +20,16 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from nanoseek.commands import _checks as checks
-from nanoseek.common import pick_device, pick_dtype, seed_everything
+from nanoseek.common import init_distributed, pick_device, pick_dtype, print0, seed_everything
 from nanoseek.data.sft import SFTDataset
 from nanoseek.infer.engine import Engine, SamplingParams
 from nanoseek.tasks import TASKS, get_task
-from nanoseek.train.grpo import chat_prompts, evaluate
+from nanoseek.train import parallel
+from nanoseek.train.grpo import chat_prompts, evaluate, merge_evaluations
 from nanoseek.train.optim import build_optimizer
 from nanoseek.train.plots import plot_run
 from nanoseek.train.sft import load_model, rejection_sample, save_model, sft_train, task_knobs
@@ -71,10 +73,16 @@ def main(argv: list[str] | None = None) -> None:
     checks.sampling("distill", max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
     run = checks.fresh_run("distill", args.out)
 
-    # --- setup: teacher, student, task
+    # --- setup: processes (under torchrun each samples its share of the problems, then the student
+    # trains in DDP on all the traces), teacher, student, task
     device = pick_device(args.device)
+    owns_group = not parallel.is_distributed()
+    info = init_distributed(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    parallel.barrier()          # every rank has checked --out before rank 0 writes into it
     amp_dtype = pick_dtype(args.dtype, device)
-    seed_everything(args.seed)
+    seed_everything(args.seed + info.rank)
     try:
         teacher, tokenizer = load_model(args.teacher, device)
         student, student_tok = load_model(args.student, device)
@@ -99,28 +107,35 @@ def main(argv: list[str] | None = None) -> None:
         if not heldout:
             return None
         eng = Engine(model, tokenizer, max_batch=args.batch, max_seq_len=max_len)
-        res = evaluate(lambda ps: eng.generate(ps, greedy), heldout_prompts, heldout, task.reward, task.extract_answer)
-        return res["pass@1"]
+        mine = range(info.rank, len(heldout), info.world_size)
+        res = evaluate(lambda ps: eng.generate(ps, greedy), [heldout_prompts[i] for i in mine],
+                       [heldout[i] for i in mine], task.reward, task.extract_answer)
+        return merge_evaluations(parallel.gather_objects(res))["pass@1"]
 
     # --- rejection sampling: the teacher's verified traces
     t0 = time.perf_counter()
     engine = Engine(teacher, tokenizer, max_batch=args.batch, max_seq_len=max_len)
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
-    convs, stats = rejection_sample(lambda ps: engine.generate(ps, params), tokenizer, problems, task.messages,
-                                    task.reward, args.samples_per_prompt)
+    mine = range(info.rank, len(problems), info.world_size)
+    share = rejection_sample(lambda ps: engine.generate(ps, params), tokenizer, [problems[i] for i in mine],
+                             task.messages, task.reward, args.samples_per_prompt)
+    shares = parallel.gather_objects(share)
+    convs = [conv for share, _ in shares for conv in share]
+    stats = {key: sum(st[key] for _, st in shares) for key in shares[0][1]}
     t_sample = time.perf_counter() - t0
     teacher_acc = heldout_accuracy(teacher)
     del engine, teacher
-    print(f"teacher: {stats['sampled']} traces sampled for {len(problems)} problems in {t_sample:.1f} s; "
+    print0(f"teacher: {stats['sampled']} traces sampled for {len(problems)} problems in {t_sample:.1f} s; "
           f"{stats['verified']} verified (correct and well-formed), {stats['kept']} kept (distinct, not truncated), "
           f"covering {stats['prompts_with_a_trace']} problems")
     if not convs:       # before anything is written: the suggested retry may use the same --out
         raise SystemExit("nanoseek distill: the teacher solved none of the problems, so there is nothing to "
                          "distill; use a stronger teacher, more --samples-per-prompt or a higher --temperature")
-    run.mkdir(parents=True, exist_ok=True)
-    with (run / "traces.jsonl").open("w") as f:
-        for conv in convs:
-            f.write(json.dumps({"messages": conv}, ensure_ascii=False) + "\n")
+    if info.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        with (run / "traces.jsonl").open("w") as f:
+            for conv in convs:
+                f.write(json.dumps({"messages": conv}, ensure_ascii=False) + "\n")
 
     # --- SFT of the student on the kept traces
     ds = SFTDataset(convs, tokenizer, args.seq_len)
@@ -128,24 +143,31 @@ def main(argv: list[str] | None = None) -> None:
     steps = args.steps or max(1, round(args.epochs * len(ds) / batch))
     student_before = heldout_accuracy(student)
     metrics_path = run / "metrics.jsonl"
-    metrics_path.write_text("")
-    (run / "run.json").write_text(json.dumps({"args": vars(args), "sampling": stats, "steps": steps,
-                                              "rows": len(ds)}, indent=2))
+    if info.is_main:
+        metrics_path.write_text("")
+        (run / "run.json").write_text(json.dumps({"args": vars(args), "sampling": stats, "steps": steps,
+                                                  "rows": len(ds), "processes": info.world_size}, indent=2))
     optimizer = build_optimizer(student, "adamw", args.lr, 0.0)
-    with tqdm(total=steps, desc="distill (student SFT)", dynamic_ncols=True) as bar:
+    with tqdm(total=steps, desc="distill (student SFT)", dynamic_ncols=True, disable=not info.is_main) as bar:
         def log(row: dict) -> None:
-            with metrics_path.open("a") as f:
-                f.write(json.dumps({**row, "ce": row["loss"]}) + "\n")
+            if info.is_main:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps({**row, "ce": row["loss"]}) + "\n")
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}")
 
         try:
             rows = sft_train(student, ds, optimizer, steps=steps, batch_size=batch, lr=args.lr,
                              warmup=min(args.warmup, steps // 2), device=device, dtype=amp_dtype, seed=args.seed,
-                             log=log)
-        except FloatingPointError as e:
+                             log=log, dist=info)
+        except (FloatingPointError, ValueError) as e:
             raise SystemExit(f"nanoseek distill: {e}") from None
     student_after = heldout_accuracy(student)
+    if not info.is_main:
+        parallel.barrier()            # rank 0 saves; then every rank leaves together
+        if owns_group and info.enabled:
+            torch.distributed.destroy_process_group()
+        return
 
     # --- save: student model, plots, report
     out = save_model(student, tokenizer, run / "model")
@@ -164,6 +186,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"student loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}"
           + (f"; held-out accuracy teacher {teacher_acc:.3f}, student {student_before:.3f} -> {student_after:.3f}"
              if heldout else "") + f"; saved {out}")
+    parallel.barrier()
+    if owns_group and info.enabled:
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

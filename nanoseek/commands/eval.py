@@ -20,11 +20,14 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from nanoseek.commands import _checks as checks
-from nanoseek.common import pick_device, pick_dtype, seed_everything
+from nanoseek.common import init_distributed, pick_device, pick_dtype, seed_everything
 from nanoseek.infer.engine import Engine, SamplingParams
 from nanoseek.tasks import TASKS, get_task
-from nanoseek.train.grpo import chat_prompts, evaluate
+from nanoseek.train import parallel
+from nanoseek.train.grpo import chat_prompts, evaluate, merge_evaluations
 from nanoseek.train.sft import load_model, task_knobs
 
 
@@ -66,10 +69,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.out is not None and Path(args.out).is_dir():
         checks.fail("eval", f"--out {args.out} is a directory; give a JSON file name")
 
-    # --- model, task, engine
+    # --- model, task, engine (under torchrun each process takes every world-th problem)
     device = pick_device(args.device)
+    owns_group = not parallel.is_distributed()
+    info = init_distributed(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
     dtype = pick_dtype(args.dtype, device)
-    seed_everything(args.seed)
+    seed_everything(args.seed + info.rank)
     try:
         model, tokenizer = load_model(args.model, device, args.tokenizer)
     except (FileNotFoundError, ValueError) as e:
@@ -81,15 +88,21 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise SystemExit(f"nanoseek eval: task {args.task}: {e}") from None
     prompts = chat_prompts(tokenizer, task.messages, problems)
+    mine = list(range(info.rank, len(problems), info.world_size))
     engine = Engine(model, tokenizer, max_batch=args.batch,
                     max_seq_len=max(map(len, prompts)) + args.max_new_tokens + 1)
     params = SamplingParams(max_tokens=args.max_new_tokens, temperature=temperature, top_k=args.top_k)
 
     # --- generate and score
     t0 = time.perf_counter()
-    res = evaluate(lambda ps: engine.generate(ps, params), prompts, problems, task.reward, task.extract_answer,
-                   n_samples=n, k=args.k)
+    res = evaluate(lambda ps: engine.generate(ps, params), [prompts[i] for i in mine], [problems[i] for i in mine],
+                   task.reward, task.extract_answer, n_samples=n, k=args.k)
+    res = merge_evaluations(parallel.gather_objects(res))      # torchrun: the ranks' shares as one
     wall = time.perf_counter() - t0
+    if not info.is_main:
+        if owns_group and info.enabled:
+            torch.distributed.destroy_process_group()
+        return
 
     # --- report: table + JSON
     k = args.k
@@ -104,6 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     out.write_text(json.dumps({"model": str(args.model), "task": args.task, "split": "test",
                                "temperature": temperature, "seconds": wall, **res}, indent=2) + "\n")
     print(f"wrote {out}")
+    if owns_group and info.enabled:
+        torch.distributed.destroy_process_group()
+
 
 
 if __name__ == "__main__":

@@ -37,7 +37,7 @@ from nanoseek.infer.engine import Engine, SamplingParams
 from nanoseek.tasks import TASKS, get_task
 from nanoseek.tasks.rewards import overlong_penalty
 from nanoseek.train import parallel
-from nanoseek.train.grpo import GRPO, GRPOConfig, chat_prompts, evaluate, plot_grpo
+from nanoseek.train.grpo import GRPO, GRPOConfig, chat_prompts, evaluate, merge_evaluations, plot_grpo
 from nanoseek.train.losses import RL_VARIANTS
 from nanoseek.train.optim import build_optimizer, lr_at
 from nanoseek.train.sft import load_model, save_model, task_knobs
@@ -214,14 +214,10 @@ def main(argv: list[str] | None = None) -> None:
             return None
         res = evaluate(generate_greedy, [heldout_prompts[i] for i in my_heldout], [heldout[i] for i in my_heldout],
                        task.reward, task.extract_answer)
-        acc, fmt, length = res["pass@1"], res["format"], res["response_length"]
-        if info.enabled:        # the shares' sums over all the problems
-            n = len(my_heldout)
-            acc, fmt, length = (parallel.all_reduce_sum_(torch.tensor([acc * n, fmt * n, length * n],
-                                                                      dtype=torch.float64, device=device))
-                                / len(heldout)).tolist()
-        log({"step": step, "heldout_accuracy": acc, "heldout_format": fmt, "heldout_length": length})
-        return acc
+        res = merge_evaluations(parallel.gather_objects(res))      # torchrun: the ranks' shares as one
+        log({"step": step, "heldout_accuracy": res["pass@1"], "heldout_format": res["format"],
+             "heldout_length": res["response_length"]})
+        return res["pass@1"]
 
     def save() -> Path:
         if info.is_main:

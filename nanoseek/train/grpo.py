@@ -501,6 +501,23 @@ def evaluate(generate: Generate, prompts: list[list[int]], examples: Sequence[An
             "problems": problems}
 
 
+def merge_evaluations(parts: list[dict]) -> dict:
+    """evaluate() results of the ranks' shares (rank r took problems r, r + world, ...) as one: the
+    means weighted by problem counts (each problem has the same number of samples), the problems
+    back in their order. For torchrun, after all_gather_object."""
+    if len(parts) == 1:
+        return parts[0]
+    total = sum(p["n_problems"] for p in parts)
+    out = {key: parts[0][key] for key in ("n_samples", "k")}
+    out["n_problems"] = total
+    for key in parts[0]:
+        if key not in out and key != "problems":
+            out[key] = sum(p[key] * p["n_problems"] for p in parts) / max(total, 1)
+    world = len(parts)
+    out["problems"] = [parts[i % world]["problems"][i // world] for i in range(total)]
+    return out
+
+
 # --- plots
 def plot_grpo(metrics: str | Path, out_dir: str | Path) -> list[Path]:
     """reward.png (mean +- std, accuracy, held-out accuracy), response_length.png and

@@ -102,6 +102,15 @@ def all_reduce_grads_(params: list[torch.Tensor]) -> None:
             offset += g.numel()
 
 
+def gather_objects(obj) -> list:
+    """Every rank's picklable `obj`, in rank order (all_gather_object); [obj] in one process."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     if is_distributed():
         t = t.clone()
