@@ -24,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from nanoseek.commands import _checks as checks
-from nanoseek.common import init_distributed, pick_device, pick_dtype, print0, seed_everything
+from nanoseek.common import pick_device, pick_dtype, print0, seed_everything
 from nanoseek.data.sft import SFTDataset
 from nanoseek.infer.engine import Engine, SamplingParams
 from nanoseek.tasks import TASKS, get_task
@@ -76,10 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     # --- setup: processes (under torchrun each samples its share of the problems, then the student
     # trains in DDP on all the traces), teacher, student, task
     device = pick_device(args.device)
-    owns_group = not parallel.is_distributed()
-    info = init_distributed(device)
-    if device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
+    info, device, owns_group = parallel.start(device)
     parallel.barrier()          # every rank has checked --out before rank 0 writes into it
     amp_dtype = pick_dtype(args.dtype, device)
     seed_everything(args.seed + info.rank)
@@ -164,9 +161,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"nanoseek distill: {e}") from None
     student_after = heldout_accuracy(student)
     if not info.is_main:
-        parallel.barrier()            # rank 0 saves; then every rank leaves together
-        if owns_group and info.enabled:
-            torch.distributed.destroy_process_group()
+        parallel.finish(owns_group)   # rank 0 saves; then every rank leaves together
         return
 
     # --- save: student model, plots, report
@@ -186,9 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"student loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}"
           + (f"; held-out accuracy teacher {teacher_acc:.3f}, student {student_before:.3f} -> {student_after:.3f}"
              if heldout else "") + f"; saved {out}")
-    parallel.barrier()
-    if owns_group and info.enabled:
-        torch.distributed.destroy_process_group()
+    parallel.finish(owns_group)
 
 
 if __name__ == "__main__":

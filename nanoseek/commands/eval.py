@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from nanoseek.commands import _checks as checks
-from nanoseek.common import init_distributed, pick_device, pick_dtype, seed_everything
+from nanoseek.common import pick_device, pick_dtype, seed_everything
 from nanoseek.infer.engine import Engine, SamplingParams
 from nanoseek.tasks import TASKS, get_task
 from nanoseek.train import parallel
@@ -71,10 +71,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # --- model, task, engine (under torchrun each process takes every world-th problem)
     device = pick_device(args.device)
-    owns_group = not parallel.is_distributed()
-    info = init_distributed(device)
-    if device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
+    info, device, owns_group = parallel.start(device)
     dtype = pick_dtype(args.dtype, device)
     seed_everything(args.seed + info.rank)
     try:
@@ -100,8 +97,7 @@ def main(argv: list[str] | None = None) -> None:
     res = merge_evaluations(parallel.gather_objects(res))      # torchrun: the ranks' shares as one
     wall = time.perf_counter() - t0
     if not info.is_main:
-        if owns_group and info.enabled:
-            torch.distributed.destroy_process_group()
+        parallel.finish(owns_group)
         return
 
     # --- report: table + JSON
@@ -117,8 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     out.write_text(json.dumps({"model": str(args.model), "task": args.task, "split": "test",
                                "temperature": temperature, "seconds": wall, **res}, indent=2) + "\n")
     print(f"wrote {out}")
-    if owns_group and info.enabled:
-        torch.distributed.destroy_process_group()
+    parallel.finish(owns_group)
 
 
 

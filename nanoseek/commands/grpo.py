@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from nanoseek.commands import _checks as checks
-from nanoseek.common import init_distributed, pick_device, pick_dtype, print0, seed_everything
+from nanoseek.common import pick_device, pick_dtype, print0, seed_everything
 from nanoseek.infer.engine import Engine, SamplingParams
 from nanoseek.tasks import TASKS, get_task
 from nanoseek.tasks.rewards import overlong_penalty
@@ -87,9 +87,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    for name in ("group_size", "prompts_per_step", "steps", "max_new_tokens", "train_problems"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"nanoseek grpo: --{name.replace('_', '-')} must be >= 1")
+    checks.numbers("grpo", args, at_least_1=("group_size", "prompts_per_step", "steps", "max_new_tokens",
+                                             "train_problems"))
     if args.overlong_penalty >= args.max_new_tokens:
         raise SystemExit("nanoseek grpo: --overlong-penalty (the soft buffer) must be < --max-new-tokens")
     if args.group_size < 2:
@@ -105,10 +104,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # --- setup: device, processes, seed, run folder, model, tokenizer
     device = pick_device(args.device)
-    owns_group = not parallel.is_distributed()   # a caller that set up the group keeps it afterwards
-    info = init_distributed(device)
-    if device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
+    info, device, owns_group = parallel.start(device)
     if info.enabled and args.dynamic_sampling:
         raise SystemExit("nanoseek grpo: --dynamic-sampling runs in one process (its extra sampling rounds differ "
                          "between ranks); drop it or run without torchrun")
@@ -252,8 +248,7 @@ def main(argv: list[str] | None = None) -> None:
     # --- end: model, plots, report (rank 0)
     out = save()
     if not info.is_main:
-        if owns_group and info.enabled:
-            torch.distributed.destroy_process_group()
+        parallel.finish(owns_group)
         return
     plot_grpo(metrics_path, run / "plots")
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
@@ -276,8 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"reward {first:.3f} -> {last:.3f}" + (f", held-out accuracy {acc_before:.3f} -> {acc_after:.3f}"
                                                  if heldout else "") + f"; saved {out}"
           + (f" ({info.world_size} processes on {device.type})" if info.enabled else ""))
-    if owns_group and info.enabled:
-        torch.distributed.destroy_process_group()
+    parallel.finish(owns_group)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from nanoseek.commands import _checks as checks
-from nanoseek.common import init_distributed, pick_device, pick_dtype, print0, seed_everything
+from nanoseek.common import pick_device, pick_dtype, print0, seed_everything
 from nanoseek.data.pretrain import PretrainLoader, build_shards, check_tokenizer
 from nanoseek.model import PRESETS, Transformer, count_parameters, preset
 from nanoseek.tokenizer import Tokenizer
@@ -151,10 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     device = pick_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    owns_group = not parallel.is_distributed()   # a caller that set up the group keeps it afterwards
-    dist = init_distributed(device)
-    if device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
+    dist, device, owns_group = parallel.start(device)
     amp_dtype = pick_dtype(args.dtype, device)
     if amp_dtype not in (torch.float32, torch.bfloat16):
         raise SystemExit(f"nanoseek pretrain: --dtype {args.dtype}: use fp32 or bf16 (fp16 needs loss scaling)")
@@ -408,8 +405,7 @@ def main(argv: list[str] | None = None) -> None:
             f"- plots: plots/loss.png, plots/lr.png, plots/expert_load.png; samples: samples.txt\n"
             f"- final checkpoint: checkpoints/step_{step:06d}/model (a Hugging Face directory)\n")
         print0(f"done: {run}")
-    if owns_group and parallel.is_distributed():
-        torch.distributed.destroy_process_group()
+    parallel.finish(owns_group)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from nanoseek.commands import _checks as checks
-from nanoseek.common import init_distributed, pick_device, pick_dtype, print0, seed_everything
+from nanoseek.common import pick_device, pick_dtype, print0, seed_everything
 from nanoseek.data.sft import SFTDataset, load_conversations
 from nanoseek.tasks import get_task
 from nanoseek.train import parallel
@@ -72,10 +72,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # --- setup (under torchrun: one process per device, DDP over the batch's rows)
     device = pick_device(args.device)
-    owns_group = not parallel.is_distributed()   # a caller that set up the group keeps it afterwards
-    info = init_distributed(device)
-    if device.type == "cuda":
-        device = torch.device("cuda", info.local_rank)
+    info, device, owns_group = parallel.start(device)
     amp_dtype = pick_dtype(args.dtype, device)
     seed_everything(args.seed)
     run = checks.fresh_run("sft", args.out)
@@ -153,9 +150,7 @@ def main(argv: list[str] | None = None) -> None:
     if val_after is not None:
         record({"step": steps, "val_loss": val_after})
     if not info.is_main:
-        parallel.barrier()            # rank 0 saves; then every rank leaves together
-        if owns_group and info.enabled:
-            torch.distributed.destroy_process_group()
+        parallel.finish(owns_group)   # rank 0 saves; then every rank leaves together
         return
 
     # --- save: model dir, plots, report
@@ -171,9 +166,7 @@ def main(argv: list[str] | None = None) -> None:
         f"- model: model/ (Hugging Face directory with tokenizer)\n")
     print(f"train loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}"
           + (f", validation {val_before:.3f} -> {val_after:.3f}" if val_ds else "") + f"; saved {out}")
-    parallel.barrier()
-    if owns_group and info.enabled:
-        torch.distributed.destroy_process_group()
+    parallel.finish(owns_group)
 
 
 if __name__ == "__main__":

@@ -16,11 +16,30 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from nanoseek.common import DistInfo
+from nanoseek.common import DistInfo, init_distributed
 
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
+
+
+def start(device: torch.device) -> tuple[DistInfo, torch.device, bool]:
+    """A command's processes: join torchrun's group when launched by it (common.init_distributed: gloo
+    on CPU, nccl on CUDA) -> (rank info, this rank's device, whether this call created the group, for
+    `finish`; a caller that set the group up keeps it)."""
+    owns = not is_distributed()
+    info = init_distributed(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
+    return info, device, owns
+
+
+def finish(owns: bool) -> None:
+    """Every rank waits for the others (rank 0 writes the run's files last), then leaves the group if
+    `start` created it. No-op in one process."""
+    barrier()
+    if owns and is_distributed():
+        dist.destroy_process_group()
 
 
 def wrap_model(model: nn.Module, info: DistInfo, device: torch.device, fsdp: bool = False) -> nn.Module:

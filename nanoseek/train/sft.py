@@ -87,6 +87,7 @@ def sft_train(model: nn.Module, dataset: SFTDataset, optimizer: torch.optim.Opti
                 batches = dataset.batches(batch_size, epoch=epoch, seed=seed)
                 x, y, m = next(batches)
             tokens = m.sum().to(device)          # the global batch's target tokens (every rank has the batch)
+            per_token = 1 / tokens.clamp(min=1)
             if dist.enabled:
                 x, y, m = x[dist.rank::dist.world_size], y[dist.rank::dist.world_size], m[dist.rank::dist.world_size]
             x, y, m = x.to(device), y.to(device), m.to(device)
@@ -95,12 +96,12 @@ def sft_train(model: nn.Module, dataset: SFTDataset, optimizer: torch.optim.Opti
                 group["lr"] = cur_lr
             with autocast(device, dtype):
                 loss_sum = sft_loss(net, x, y, m, reduction="sum")
-            (loss_sum * (dist.world_size / tokens.clamp(min=1))).backward()
+            (loss_sum * (dist.world_size * per_token)).backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip if clip > 0 else float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if (step + 1) % log_every == 0 or step + 1 == steps:
-                value = (parallel.all_reduce_sum_(loss_sum.detach().clone()) / tokens.clamp(min=1)).item()
+                value = (parallel.all_reduce_sum_(loss_sum.detach().clone()) * per_token).item()
                 if not math.isfinite(value):
                     raise FloatingPointError(f"SFT loss is {value} at step {step + 1}; lower the learning rate")
                 dt = time.perf_counter() - t0
