@@ -17,6 +17,9 @@ optimizer step per batch of rollouts, AdamW at the same lr and betas (0.9, 0.999
 kernel on both sides (trl: optim adamw_torch_fused; nanoseek: build_optimizer, as `nanoseek grpo`),
 fp32 weights on --device, the task's verifier (accuracy + 0.1 format) as the reward. Neither side runs a separate old log-probs pass
 (one optimizer step per batch: the update's own forward, detached, gives them).
+With beta 0 a group whose rewards are all equal has advantages 0 and a gradient of exactly 0: nanoseek
+skips its forward/backward (GRPOConfig.skip_zero_advantage, the same update), trl runs it; the bench
+prints the share of such groups, and --no-skip times nanoseek running them too.
 
 The two sides alternate step by step (trl's step k, then nanoseek's step k, from a trl callback, outside
 trl's timing), so a load change on a shared machine hits both alike. Reported per side: median step
@@ -108,7 +111,8 @@ def nanoseek_stepper(args, model_dir: Path, tok: Tokenizer, prompts, problems, d
         times["scoring"] += time.perf_counter() - t
         return r
 
-    cfg = GRPOConfig(variant="grpo", group_size=G, max_new_tokens=T, clip_grad=1.0, seed=args.seed, split=args.split)
+    cfg = GRPOConfig(variant="grpo", group_size=G, max_new_tokens=T, clip_grad=1.0, seed=args.seed, split=args.split,
+                     skip_zero_advantage=not args.no_skip)
     opt = build_optimizer(model, "adamw", args.lr, 0.0, betas=(0.9, 0.999))   # as `nanoseek grpo`; trl's betas
     trainer = GRPO(model, opt, generate, reward_fn, cfg, pad_id=tok.pad_id)
     cursor = [0]
@@ -129,7 +133,7 @@ def nanoseek_stepper(args, model_dir: Path, tok: Tokenizer, prompts, problems, d
         dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         if i >= args.warmup:
             rows.append({"step": dt, "cpu": cpu, **times, "length": stats["response_length"],
-                         "reward": stats["reward"]})
+                         "reward": stats["reward"], "zero_std": stats["frac_zero_std"]})
     return one_step, rows
 
 
@@ -233,6 +237,8 @@ def main() -> None:
     p.add_argument("--device", help="cuda | cpu (default: cuda if present)")
     p.add_argument("--threads", type=int, help="torch CPU threads for both sides (default: torch's choice; on a "
                                                "shared machine 1 avoids idle threads spinning against others)")
+    p.add_argument("--no-skip", action="store_true", help="nanoseek's update runs the groups whose rewards are "
+                                                          "all equal too (exactly zero gradient; skipped by default)")
     p.add_argument("--split", type=int, default=0, help="nanoseek's update: the groups as this many chunks in as "
                                                        "many CPU threads (GRPOConfig.split; 0: one per thread, 1: off)")
     args = p.parse_args()
@@ -260,6 +266,7 @@ def main() -> None:
         ns_step, ns_rows = nanoseek_stepper(args, model_dir, tok, prompts, problems, device)
         tr = run_trl(args, model_dir, tok, prompts, problems, device, between=ns_step)
         results = {"nanoseek": summarize(ns_rows, P * G), "trl": tr}
+        zero = statistics.mean(r["zero_std"] for r in ns_rows)
     print(f"\n| {'median per step':<16} | {'step s':>7} | {'generation':>10} | {'scoring':>8} | {'update':>7} "
           f"| {'completions/s':>13} | {'CPU s':>6} | {'per CPU s':>9} |\n"
           f"|{'-' * 18}|{'-' * 9}|{'-' * 12}|{'-' * 10}|{'-' * 9}|{'-' * 15}|{'-' * 8}|{'-' * 11}|")
@@ -268,6 +275,9 @@ def main() -> None:
               f"| {r['update']:>7.3f} | {r['completions_per_s']:>13.1f} | {r['cpu']:>6.3f} "
               f"| {r['completions_per_cpu_s']:>9.1f} |")
     ns, tr = results["nanoseek"], results["trl"]
+    print(f"\nzero-std groups (all rewards equal, advantages 0): {zero:.0%} of the timed steps' groups; nanoseek "
+          + ("ran their forward/backward too (--no-skip)" if args.no_skip else
+             "skipped their forward/backward (exactly zero gradient; --no-skip runs them)"))
     print(f"\nnanoseek / trl completions/s: {ns['completions_per_s'] / tr['completions_per_s']:.1f}x "
           f"(generation {tr['generation'] / ns['generation']:.1f}x faster, update {tr['update'] / ns['update']:.1f}x)"
           f"; goal >= 5x")

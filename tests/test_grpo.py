@@ -171,6 +171,69 @@ def rollouts(prompts: list[list[int]], completions: list[list[int]], G: int, tru
                     format=torch.zeros(B // G, G), examples=[None] * (B // G))
 
 
+def test_zero_advantage_groups_are_skipped_and_the_update_is_the_same(monkeypatch):
+    # beta = 0: a group whose rewards are all equal has advantages exactly 0, so no loss and no gradient.
+    # Its forward/backward is skipped; the weights, the logged loss and the clip fraction are as without.
+    import copy
+
+    import nanoseek.train.grpo as grpo_mod
+
+    forwarded = []
+    real = grpo_mod.completion_logprobs
+
+    def counting(model, part, **kw):
+        forwarded.append(part.completions.shape[0])
+        return real(model, part, **kw)
+
+    monkeypatch.setattr(grpo_mod, "completion_logprobs", counting)
+    torch.manual_seed(0)
+    base = Transformer(preset("tiny", vocab_size=64))
+    base.init_weights()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 64, (n,), generator=g).tolist() for n in (6, 3, 5, 4)]
+    comps = [torch.randint(3, 64, (n,), generator=g).tolist() for n in (5, 2, 7, 4, 3, 6, 2, 5, 4, 4, 6, 1, 7, 3, 2, 5)]
+    mixed = rollouts(prompts, comps, G=4)
+    mixed.rewards = torch.tensor([[1.0, 0.0, 0.5, 0.0], [1.0] * 4, [0.0, 0.2, 0.0, 0.0], [0.0] * 4])
+    flat = Rollouts(**{**mixed.__dict__, "rewards": torch.full((4, 4), 0.5)})
+    full = Rollouts(**{**mixed.__dict__, "rewards": torch.rand(4, 4, generator=g)})
+
+    def run(variant, skip, batches, opt_fn, **cfg):
+        model = copy.deepcopy(base)
+        trainer = GRPO(model, opt_fn(model), None, None,
+                       GRPOConfig(variant=variant, group_size=4, max_new_tokens=8, split=1,
+                                  skip_zero_advantage=skip, **cfg))
+        forwarded.clear()
+        stats = [trainer.update(b) for b in batches]
+        return model, stats, sum(forwarded)
+
+    sgd = lambda m: torch.optim.SGD(m.parameters(), lr=0.5)          # noqa: E731
+    for variant in RL_VARIANTS:
+        for extra in ({}, {"epochs_per_batch": 2, "minibatches": 2}):
+            (m1, s1, rows1), (m0, s0, rows0) = (run(variant, skip, [mixed], sgd, **extra) for skip in (True, False))
+            # without the skip: every group's rows (several epochs: also the old log-probs pass first)
+            assert rows0 == (48 if extra else 16) and rows1 <= rows0 - (16 if extra else 8), (variant, extra, rows1)
+            for k in ("loss", "clip_frac", "grad_norm"):
+                assert s1[0][k] == pytest.approx(s0[0][k], rel=1e-4, abs=1e-7), (variant, extra, k)
+            moved = sum(float((p - q).detach().abs().sum()) for p, q in zip(m0.parameters(), base.parameters()))
+            assert moved > 0
+            for p, q in zip(m1.parameters(), m0.parameters()):
+                assert torch.allclose(p, q, atol=1e-6, rtol=1e-5), (variant, extra)
+    # a batch with no signal at all still steps the optimizer (AdamW's momentum and weight decay move
+    # the weights) exactly as the full update does: one group runs, for its zero gradients
+    adamw = lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)    # noqa: E731
+    (m1, s1, rows1), (m0, s0, rows0) = (run("grpo", skip, [full, flat], adamw) for skip in (True, False))
+    assert rows1 == 16 + 4 and rows0 == 32
+    assert s1[1]["loss"] == 0.0 and s1[1]["grad_norm"] == 0.0 == s0[1]["grad_norm"]
+    for p, q in zip(m1.parameters(), m0.parameters()):
+        assert torch.equal(p, q)
+    # with a reference model (beta > 0) the KL term has a gradient everywhere: nothing is skipped
+    ref = copy.deepcopy(base).requires_grad_(False)
+    model = copy.deepcopy(base)
+    forwarded.clear()
+    GRPO(model, sgd(model), None, None, GRPOConfig(group_size=4, beta=0.1, split=1), ref_model=ref).update(mixed)
+    assert forwarded == [16, 16]          # the reference's pass and the training forward, every group
+
+
 def test_pack_pads_right_and_masks_the_completion_tokens():
     x = pack(rollouts([[5, 6, 7], [8]], [[9, 10], [11], [12, 13, 14], []], G=2), pad_id=2)
     assert x.prompts.tolist() == [[5, 6, 7], [8, 2, 2]] and x.prompt_lens.tolist() == [3, 1]

@@ -10,7 +10,9 @@ the inference engine (batched, paged latent cache: the code that serves), scores
 task's verifier (accuracy + 0.1 format, optional DAPO overlong shaping), computes group-relative
 advantages, recomputes the old log-probs with a no-grad forward of the same weights (so the ratio
 starts at 1), then takes --epochs-per-batch x --minibatches optimizer steps on the clipped ratio
-loss, plus --beta x k3 KL to a frozen copy of the starting model when beta > 0.
+loss, plus --beta x k3 KL to a frozen copy of the starting model when beta > 0. With --beta 0, groups
+whose rewards are all equal (advantages 0: no loss, no gradient) get no forward/backward; the update
+is the same as with them (entropy and ratio_mean are then logged over the groups that trained).
 Variants: grpo (per-sequence mean, std-normalized advantages), dr_grpo (no length or std
 normalization), dapo (clip-higher 0.2/0.28, token-level sum), gspo (sequence-level ratio).
 Not applied in RL: the MoE router's bias update and the MTP loss (see nanoseek/train/grpo.py).
@@ -75,6 +77,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--overlong-penalty", type=int, default=0, metavar="L_CACHE",
       help="DAPO soft overlong punishment over the last L_CACHE tokens before the limit (0: off)")
     a("--clip", type=float, default=1.0, help="gradient norm clip (0: off)")
+    a("--no-skip-zero-advantage", dest="skip_zero_advantage", action="store_false",
+      help="run the forward/backward of groups whose rewards are all equal too (with --beta 0 their gradient "
+           "is exactly 0 and they are skipped by default; the update is the same either way)")
     a("--train-problems", type=int, default=2000, help="training problems drawn (cycled, reshuffled)")
     a("--eval-every", type=int, default=10, help="steps between held-out evaluations (0: start and end only)")
     a("--eval-problems", type=int, default=64, help="held-out problems per evaluation (greedy)")
@@ -121,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
                          minibatches=args.minibatches, micro_batch=args.micro_batch, eps_low=args.eps_low,
                          eps_high=args.eps_high, beta=args.beta, dynamic_sampling=args.dynamic_sampling,
                          overlong_filter=args.overlong_filter, max_new_tokens=args.max_new_tokens,
-                         clip_grad=args.clip, seed=args.seed)
+                         clip_grad=args.clip, seed=args.seed, skip_zero_advantage=args.skip_zero_advantage)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"nanoseek grpo: {e}") from None
     ref_model = None

@@ -26,6 +26,10 @@ One step (DeepSeekMath's GRPO; mu passes and minibatches per batch of rollouts a
      ratio loss from a forward with gradients (micro-batched for memory, weighted so the sum is the
      loss of the whole minibatch). The forward runs each group's prompt once and its G completions
      against the stored prompt latents (`completion_logprobs`; the plain per-row forward beside it).
+     With beta = 0, groups whose advantages are all 0 (all rewards equal) carry no loss and no
+     gradient: they are counted in the normalizers but not run (GRPOConfig.skip_zero_advantage), so
+     the update is the same at a fraction of the cost (the bench's random policy: 5 of 8 groups).
+     entropy and ratio_mean are then the trained groups' (loss and clip_frac stay exact).
 
 Under torchrun each process rolls out its share of a step's prompts with its own engine on its own
 replica of the policy; the loss normalizers are the global ones (all ranks' sequences or tokens), the
@@ -77,6 +81,7 @@ class GRPOConfig:
     overlong_filter: bool = False         # DAPO: truncated completions get no loss
     max_new_tokens: int = 256             # Dr. GRPO's constant normalizer L
     clip_grad: float = 1.0                # max gradient norm (0: off)
+    skip_zero_advantage: bool = True      # beta = 0: no forward/backward for groups whose advantages are all 0
     seed: int = 0                         # minibatch shuffling
 
     def __post_init__(self) -> None:
@@ -349,15 +354,23 @@ class GRPO:
         x = pack(batch, self.pad_id, self.device)
         if cfg.overlong_filter:
             x.mask = x.mask * overlong_filter_mask(batch.truncated).to(x.mask)[:, None]
-        adv = group_advantages(batch.rewards, cfg.scale_rewards).flatten().to(self.device)   # (B,)
+        adv_g = group_advantages(batch.rewards, cfg.scale_rewards)                           # (groups, G)
+        adv = adv_g.flatten().to(self.device)                                                # (B,)
         micro = max(1, cfg.micro_batch // cfg.group_size) if cfg.micro_batch else n_groups   # groups per forward
         all_groups = torch.arange(n_groups)
+        # With beta = 0 the loss is the policy term alone, A_i * (a function of the ratio), so a group whose
+        # advantages are all exactly 0 (its rewards all equal: every group of an all-solved or all-failed
+        # prompt) has a gradient of exactly 0 and a loss of exactly 0. Its forward and backward are skipped;
+        # the normalizers still count it, so the update is the same. (DAPO's dynamic sampling drops such
+        # groups and samples others instead; this keeps them in the batch, at no cost.)
+        skip = cfg.skip_zero_advantage and self.ref_model is None
+        signal = adv_g.ne(0).any(dim=1) if skip else torch.ones(n_groups, dtype=torch.bool)   # (groups,)
 
         # Old log-probs: the policy that sampled = the current weights, before any update. With a
         # single optimizer step per batch they are exactly the detached log-probs of that step's own
         # forward (same weights, same inputs), so the separate no-grad pass is skipped (as TRL does).
         single = cfg.epochs_per_batch == 1 and cfg.minibatches == 1
-        old_logp = None if single else self._no_grad_logprobs(model, x, all_groups, micro)
+        old_logp = None if single else self._no_grad_logprobs(model, x, all_groups[signal], micro)
         ref_logp = None if self.ref_model is None else self._no_grad_logprobs(self.ref_model, x, all_groups, micro)
 
         model.train()
@@ -374,6 +387,7 @@ class GRPO:
             weights[name] = weights[name] + w if name in weights else torch.as_tensor(w, dtype=torch.float32,
                                                                                         device=value.device)
 
+        per_seq = ("clip_frac", "ratio_mean") if cfg.variant == "gspo" else ()
         n_updates = 0
         for epoch in range(cfg.epochs_per_batch):
             order = torch.randperm(n_groups, generator=self.gen)
@@ -382,13 +396,26 @@ class GRPO:
                 # the minibatch's normalizers over every process's share (the same shares on every rank)
                 mb_tokens = all_reduce_sum_(x.mask[mb_rows].sum()).clamp(min=1)
                 mb_seqs = len(mb_rows) * world
-                for groups in mb.split(micro):
+                keep = signal[mb]
+                if not keep.any():
+                    # one group still runs (its gradient is exactly 0): every parameter the forward reaches
+                    # gets a zero gradient, not None, so the optimizer steps them as it would without the
+                    # skip (and under torchrun every rank has gradients to sum)
+                    keep = torch.arange(len(mb)) == 0
+                if not keep.all():
+                    # the skipped groups' share of the logged loss (exactly 0) and of the clip fraction (0)
+                    rest = x.rows(mb[~keep])
+                    n_rest = x.mask[rest].sum()
+                    add("loss", n_rest.new_zeros(()), n_rest / mb_tokens if cfg.variant == "dapo" else len(rest) / mb_seqs)
+                    add("clip_frac", n_rest.new_zeros(()), len(rest) if per_seq else n_rest)
+                for groups in mb[keep].split(micro):
                     def chunk(_rows_weight: float, groups: torch.Tensor):
                         part, rows = x.take(groups), x.rows(groups)
                         Tc = part.mask.shape[1]
                         with autocast(self.device, self.dtype):
                             logp, entropy = completion_logprobs(model, part)
-                        old = logp.detach() if old_logp is None else old_logp[rows, :Tc]
+                        # (a zero-advantage group run only for its zero gradient has no old log-probs)
+                        old = logp.detach() if old_logp is None or not signal[groups].all() else old_logp[rows, :Tc]
                         loss, st = policy_loss(logp, old, adv[rows], part.mask, variant=cfg.variant,
                                                eps_low=cfg.eps_low, eps_high=cfg.eps_high,
                                                ref_logp=None if ref_logp is None else ref_logp[rows, :Tc],
@@ -402,8 +429,8 @@ class GRPO:
                     for loss, w, st, n_tok, entropy, mask in split_backward(
                             chunk, params, min(split, len(groups)), groups):
                         add("loss", loss, w)
-                        for k, v in st.items():
-                            add(k, v, n_tok)
+                        for k, v in st.items():     # GSPO's clip_frac and ratio_mean are per sequence
+                            add(k, v, mask.shape[0] if k in per_seq else n_tok)
                         if epoch == 0:     # mean policy entropy over the valid tokens
                             add("entropy", (entropy * mask).sum() / n_tok.clamp(min=1), n_tok)
                 all_reduce_grads_(params)      # torchrun: the ranks' shares summed (no-op in one process)
@@ -412,7 +439,7 @@ class GRPO:
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 n_updates += 1
-        names = list(sums)
+        names = sorted(sums)      # the same order on every rank
         total = all_reduce_sum_(torch.stack([sums[k] for k in names] + [weights[k] for k in names]))
         means = total[:len(names)] / total[len(names):].clamp(min=1e-12)
         out: dict[str, float] = dict(zip(names, means.tolist()))
