@@ -160,7 +160,7 @@ def test_training_attention_path_equals_sdpa_path():
         assert (a - b).abs().max() < 1e-5 * max(1.0, b.abs().max().item())
 
 
-def test_rmsnorm_backward_equals_autograd():
+def test_rmsnorm_backward_equals_autograd(monkeypatch):
     torch.manual_seed(0)
     x = torch.randn(3, 5, 64, dtype=torch.float64, requires_grad=True)
     w = (1 + 0.3 * torch.randn(64, dtype=torch.float64)).requires_grad_()
@@ -174,7 +174,15 @@ def test_rmsnorm_backward_equals_autograd():
     norm.weight.data = w.detach().float()
     with torch.no_grad():
         plain = norm(x.float())
-    assert torch.equal(norm(x.float()), plain)                     # training path: the same forward
+    xf = x.detach().float().requires_grad_()
+    grads = []
+    for small in (0, 1 << 16):      # the training path: RMSNormFunction, or autograd through F.rms_norm when small
+        monkeypatch.setattr(RMSNorm, "SMALL", small)
+        y = norm(xf)
+        assert torch.equal(y, plain)                               # the same forward
+        grads.append(torch.autograd.grad(y, (xf, norm.weight), g.float()))
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_grouped_moe_equals_loop():
