@@ -5,7 +5,9 @@ At these sizes (hidden 64, 8 experts of 32) a decode step is bound by the number
 not by arithmetic. `BatchDecoder.step` runs the same math as `Transformer.forward(..., absorb=True)` for
 one new token per row with everything prepared once per set of weights:
 
-- RMSNorm weights folded into the matrices that read the normed vector (F.rms_norm without a weight);
+- RMSNorm weights folded into the matrices that read the normed vector, and the 1/rms row scale applied
+  to the product (x W) * rstd(x) (a vector norm, an addcmul and an rsqrt on (B, 1): ~7 us less per
+  norm than F.rms_norm, which runs ~8 ops on CPU);
 - the absorbed attention folded into the weights: W_UK (and the softmax scale) into the query
   projection, which then yields each head's [q_latent | q_rope] directly; W_UV into W_o, so attention's
   output is one (B, H*c) x (H*c, dim) product added to the residual (addmm);
@@ -37,6 +39,8 @@ import torch.nn.functional as F
 from nanoseek.model.moe import Experts, MoE
 from nanoseek.infer.one_row import OneRowDecoder
 
+_vnorm = torch.linalg.vector_norm
+
 
 class BatchDecoder:
     MAX_BUFFER_BYTES = 64 << 20
@@ -46,6 +50,7 @@ class BatchDecoder:
         cfg = self.cfg = model.config
         self.H, self.nope, self.rope = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
         self.c, self.dim, self.eps = cfg.kv_lora_rank, cfg.hidden_size, cfg.rms_norm_eps
+        self._eps_t = torch.tensor(float(cfg.rms_norm_eps))
         self.L = cfg.num_hidden_layers
         self._key: tuple | None = None
         self._params = None
@@ -207,10 +212,11 @@ class BatchDecoder:
             self.pos += 1
         t = self.t
         self._next = [s + 1 for s in starts]
-        H, c, rope, D, eps = self.H, self.c, self.rope, self.dim, self.eps
+        H, c, rope = self.H, self.c, self.rope
         half = rope // 2
         cis = self._rotations(max(starts) + 1).index_select(0, self.pos)          # (B, rope/2)
         cis_h = cis[:, None]
+        eps_t = self._eps_t
         x = self.model.embed.weight.index_select(0, torch.tensor(tokens))         # (B, D)
         buf, bias = self.buf, self.bias[:, :, :t + 1]
         # every layer's views of this step, made once: column t (written), columns <= t (read)
@@ -218,17 +224,16 @@ class BatchDecoder:
         col_pe = torch.view_as_complex(buf[:, :, t, c:].view(-1, B, half, 2)).unbind(0)   # (B, rope/2)
         keys = buf[:, :, :t + 1]
         keys_t, values = keys.transpose(2, 3).unbind(0), keys[..., :c].unbind(0)  # (B, c+rope, S), (B, S, c)
-        rms_norm = torch.rms_norm
         for i, L in enumerate(self._layers):
-            q, kv, k_pe = _project(x, L, eps)
+            q, kv, k_pe = _project(x, L, eps_t)
             q = q.view(B, H, c + rope)
             torch.view_as_complex(q[:, :, c:].view(B, H, half, 2)).mul_(cis_h)   # rotate q's rope part
-            col_kv[i].copy_(rms_norm(kv, (c,), L["kvn"], eps))
+            torch.mul(kv, L["kvn"], out=col_kv[i]).mul_(_rstd(kv, eps_t))
             torch.mul(torch.view_as_complex(k_pe.view(B, half, 2)), cis, out=col_pe[i])
             p = torch.baddbmm(bias, q, keys_t[i]).softmax(dim=-1)                 # (B, H, S)
             o = torch.bmm(p, values[i])                                           # (B, H, c)
             x = torch.addmm(x, o.view(B, H * c), L["Wo"])
-            x = _feed_forward(x, L, eps)
+            x = _feed_forward(x, L, eps_t)
         # this step's latents into the paged cache, every layer at once
         bs = cache.block_size
         slots = torch.tensor([tab[s // bs] * bs + s % bs for tab, s in zip(tables, starts)])
@@ -236,7 +241,7 @@ class BatchDecoder:
         cache.kv[:nL].index_copy_(1, slots, buf[:, :, t, :c])
         cache.pe[:nL].index_copy_(1, slots, buf[:, :, t, c:])
         self.t = t + 1
-        return torch.mm(rms_norm(x, (D,), None, eps), self._head)
+        return torch.mm(x, self._head).mul_(_rstd(x, eps_t))
 
     # --- fresh prompts
     @torch.inference_mode()
@@ -265,7 +270,7 @@ class BatchDecoder:
         x = self.model.embed.weight.index_select(0, ids.reshape(-1))             # (N, D)
         rms_norm = torch.rms_norm
         for i, L in enumerate(self._layers):
-            q, kv, k_pe = _project(x, L, eps)
+            q, kv, k_pe = _project(x, L, self._eps_t)
             q = q.view(N, H, c + rope)
             torch.view_as_complex(q[:, :, c:].view(N, H, half, 2)).mul_(cis[:, None])
             li = lat[i]
@@ -276,7 +281,7 @@ class BatchDecoder:
             p = torch.baddbmm(causal, q.reshape(B, T * H, c + rope), keys.transpose(1, 2)).softmax(dim=-1)
             o = torch.bmm(p, keys[:, :, :c])                                      # (B, T*H, c)
             x = torch.addmm(x, o.view(N, H * c), L["Wo"])
-            x = _feed_forward(x, L, eps)
+            x = _feed_forward(x, L, self._eps_t)
         w = cache._write
         cache.kv[:nL].index_copy_(1, w, lat[:, :, :c])
         cache.pe[:nL].index_copy_(1, w, lat[:, :, c:])
@@ -285,20 +290,26 @@ class BatchDecoder:
         return torch.mm(rms_norm(x, (D,), None, eps), self._head)[:, None]
 
 
-def _project(x: torch.Tensor, L: dict, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _rstd(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """1 / rms(x) per row (N, 1): rms_norm(x) = x * _rstd(x), and rms_norm(x) W = (x W) * _rstd(x)."""
+    n = _vnorm(x, dim=-1, keepdim=True)
+    return torch.addcmul(eps, n, n, value=1.0 / x.shape[-1]).rsqrt_()
+
+
+def _project(x: torch.Tensor, L: dict, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (N, D) -> the attention's inputs: q (N, H*(c+rope)) already [q_latent | q_rope] per head and
-    scaled, the latent kv (N, c) before its norm, k_pe (N, rope) before its rotation."""
-    y = torch.mm(torch.rms_norm(x, (x.shape[1],), None, eps), L["Wa"])
+    scaled, the latent kv (N, c) before its norm, k_pe (N, rope) before its rotation. eps: 0-dim."""
+    y = torch.mm(x, L["Wa"]).mul_(_rstd(x, eps))
     a, kv, k_pe = y.split_with_sizes(L["sp"], -1)
     if L["Wq"] is not None:
-        a = torch.mm(torch.rms_norm(a, (L["Q"],), None, eps), L["Wq"])
+        a = torch.mm(a, L["Wq"]).mul_(_rstd(a, eps))
     return a, kv, k_pe
 
 
-def _feed_forward(x: torch.Tensor, L: dict, eps: float) -> torch.Tensor:
+def _feed_forward(x: torch.Tensor, L: dict, eps: torch.Tensor) -> torch.Tensor:
     """x (N, D) -> x + the layer's FFN of rms_norm(x): dense SwiGLU, or every routed expert, the shared
     one and the gate in one matmul (unchosen experts weighted 0) and every w2 in another."""
-    y = torch.mm(torch.rms_norm(x, (x.shape[1],), None, eps), L["W13"])
+    y = torch.mm(x, L["W13"]).mul_(_rstd(x, eps))
     if L["E"]:
         a, b, g = y.split_with_sizes(L["sp_f"], -1)
         h = F.silu(a).mul_(b)
