@@ -198,11 +198,12 @@ def batch():
     B, G = len(comps), 2
     return Rollouts(prompt_ids=[p for p in prompts for _ in range(G)], completion_ids=comps, texts=[""] * B,
                     truncated=torch.zeros(B, dtype=torch.bool),
-                    rewards=(torch.arange(B, dtype=torch.float32) * 7 % 5).view(-1, G),
+                    # groups 1 and 3 (rank 1's share on two ranks) all-equal: skipped, rank 1 runs one for its zeros
+                    rewards=torch.tensor([[0.0, 2.0], [4.0, 4.0], [3.0, 0.0], [1.0, 1.0]]),
                     accuracy=torch.zeros(B // G, G), format=torch.zeros(B // G, G), examples=[None] * (B // G))
 
 
-def update(variant, rank=0, world=1):
+def update(variant, rank=0, world=1, skip=True):
     b = batch()
     b = b.select(torch.arange(len(b.examples)) % world == rank)        # this rank's groups
     torch.manual_seed(0)
@@ -210,7 +211,8 @@ def update(variant, rank=0, world=1):
     model.init_weights()
     before = [p.detach().clone() for p in model.parameters()]
     trainer = GRPO(model, torch.optim.SGD(model.parameters(), lr=1.0), None, None,
-                   GRPOConfig(variant=variant, group_size=2, clip_grad=0.0, split=1), pad_id=2)
+                   GRPOConfig(variant=variant, group_size=2, clip_grad=0.0, split=1, skip_zero_advantage=skip),
+                   pad_id=2)
     stats = trainer.update(b)
     return torch.cat([(a - p.detach()).flatten() for a, p in zip(before, model.parameters())]), stats
 
@@ -218,7 +220,8 @@ def update(variant, rank=0, world=1):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    out = {v: update(v, dist.get_rank(), dist.get_world_size()) for v in ("grpo", "dapo", "gspo")}
+    out = {(v, skip): update(v, dist.get_rank(), dist.get_world_size(), skip)
+           for v in ("grpo", "dapo", "gspo") for skip in (True, False)}
     if dist.get_rank() == 0:
         torch.save(out, sys.argv[1])
     dist.destroy_process_group()
@@ -240,12 +243,14 @@ def test_grpo_update_in_two_gloo_processes_equals_one(tmp_path):
     try:
         import grpo_worker
         for variant in ("grpo", "dapo", "gspo"):
-            delta, stats = grpo_worker.update(variant)
-            assert delta.abs().sum() > 0
-            torch.testing.assert_close(two[variant][0], delta, rtol=1e-4, atol=1e-7)
-            assert two[variant][1].keys() == stats.keys()
-            for k in stats:
-                assert two[variant][1][k] == pytest.approx(stats[k], rel=1e-5, abs=1e-7), (variant, k)
+            for skip in (True, False):      # zero-advantage groups skipped or run: the same step either way
+                delta, stats = grpo_worker.update(variant, skip=skip)
+                assert delta.abs().sum() > 0
+                torch.testing.assert_close(two[variant, skip][0], delta, rtol=1e-4, atol=1e-7)
+                assert two[variant, skip][1].keys() == stats.keys()
+                for k in stats:
+                    if k not in ("entropy", "ratio_mean") or not skip:      # the trained groups' when skipping
+                        assert two[variant, skip][1][k] == pytest.approx(stats[k], rel=1e-5, abs=1e-7), (variant, k)
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("grpo_worker", None)
