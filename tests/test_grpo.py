@@ -226,6 +226,12 @@ def test_zero_advantage_groups_are_skipped_and_the_update_is_the_same(monkeypatc
     assert s1[1]["loss"] == 0.0 and s1[1]["grad_norm"] == 0.0 == s0[1]["grad_norm"]
     for p, q in zip(m1.parameters(), m0.parameters()):
         assert torch.equal(p, q)
+    # the same with several optimizer steps per batch (the old log-probs pass has no group to run)
+    (m1, s1, _), (m0, s0, _) = (run("grpo", skip, [full, flat], adamw, epochs_per_batch=2, minibatches=2)
+                                for skip in (True, False))
+    assert s1[1]["updates"] == 4 and s1[1]["grad_norm"] == 0.0
+    for p, q in zip(m1.parameters(), m0.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
     # with a reference model (beta > 0) the KL term has a gradient everywhere: nothing is skipped
     ref = copy.deepcopy(base).requires_grad_(False)
     model = copy.deepcopy(base)

@@ -191,6 +191,10 @@ from nanoseek.model import Transformer, preset
 from nanoseek.train.grpo import GRPO, GRPOConfig, Rollouts
 
 
+UNEVEN = {"three_one": [[True, True, True, False], [False, False, False, True]],
+          "all_none": [[True] * 4, [False] * 4]}
+
+
 def batch():
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 64, (n,), generator=g).tolist() for n in (6, 3, 5, 4)]
@@ -203,16 +207,17 @@ def batch():
                     accuracy=torch.zeros(B // G, G), format=torch.zeros(B // G, G), examples=[None] * (B // G))
 
 
-def update(variant, rank=0, world=1, skip=True):
+def update(variant, rank=0, world=1, skip=True, share=None, **cfg):
     b = batch()
-    b = b.select(torch.arange(len(b.examples)) % world == rank)        # this rank's groups
+    mine = torch.arange(len(b.examples)) % world == rank if share is None else torch.tensor(share[rank])
+    b = b.select(mine)                                                  # this rank's groups
     torch.manual_seed(0)
     model = Transformer(preset("tiny", vocab_size=64))
     model.init_weights()
     before = [p.detach().clone() for p in model.parameters()]
     trainer = GRPO(model, torch.optim.SGD(model.parameters(), lr=1.0), None, None,
-                   GRPOConfig(variant=variant, group_size=2, clip_grad=0.0, split=1, skip_zero_advantage=skip),
-                   pad_id=2)
+                   GRPOConfig(variant=variant, group_size=2, clip_grad=0.0, split=1, skip_zero_advantage=skip,
+                              **cfg), pad_id=2)
     stats = trainer.update(b)
     return torch.cat([(a - p.detach()).flatten() for a, p in zip(before, model.parameters())]), stats
 
@@ -220,8 +225,16 @@ def update(variant, rank=0, world=1, skip=True):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    out = {(v, skip): update(v, dist.get_rank(), dist.get_world_size(), skip)
-           for v in ("grpo", "dapo", "gspo") for skip in (True, False)}
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out = {(v, skip): update(v, rank, world, skip) for v in ("grpo", "dapo", "gspo") for skip in (True, False)}
+    # uneven shares (dynamic sampling keeps different counts on each rank), one of them empty
+    for name, share in UNEVEN.items():
+        out[name] = update("dapo", rank, world, share=share)
+    # two minibatches: rank 1's one group makes one, its second is empty; both ranks step twice alike
+    delta, _ = update("grpo", rank, world, share=UNEVEN["three_one"], minibatches=2)
+    both = [torch.zeros_like(delta) for _ in range(world)]
+    dist.all_gather(both, delta)
+    out["minibatches"] = both
     if dist.get_rank() == 0:
         torch.save(out, sys.argv[1])
     dist.destroy_process_group()
@@ -251,6 +264,14 @@ def test_grpo_update_in_two_gloo_processes_equals_one(tmp_path):
                 for k in stats:
                     if k not in ("entropy", "ratio_mean") or not skip:      # the trained groups' when skipping
                         assert two[variant, skip][1][k] == pytest.approx(stats[k], rel=1e-5, abs=1e-7), (variant, k)
+        # uneven shares, one rank's empty: the same step as one process on all the groups
+        delta, stats = grpo_worker.update("dapo")
+        for name in grpo_worker.UNEVEN:
+            torch.testing.assert_close(two[name][0], delta, rtol=1e-4, atol=1e-7)
+            for k in ("loss", "clip_frac", "grad_norm"):
+                assert two[name][1][k] == pytest.approx(stats[k], rel=1e-5, abs=1e-7), (name, k)
+        a, b = two["minibatches"]
+        assert a.abs().sum() > 0 and torch.equal(a, b)
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("grpo_worker", None)
@@ -283,6 +304,21 @@ def test_grpo_command_under_torchrun(tmp_path):
     model = Transformer.from_pretrained(tmp_path / "run" / "model")
     start = Transformer.from_pretrained(base)
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), start.state_dict().values()))
+    # DAPO's dynamic sampling: the ranks sample rounds (2 prompts x 4 each) until together they keep 4 groups
+    # with signal or run out of rounds; their shares may differ, the step is one global step
+    dyn = cmd[:cmd.index("--out") + 1] + [str(tmp_path / "dyn")] + cmd[cmd.index("--out") + 2:] + [
+        "--dynamic-sampling", "--steps", "3", "--temperature", "1.5"]
+    proc = subprocess.run(dyn, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "dyn" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if "reward" in r]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    assert all(r["completions"] % 16 == 0 and 16 <= r["completions"] <= 4 * 16 for r in train)   # 1-4 rounds
+    assert all(r["groups_trained"] <= 4 for r in train)
+    assert any(r["completions"] > 16 or r["groups_trained"] == 4 for r in train)
+    trained = [r for r in train if r["groups_trained"] > 0]
+    assert trained and all(r["grad_norm"] > 0 for r in trained)
+    assert (tmp_path / "dyn" / "model" / "model.safetensors").exists()
 
 
 def test_eval_and_distill_under_torchrun(tmp_path):

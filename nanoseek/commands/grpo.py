@@ -110,9 +110,6 @@ def main(argv: list[str] | None = None) -> None:
     # --- setup: device, processes, seed, run folder, model, tokenizer
     device = pick_device(args.device)
     info, device, owns_group = parallel.start(device)
-    if info.enabled and args.dynamic_sampling:
-        raise SystemExit("nanoseek grpo: --dynamic-sampling runs in one process (its extra sampling rounds differ "
-                         "between ranks); drop it or run without torchrun")
     if args.prompts_per_step % info.world_size:
         raise SystemExit(f"nanoseek grpo: --prompts-per-step {args.prompts_per_step} does not split evenly over "
                          f"{info.world_size} processes")

@@ -34,7 +34,9 @@ One step (DeepSeekMath's GRPO; mu passes and minibatches per batch of rollouts a
 Under torchrun each process rolls out its share of a step's prompts with its own engine on its own
 replica of the policy; the loss normalizers are the global ones (all ranks' sequences or tokens), the
 gradients are summed over the ranks before each optimizer step, so every replica takes the same step
-as one process would on the whole batch, and the logged statistics are the global batch's.
+as one process would on the whole batch, and the logged statistics are the global batch's. With
+dynamic sampling the ranks' shares may differ (even be empty): the normalizers are all-reduced, every
+rank takes the same number of optimizer steps, and a rank without rows gets zero gradients.
 
 Not applied in RL, deliberately: DeepSeek-V3's aux-loss-free router bias update (rollouts from one
 task are a skewed sample of token types; the balance from pretraining is kept, the bias frozen) and
@@ -183,10 +185,11 @@ def pack(batch: Rollouts, pad_id: int, device: torch.device | str = "cpu") -> Pa
     prompts = batch.prompt_ids[::G]
     plens = [len(p) for p in prompts]
     clens = [len(c) for c in batch.completion_ids]
-    Lp, Tc = max(plens), max(max(clens), 1)
+    Lp, Tc = max(plens, default=1), max(max(clens, default=0), 1)      # (no groups: a rank's empty share)
     # padded on the host: one tensor call per table (not one per row)
-    prompt_t = torch.tensor([list(p) + [pad_id] * (Lp - len(p)) for p in prompts], dtype=torch.long)
-    comp_t = torch.tensor([list(c) + [pad_id] * (Tc - len(c)) for c in batch.completion_ids], dtype=torch.long)
+    prompt_t = torch.tensor([list(p) + [pad_id] * (Lp - len(p)) for p in prompts], dtype=torch.long).view(-1, Lp)
+    comp_t = torch.tensor([list(c) + [pad_id] * (Tc - len(c)) for c in batch.completion_ids],
+                          dtype=torch.long).view(-1, Tc)
     mask = (torch.arange(Tc)[None] < torch.tensor(clens)[:, None]).float()
     return Packed(prompt_t.to(device), torch.tensor(plens).to(device), comp_t.to(device), mask.to(device), G)
 
@@ -324,6 +327,9 @@ class GRPO:
         rewards differ are kept and more batches are drawn until as many groups as one batch holds
         are kept, or max_sampling_rounds is reached (DAPO samples until full; a cap keeps a step's
         cost bounded when the task is all-solved or all-failed).
+        Under torchrun each rank rolls out its share of every round, and the rounds go on until the
+        ranks together keep a global batch's worth (want x world groups); the ranks then keep, in rank
+        order, what is left of that count, so their shares may differ (update() takes uneven shares).
         """
         cfg = self.cfg
         prompts, examples = next_prompts()
@@ -332,13 +338,23 @@ class GRPO:
         if not cfg.dynamic_sampling:
             return sampled[0], sampled[0]
         kept = [sampled[0].select(dynamic_sampling_mask(sampled[0].rewards))]
-        while sum(len(k.examples) for k in kept) < want and len(sampled) < cfg.max_sampling_rounds:
+        dist_on = is_distributed()
+        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist_on else (0, 1)
+
+        def kept_counts() -> list[int]:      # every rank's kept groups (one small all-reduce a round)
+            counts = torch.zeros(world, device=self.device)
+            counts[rank] = sum(len(k.examples) for k in kept)
+            return [int(c) for c in all_reduce_sum_(counts).tolist()]
+        counts = kept_counts()
+        while sum(counts) < want * world and len(sampled) < cfg.max_sampling_rounds:
             prompts, examples = next_prompts()
             sampled.append(rollout(self.generate, prompts, examples, self.reward_fn, cfg.group_size))
             kept.append(sampled[-1].select(dynamic_sampling_mask(sampled[-1].rewards)))
+            counts = kept_counts()
         batch = Rollouts.cat(kept)
-        if len(batch.examples) > want:
-            batch = batch.select(torch.arange(len(batch.examples)) < want)
+        mine = max(0, min(counts[rank], want * world - sum(counts[:rank])))
+        if len(batch.examples) > mine:
+            batch = batch.select(torch.arange(len(batch.examples)) < mine)
         return batch, Rollouts.cat(sampled)
 
     # --- 3-5: advantages, old log-probs, updates
@@ -349,14 +365,16 @@ class GRPO:
         """
         cfg, model = self.cfg, self.model
         n_groups = len(batch.examples)
-        if n_groups == 0:
+        # under torchrun a rank's share may be empty (dynamic sampling): it still takes every optimizer
+        # step with the others (zero gradients); only a batch empty on every rank is no update at all
+        if all_reduce_sum_(torch.tensor(float(n_groups), device=self.device)).item() == 0:
             return {"updates": 0}
         x = pack(batch, self.pad_id, self.device)
         if cfg.overlong_filter:
             x.mask = x.mask * overlong_filter_mask(batch.truncated).to(x.mask)[:, None]
         adv_g = group_advantages(batch.rewards, cfg.scale_rewards)                           # (groups, G)
         adv = adv_g.flatten().to(self.device)                                                # (B,)
-        micro = max(1, cfg.micro_batch // cfg.group_size) if cfg.micro_batch else n_groups   # groups per forward
+        micro = max(1, cfg.micro_batch // cfg.group_size if cfg.micro_batch else n_groups)   # groups per forward
         all_groups = torch.arange(n_groups)
         # With beta = 0 the loss is the policy term alone, A_i * (a function of the ratio), so a group whose
         # advantages are all exactly 0 (its rewards all equal: every group of an all-solved or all-failed
@@ -370,16 +388,20 @@ class GRPO:
         # single optimizer step per batch they are exactly the detached log-probs of that step's own
         # forward (same weights, same inputs), so the separate no-grad pass is skipped (as TRL does).
         single = cfg.epochs_per_batch == 1 and cfg.minibatches == 1
-        old_logp = None if single else self._no_grad_logprobs(model, x, all_groups[signal], micro)
-        ref_logp = None if self.ref_model is None else self._no_grad_logprobs(self.ref_model, x, all_groups, micro)
+        old_logp = None if single or not n_groups else self._no_grad_logprobs(model, x, all_groups[signal], micro)
+        ref_logp = (None if self.ref_model is None or not n_groups
+                    else self._no_grad_logprobs(self.ref_model, x, all_groups, micro))
 
         model.train()
         world = torch.distributed.get_world_size() if is_distributed() else 1
         params = [p for p in model.parameters() if p.requires_grad]
         split = cfg.split or cpu_split(self.device, n_groups)
         # running weighted sums of the logged stats, kept as 0-dim device tensors: one host sync per update
-        sums: dict[str, torch.Tensor] = {}
-        weights: dict[str, torch.Tensor] = {}
+        # (every name from the start: under torchrun each rank reduces the same list, even one with no groups)
+        zero = torch.zeros((), device=self.device)
+        sums: dict[str, torch.Tensor] = dict.fromkeys(("loss", "clip_frac", "kl", "ratio_mean", "entropy",
+                                                      "grad_norm"), zero)
+        weights: dict[str, torch.Tensor] = dict(sums)
 
         def add(name: str, value: torch.Tensor, w: torch.Tensor | float) -> None:
             value = value.detach().float()
@@ -391,11 +413,14 @@ class GRPO:
         n_updates = 0
         for epoch in range(cfg.epochs_per_batch):
             order = torch.randperm(n_groups, generator=self.gen)
-            for mb in order.chunk(cfg.minibatches):
+            mbs = list(order.chunk(cfg.minibatches)) if n_groups else []
+            if world > 1:       # every rank takes the same number of optimizer steps, some maybe on no groups
+                mbs += [order[:0]] * (cfg.minibatches - len(mbs))
+            for mb in mbs:
                 mb_rows = x.rows(mb)
-                # the minibatch's normalizers over every process's share (the same shares on every rank)
+                # the minibatch's normalizers over every process's share
                 mb_tokens = all_reduce_sum_(x.mask[mb_rows].sum()).clamp(min=1)
-                mb_seqs = len(mb_rows) * world
+                mb_seqs = all_reduce_sum_(torch.tensor(float(len(mb_rows)), device=self.device))
                 keep = signal[mb]
                 if not keep.any():
                     # one group still runs (its gradient is exactly 0): every parameter the forward reaches
@@ -408,7 +433,7 @@ class GRPO:
                     n_rest = x.mask[rest].sum()
                     add("loss", n_rest.new_zeros(()), n_rest / mb_tokens if cfg.variant == "dapo" else len(rest) / mb_seqs)
                     add("clip_frac", n_rest.new_zeros(()), len(rest) if per_seq else n_rest)
-                for groups in mb[keep].split(micro):
+                for groups in mb[keep].split(micro) if len(mb) else ():
                     def chunk(_rows_weight: float, groups: torch.Tensor):
                         part, rows = x.take(groups), x.rows(groups)
                         Tc = part.mask.shape[1]
@@ -450,7 +475,7 @@ class GRPO:
     def _no_grad_logprobs(self, model: nn.Module, x: Packed, groups: torch.Tensor, micro: int) -> torch.Tensor:
         """log-probs (B, Tc) of the completions under `model`, micro-batched by groups."""
         out = torch.zeros_like(x.mask)
-        for g in groups.split(micro):
+        for g in groups.split(micro) if len(groups) else ():
             part = x.take(g)
             with autocast(self.device, self.dtype):
                 out[x.rows(g), :part.mask.shape[1]] = completion_logprobs(model, part)[0].float()

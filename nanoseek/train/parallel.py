@@ -105,9 +105,16 @@ def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
 def all_reduce_grads_(params: list[torch.Tensor]) -> None:
     """Sum the parameters' gradients over the ranks, in place (no-op in one process): one flat
     all-reduce per dtype. For loops that normalize their losses globally themselves (GRPO) rather
-    than through DDP's average; every rank must hold gradients for the same parameters."""
+    than through DDP's average. A parameter with a gradient on some rank but none on this one (a rank
+    that trained no rows this step, or none that reach it) gets a zero gradient first, so every rank
+    sums the same tensors and steps the same parameters (one small all-reduce of who has what)."""
     if not is_distributed():
         return
+    has = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device if params else None)
+    dist.all_reduce(has, op=dist.ReduceOp.SUM)
+    for p, h in zip(params, has.tolist()):
+        if h and p.grad is None:
+            p.grad = torch.zeros_like(p)
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
     for p in params:
         if p.grad is not None:
