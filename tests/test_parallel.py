@@ -195,6 +195,30 @@ UNEVEN = {"three_one": [[True, True, True, False], [False, False, False, True]],
           "all_none": [[True] * 4, [False] * 4]}
 
 
+def collect_shares(rank, world, signal, rounds):
+    # GRPO.collect with dynamic sampling and a stand-in engine: signal[rank][round] of the 4 groups a
+    # round draws on this rank have rewards that differ. -> how many groups this rank keeps (all with signal)
+    from types import SimpleNamespace
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=64))
+    cfg = GRPOConfig(variant="dapo", group_size=2, dynamic_sampling=True, max_sampling_rounds=rounds)
+    calls = [0]
+
+    def next_prompts():
+        r = calls[0]
+        calls[0] += 1
+        return [[3, 4]] * 4, [SimpleNamespace(signal=i < signal[rank][r], seen=0) for i in range(4)]
+
+    def reward(c, ex):
+        ex.seen += 1
+        v = float(ex.signal and ex.seen == 1)          # a group with signal: 1 then 0
+        return {"total": v, "accuracy": v, "format": 0.0}
+    gen = lambda ps: [SimpleNamespace(token_ids=[5], text="", finish_reason="stop") for _ in ps]   # noqa: E731
+    batch, sampled = GRPO(model, None, gen, reward, cfg).collect(next_prompts)
+    assert all(ex.signal for ex in batch.examples)
+    return len(batch.examples)
+
+
 def batch():
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 64, (n,), generator=g).tolist() for n in (6, 3, 5, 4)]
@@ -235,6 +259,12 @@ if __name__ == "__main__":
     both = [torch.zeros_like(delta) for _ in range(world)]
     dist.all_gather(both, delta)
     out["minibatches"] = both
+    # one group a rank and two minibatches: the second minibatch is empty on both ranks, no step
+    out["one_each"] = update("grpo", rank, world, share=[[True, False, False, False], [False, False, True, False]],
+                             minibatches=2)[1]["updates"]
+    # dynamic sampling's shares: rank 0 keeps 4 + 4 in two rounds, rank 1 0 + 2; 8 wanted in all
+    out["collect"] = [collect_shares(rank, world, [[4, 4], [0, 2]], 4),   # rank 0 makes up 2 for rank 1
+                      collect_shares(rank, world, [[1, 4], [0, 1]], 2)]   # rounds run out at 6: all kept
     if dist.get_rank() == 0:
         torch.save(out, sys.argv[1])
     dist.destroy_process_group()
@@ -272,6 +302,9 @@ def test_grpo_update_in_two_gloo_processes_equals_one(tmp_path):
                 assert two[name][1][k] == pytest.approx(stats[k], rel=1e-5, abs=1e-7), (name, k)
         a, b = two["minibatches"]
         assert a.abs().sum() > 0 and torch.equal(a, b)
+        assert two["one_each"] == 1
+        assert two["collect"] == [6, 5]                 # this was rank 0; rank 1 kept 2 and 1
+        assert grpo_worker.collect_shares(0, 1, [[1, 2, 4]], 4) == 4   # one process: up to one batch
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("grpo_worker", None)

@@ -122,6 +122,13 @@ def test_group_advantages_hand_values():
     assert torch.equal(group_advantages(torch.tensor([[1.0], [0.0]])), torch.zeros(2, 1))
     with pytest.raises(ValueError):
         group_advantages(r, scale="batch")
+    # all-equal groups get exactly 0 whatever the value (the mean of G equal floats can round away
+    # from them: 0.1 or 1.05 gave ~1e-4 .. 1e-3 before), and an empty batch of groups is fine
+    for v in (0.1, 0.9, 1.05, 0.3):
+        for G in range(2, 17):
+            for scale in ("std", "none"):
+                assert torch.equal(group_advantages(torch.full((2, G), v), scale), torch.zeros(2, G)), (v, G, scale)
+    assert group_advantages(torch.zeros(0, 4)).shape == (0, 4)
 
 
 def test_masks():

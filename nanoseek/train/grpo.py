@@ -328,8 +328,9 @@ class GRPO:
         are kept, or max_sampling_rounds is reached (DAPO samples until full; a cap keeps a step's
         cost bounded when the task is all-solved or all-failed).
         Under torchrun each rank rolls out its share of every round, and the rounds go on until the
-        ranks together keep a global batch's worth (want x world groups); the ranks then keep, in rank
-        order, what is left of that count, so their shares may differ (update() takes uneven shares).
+        ranks together keep a global batch's worth (want x world groups); each rank keeps up to want,
+        and ranks with more make up for ranks with fewer, so the shares may differ (update() takes
+        uneven shares).
         """
         cfg = self.cfg
         prompts, examples = next_prompts()
@@ -352,7 +353,15 @@ class GRPO:
             kept.append(sampled[-1].select(dynamic_sampling_mask(sampled[-1].rewards)))
             counts = kept_counts()
         batch = Rollouts.cat(kept)
-        mine = max(0, min(counts[rank], want * world - sum(counts[:rank])))
+        # a global batch's worth at most: each rank keeps up to its own share (want), then the ranks in
+        # order make up what others lacked from their surplus (the same arithmetic on every rank)
+        base = [min(c, want) for c in counts]
+        left = want * world - sum(base)
+        mine = base[rank]
+        for r in range(world):
+            extra = min(counts[r] - base[r], left)
+            mine += extra if r == rank else 0
+            left -= extra
         if len(batch.examples) > mine:
             batch = batch.select(torch.arange(len(batch.examples)) < mine)
         return batch, Rollouts.cat(sampled)
@@ -421,6 +430,8 @@ class GRPO:
                 # the minibatch's normalizers over every process's share
                 mb_tokens = all_reduce_sum_(x.mask[mb_rows].sum()).clamp(min=1)
                 mb_seqs = all_reduce_sum_(torch.tensor(float(len(mb_rows)), device=self.device))
+                if world > 1 and mb_seqs.item() == 0:
+                    continue        # a padding minibatch empty on every rank: no step (the same on all ranks)
                 keep = signal[mb]
                 if not keep.any():
                     # one group still runs (its gradient is exactly 0): every parameter the forward reaches

@@ -249,15 +249,15 @@ def group_advantages(rewards: torch.Tensor, scale: str = "std", eps: float = 1e-
     scale="none": A_i = r_i - mean(r)                       Dr. GRPO (no std: it up-weights easy and
                                                             hard groups, a difficulty bias)
     std is the unbiased (Bessel) one, as TRL computes it. A group whose rewards are all equal gets
-    A = 0 exactly (r - mean = 0), so it adds nothing to the loss; G = 1 gives 0 as well.
+    A = 0 exactly, so it adds nothing to the loss; G = 1 gives 0 as well. (Set, not computed: the
+    mean of G equal floats can round away from them, and divided by a std as small that rounding gave
+    a group with nothing to learn advantages of 7e-5 (0.1, G >= 7) to 1.2e-3 (1.05, G >= 6).)
     """
-    r = rewards.float()
-    centered = r - r.mean(dim=1, keepdim=True)
-    if scale == "none":
-        return centered
-    if scale != "std":
+    if scale not in ("std", "none"):
         raise ValueError(f"scale must be 'std' or 'none', got {scale!r}")
-    if r.shape[1] < 2:                       # std of one sample is NaN; the centered value is 0 anyway
+    r = rewards.float()
+    centered = torch.where(dynamic_sampling_mask(r)[:, None], r - r.mean(dim=1, keepdim=True), 0.0)
+    if scale == "none" or r.shape[1] < 2 or r.shape[0] == 0:   # std of one sample is NaN (A is 0 anyway)
         return centered
     return centered / (r.std(dim=1, keepdim=True) + eps)
 
