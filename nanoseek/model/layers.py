@@ -30,7 +30,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (torch.is_grad_enabled() and self.weight.dtype == torch.float32 and x.dtype in (torch.float32, torch.bfloat16)
-                and not (x.dtype == torch.float32 and x.numel() <= self.SMALL and not torch.is_autocast_enabled(x.device.type))):
+                and not (x.numel() <= self.SMALL and x.dtype == torch.float32
+                         and not torch.is_autocast_enabled(x.device.type))):
             # training (fp32 master weight, also under autocast): the same forward, a leaner backward.
             # Under autocast the output is the autocast dtype: every reader is a matmul that would cast
             # it anyway, once per weight (q and kv, each expert's w1 and w3), and autograd would cast

@@ -442,7 +442,8 @@ class GRPO:
                     # the skipped groups' share of the logged loss (exactly 0) and of the clip fraction (0)
                     rest = x.rows(mb[~keep])
                     n_rest = x.mask[rest].sum()
-                    add("loss", n_rest.new_zeros(()), n_rest / mb_tokens if cfg.variant == "dapo" else len(rest) / mb_seqs)
+                    w_rest = n_rest / mb_tokens if cfg.variant == "dapo" else len(rest) / mb_seqs
+                    add("loss", n_rest.new_zeros(()), w_rest)
                     add("clip_frac", n_rest.new_zeros(()), len(rest) if per_seq else n_rest)
                 for groups in mb[keep].split(micro) if len(mb) else ():
                     def chunk(_rows_weight: float, groups: torch.Tensor):
