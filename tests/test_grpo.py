@@ -240,6 +240,24 @@ def test_zero_advantage_groups_are_skipped_and_the_update_is_the_same(monkeypatc
     assert forwarded == [16, 16]          # the reference's pass and the training forward, every group
 
 
+def test_minibatches_are_whole_groups_and_as_many_as_asked():
+    # 6 groups in 4 minibatches: 4 optimizer steps (2, 2, 1, 1 groups), not torch.chunk's 3; with fewer
+    # groups than minibatches, one step per group
+    torch.manual_seed(0)
+    model = Transformer(preset("tiny", vocab_size=64))
+    model.init_weights()
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 64, (4,), generator=g).tolist() for _ in range(6)]
+    comps = [torch.randint(3, 64, (3,), generator=g).tolist() for _ in range(12)]
+    b = rollouts(prompts, comps, G=2)
+    b.rewards = torch.tensor([[1.0, 0.0]] * 6)
+    for minibatches, groups, steps in ((4, 6, 4), (3, 6, 3), (4, 2, 2)):
+        part = b.select(torch.arange(6) < groups)
+        cfg = GRPOConfig(group_size=2, minibatches=minibatches, split=1)
+        stats = GRPO(model, torch.optim.SGD(model.parameters(), lr=0.0), None, None, cfg).update(part)
+        assert stats["updates"] == steps, (minibatches, groups)
+
+
 def test_pack_pads_right_and_masks_the_completion_tokens():
     x = pack(rollouts([[5, 6, 7], [8]], [[9, 10], [11], [12, 13, 14], []], G=2), pad_id=2)
     assert x.prompts.tolist() == [[5, 6, 7], [8, 2, 2]] and x.prompt_lens.tolist() == [3, 1]

@@ -254,12 +254,12 @@ if __name__ == "__main__":
     # uneven shares (dynamic sampling keeps different counts on each rank), one of them empty
     for name, share in UNEVEN.items():
         out[name] = update("dapo", rank, world, share=share)
-    # two minibatches: rank 1's one group makes one, its second is empty; both ranks step twice alike
+    # two minibatches, slices of one permutation of the 4 groups: rank 1 may have none in one of them
     delta, _ = update("grpo", rank, world, share=UNEVEN["three_one"], minibatches=2)
     both = [torch.zeros_like(delta) for _ in range(world)]
     dist.all_gather(both, delta)
     out["minibatches"] = both
-    # one group a rank and two minibatches: the second minibatch is empty on both ranks, no step
+    # one group a rank and two minibatches: two steps, as one process on the two groups takes
     out["one_each"] = update("grpo", rank, world, share=[[True, False, False, False], [False, False, True, False]],
                              minibatches=2)[1]["updates"]
     # dynamic sampling's shares: rank 0 keeps 4 + 4 in two rounds, rank 1 0 + 2; 8 wanted in all
@@ -302,7 +302,8 @@ def test_grpo_update_in_two_gloo_processes_equals_one(tmp_path):
                 assert two[name][1][k] == pytest.approx(stats[k], rel=1e-5, abs=1e-7), (name, k)
         a, b = two["minibatches"]
         assert a.abs().sum() > 0 and torch.equal(a, b)
-        assert two["one_each"] == 1
+        torch.testing.assert_close(a, grpo_worker.update("grpo", minibatches=2)[0], rtol=1e-4, atol=1e-7)
+        assert two["one_each"] == 2
         assert two["collect"] == [6, 5]                 # this was rank 0; rank 1 kept 2 and 1
         assert grpo_worker.collect_shares(0, 1, [[1, 2, 4]], 4) == 4   # one process: up to one batch
     finally:

@@ -58,7 +58,8 @@ from torch import nn
 from nanoseek.eval_metrics import cons_at_k, pass_at_k
 from nanoseek.train.losses import (RL_VARIANTS, dynamic_sampling_mask, group_advantages, overlong_filter_mask,
                                    policy_loss)
-from nanoseek.train.parallel import all_reduce_grads_, all_reduce_sum_, cpu_split, is_distributed, split_backward
+from nanoseek.train.parallel import (all_reduce_grads_, all_reduce_sum_, counts_by_rank, cpu_split, is_distributed,
+                                     split_backward)
 from nanoseek.train.rl_forward import linear_logprobs
 from nanoseek.train.step import autocast
 
@@ -339,19 +340,14 @@ class GRPO:
         if not cfg.dynamic_sampling:
             return sampled[0], sampled[0]
         kept = [sampled[0].select(dynamic_sampling_mask(sampled[0].rewards))]
-        dist_on = is_distributed()
-        rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist_on else (0, 1)
-
-        def kept_counts() -> list[int]:      # every rank's kept groups (one small all-reduce a round)
-            counts = torch.zeros(world, device=self.device)
-            counts[rank] = sum(len(k.examples) for k in kept)
-            return [int(c) for c in all_reduce_sum_(counts).tolist()]
-        counts = kept_counts()
+        rank = torch.distributed.get_rank() if is_distributed() else 0
+        counts = counts_by_rank(len(kept[0].examples), self.device)      # every rank's kept groups
+        world = len(counts)
         while sum(counts) < want * world and len(sampled) < cfg.max_sampling_rounds:
             prompts, examples = next_prompts()
             sampled.append(rollout(self.generate, prompts, examples, self.reward_fn, cfg.group_size))
             kept.append(sampled[-1].select(dynamic_sampling_mask(sampled[-1].rewards)))
-            counts = kept_counts()
+            counts = counts_by_rank(sum(len(k.examples) for k in kept), self.device)
         batch = Rollouts.cat(kept)
         # a global batch's worth at most: each rank keeps up to its own share (want), then the ranks in
         # order make up what others lacked from their surplus (the same arithmetic on every rank)
@@ -370,13 +366,17 @@ class GRPO:
     def update(self, batch: Rollouts) -> dict[str, float]:
         """epochs_per_batch x minibatches optimizer steps on one batch; returns mean stats.
 
-        Minibatches and micro-batches are made of whole groups (a group shares its prompt pass).
+        Minibatches and micro-batches are made of whole groups (a group shares its prompt pass), so a
+        pass takes min(minibatches, groups) steps. Under torchrun the minibatches are slices of one
+        permutation of the global batch's groups (rank 0's groups first, then rank 1's, ...), the same
+        on every rank: each rank trains its groups of each slice, and the steps are one process's.
         """
         cfg, model = self.cfg, self.model
         n_groups = len(batch.examples)
-        # under torchrun a rank's share may be empty (dynamic sampling): it still takes every optimizer
-        # step with the others (zero gradients); only a batch empty on every rank is no update at all
-        if all_reduce_sum_(torch.tensor(float(n_groups), device=self.device)).item() == 0:
+        counts = counts_by_rank(n_groups, self.device)                  # every rank's share (may be uneven)
+        rank = torch.distributed.get_rank() if is_distributed() else 0
+        total, first = sum(counts), sum(counts[:rank])                  # global groups; this rank's first
+        if total == 0:
             return {"updates": 0}
         x = pack(batch, self.pad_id, self.device)
         if cfg.overlong_filter:
@@ -402,7 +402,6 @@ class GRPO:
                     else self._no_grad_logprobs(self.ref_model, x, all_groups, micro))
 
         model.train()
-        world = torch.distributed.get_world_size() if is_distributed() else 1
         params = [p for p in model.parameters() if p.requires_grad]
         split = cfg.split or cpu_split(self.device, n_groups)
         # running weighted sums of the logged stats, kept as 0-dim device tensors: one host sync per update
@@ -421,17 +420,13 @@ class GRPO:
         per_seq = ("clip_frac", "ratio_mean") if cfg.variant == "gspo" else ()
         n_updates = 0
         for epoch in range(cfg.epochs_per_batch):
-            order = torch.randperm(n_groups, generator=self.gen)
-            mbs = list(order.chunk(cfg.minibatches)) if n_groups else []
-            if world > 1:       # every rank takes the same number of optimizer steps, some maybe on no groups
-                mbs += [order[:0]] * (cfg.minibatches - len(mbs))
-            for mb in mbs:
+            order = torch.randperm(total, generator=self.gen)       # global group ids (the same on every rank)
+            for piece in torch.tensor_split(order, min(cfg.minibatches, total)):
+                mb = piece[(piece >= first) & (piece < first + n_groups)] - first     # this rank's, local ids
                 mb_rows = x.rows(mb)
                 # the minibatch's normalizers over every process's share
                 mb_tokens = all_reduce_sum_(x.mask[mb_rows].sum()).clamp(min=1)
-                mb_seqs = all_reduce_sum_(torch.tensor(float(len(mb_rows)), device=self.device))
-                if world > 1 and mb_seqs.item() == 0:
-                    continue        # a padding minibatch empty on every rank: no step (the same on all ranks)
+                mb_seqs = len(piece) * cfg.group_size
                 keep = signal[mb]
                 if not keep.any():
                     # one group still runs (its gradient is exactly 0): every parameter the forward reaches

@@ -102,6 +102,16 @@ def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def counts_by_rank(n: int, device: torch.device | str = "cpu") -> list[int]:
+    """Every rank's n, in rank order (one small all-reduce); [n] in one process."""
+    if not is_distributed():
+        return [n]
+    counts = torch.zeros(dist.get_world_size(), device=device)
+    counts[dist.get_rank()] = n
+    dist.all_reduce(counts, op=dist.ReduceOp.SUM)
+    return [int(c) for c in counts.tolist()]
+
+
 def all_reduce_grads_(params: list[torch.Tensor]) -> None:
     """Sum the parameters' gradients over the ranks, in place (no-op in one process): one flat
     all-reduce per dtype. For loops that normalize their losses globally themselves (GRPO) rather
