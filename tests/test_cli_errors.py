@@ -106,6 +106,13 @@ def test_engine_and_sampling_ranges(model_dir):
     ("grpo", ["--eps-low", "1.5"], "--eps-low must be in [0, 1)"),
     ("grpo", ["--micro-batch", "3"], "whole groups"),
     ("grpo", ["--eval-problems=-3"], "--eval-problems must be a number >= 0"),
+    ("grpo", ["--micro-batch=-2"], "--micro-batch must be a number >= 0"),
+    ("grpo", ["--temperature", "inf"], "temperature"),
+    ("grpo", ["--max-new-tokens", "100000"], "max_position_embeddings (2048)"),
+    ("eval", ["--max-new-tokens", "100000"], "max_position_embeddings (2048)"),
+    ("eval", ["--samples", "0"], "--samples >= --k"),
+    ("distill", ["--seq-len", "100000"], "max_position_embeddings 2048"),
+    ("distill", ["--max-new-tokens", "100000"], "max_position_embeddings (2048)"),
     ("sft", ["--val-frac", "1"], "--val-frac must be in [0, 1)"),
     ("sft", ["--weight-decay=-1"], "--weight-decay"),
     ("sft", ["--n", "0"], "--n must be >= 1"),
@@ -120,6 +127,17 @@ def test_training_commands_check_values_before_writing(model_dir, tmp_path, cmd,
         nanoseek([cmd, *base, *flags, "--out", str(out / "e.json" if cmd == "eval" else out)])
     assert says in one_line(e, f"nanoseek {cmd}: ")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("cmd", ["grpo", "distill", "eval"])
+def test_out_under_a_file_is_one_line(model_dir, tmp_path, cmd):
+    (tmp_path / "afile").write_text("x")
+    base = {"eval": ["--model", str(model_dir), "--task", "arithmetic"],
+            "distill": ["--teacher", str(model_dir), "--student", str(model_dir), "--task", "arithmetic"],
+            "grpo": ["--model", str(model_dir), "--task", "arithmetic"]}[cmd]
+    with pytest.raises(SystemExit) as e:
+        nanoseek([cmd, *base, "--out", str(tmp_path / "afile" / "sub" / ("e.json" if cmd == "eval" else "run"))])
+    assert "is a file, not a folder" in one_line(e, f"nanoseek {cmd}: ")
 
 
 def test_eval_out_directory_and_task_options(model_dir, tmp_path):

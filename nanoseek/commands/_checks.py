@@ -15,9 +15,18 @@ def fail(prog: str, message: str):
     raise SystemExit(f"nanoseek {prog}: {message}")
 
 
+def under_folders(prog: str, path: str | Path, flag: str = "--out") -> Path:
+    """A path whose existing ancestors are all folders (one under a file cannot be made)."""
+    path = Path(path)
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            fail(prog, f"{flag} {path}: {parent} is a file, not a folder")
+    return path
+
+
 def fresh_run(prog: str, out: str | Path) -> Path:
     """--out as a run folder that holds no run yet (it may exist, empty or with other files)."""
-    run = Path(out)
+    run = under_folders(prog, out)
     if run.exists() and not run.is_dir():
         fail(prog, f"--out {run} is a file; give a folder for the run")
     for name in RUN_FILES:
@@ -49,6 +58,14 @@ def numbers(prog: str, args: Any, *, at_least_1: tuple[str, ...] = (), positive:
         v = getattr(args, name)
         if v is not None and not (math.isfinite(v) and 0 <= v < 1):
             fail(prog, f"{flag(name)} must be in [0, 1), got {v}")
+
+
+def positions(prog: str, model, longest_prompt: int, max_new_tokens: int) -> None:
+    """The longest prompt plus --max-new-tokens within the positions the model was built for."""
+    limit = model.config.max_position_embeddings
+    if longest_prompt + max_new_tokens > limit:
+        fail(prog, f"the longest prompt ({longest_prompt} tokens) + --max-new-tokens {max_new_tokens} is more "
+                   f"than the model's max_position_embeddings ({limit})")
 
 
 def sampling(prog: str, **params: Any) -> None:

@@ -97,7 +97,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"nanoseek distill: task {args.task}: {e}") from None
     prompts = chat_prompts(tokenizer, task.messages, problems)
     heldout_prompts = chat_prompts(tokenizer, task.messages, heldout)
-    max_len = max(map(len, prompts + heldout_prompts)) + args.max_new_tokens + 1
+    longest = max(map(len, prompts + heldout_prompts))
+    checks.positions("distill", teacher, longest, args.max_new_tokens)
+    if args.seq_len > student.config.max_position_embeddings:
+        checks.fail("distill", f"--seq-len {args.seq_len} > the student's max_position_embeddings "
+                               f"{student.config.max_position_embeddings}")
+    max_len = longest + args.max_new_tokens + 1
     greedy = SamplingParams(max_tokens=args.max_new_tokens, temperature=0.0)
 
     def heldout_accuracy(model) -> float | None:
@@ -128,6 +133,10 @@ def main(argv: list[str] | None = None) -> None:
     if not convs:       # before anything is written: the suggested retry may use the same --out
         raise SystemExit("nanoseek distill: the teacher solved none of the problems, so there is nothing to "
                          "distill; use a stronger teacher, more --samples-per-prompt or a higher --temperature")
+    try:                # the student's data, also before anything is written
+        ds = SFTDataset(convs, tokenizer, args.seq_len)
+    except ValueError as e:
+        raise SystemExit(f"nanoseek distill: {e} (--seq-len {args.seq_len})") from None
     if info.is_main:
         run.mkdir(parents=True, exist_ok=True)
         with (run / "traces.jsonl").open("w") as f:
@@ -135,7 +144,6 @@ def main(argv: list[str] | None = None) -> None:
                 f.write(json.dumps({"messages": conv}, ensure_ascii=False) + "\n")
 
     # --- SFT of the student on the kept traces
-    ds = SFTDataset(convs, tokenizer, args.seq_len)
     batch = min(args.batch_size, len(ds))
     steps = args.steps or max(1, round(args.epochs * len(ds) / batch))
     student_before = heldout_accuracy(student)

@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     temperature = args.temperature if args.temperature is not None else (0.0 if args.k == 1 else 1.0)
-    n = args.samples or args.k
+    n = args.k if args.samples is None else args.samples
     if args.k < 1 or args.n_problems < 1 or n < args.k:
         raise SystemExit(f"nanoseek eval: need --k >= 1, --n-problems >= 1 and --samples >= --k (got k={args.k}, "
                          f"samples={n})")
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     checks.sampling("eval", max_tokens=args.max_new_tokens, temperature=temperature, top_k=args.top_k)
     if args.out is not None and Path(args.out).is_dir():
         checks.fail("eval", f"--out {args.out} is a directory; give a JSON file name")
+    checks.under_folders("eval", args.out or ".")
 
     # --- model, task, engine (under torchrun each process takes every world-th problem)
     device = pick_device(args.device)
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise SystemExit(f"nanoseek eval: task {args.task}: {e}") from None
     prompts = chat_prompts(tokenizer, task.messages, problems)
+    checks.positions("eval", model, max(map(len, prompts)), args.max_new_tokens)
     mine = list(range(info.rank, len(problems), info.world_size))
     engine = Engine(model, tokenizer, max_batch=args.batch,
                     max_seq_len=max(map(len, prompts)) + args.max_new_tokens + 1)

@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--weight-decay", type=float, default=0.0)
     a("--beta", type=float, default=0.0, help="k3 KL weight to a frozen reference (0 = no reference model)")
     a("--epochs-per-batch", type=int, default=1, help="passes over each batch of rollouts (mu)")
-    a("--minibatches", type=int, default=1, help="optimizer steps per pass")
+    a("--minibatches", type=int, default=1, help="optimizer steps per pass (whole groups: at most one per group)")
     a("--micro-batch", type=int, default=0, help="completions per forward/backward, in whole groups "
                                                   "(0: a whole minibatch)")
     a("--eps-low", type=float, help="clip range below 1 (default: the variant's paper value)")
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
                          "completions (one alone has advantage 0 and nothing to learn)")
     checks.numbers("grpo", args, positive=("lr",), fraction=("eps_low",),
                    non_negative=("warmup", "weight_decay", "beta", "eps_high", "overlong_penalty", "clip",
-                                 "eval_every", "eval_problems", "save_every"))
+                                 "eval_every", "eval_problems", "save_every", "micro_batch"))
     if args.micro_batch % args.group_size:
         raise SystemExit(f"nanoseek grpo: --micro-batch {args.micro_batch} is not whole groups of "
                          f"--group-size {args.group_size}")
@@ -169,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # --- engine (shares the model's weights: every update is visible to the next rollout) and rewards
     longest = max(len(p) for p in train_prompts + heldout_prompts)
+    checks.positions("grpo", model, longest, args.max_new_tokens)
     rows = args.prompts_per_step // info.world_size * args.group_size      # this rank's completions a step
     my_heldout = list(range(info.rank, len(heldout), info.world_size))     # and its share of the held-out set
     engine = Engine(model, tokenizer, max_batch=max(rows, len(my_heldout) or 1),

@@ -68,8 +68,8 @@ class SamplingParams:
             raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r}: {why}")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             bad("max_tokens", "must be an integer >= 1")
-        if not self.temperature >= 0:
-            bad("temperature", "must be >= 0")
+        if not 0 <= self.temperature < float("inf"):
+            bad("temperature", "must be a finite number >= 0")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             bad("top_k", "must be an integer >= 0 (0 = off)")
         if not 0 < self.top_p <= 1:
