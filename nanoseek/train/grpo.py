@@ -340,14 +340,13 @@ class GRPO:
         if not cfg.dynamic_sampling:
             return sampled[0], sampled[0]
         kept = [sampled[0].select(dynamic_sampling_mask(sampled[0].rewards))]
-        rank = torch.distributed.get_rank() if is_distributed() else 0
-        counts = counts_by_rank(len(kept[0].examples), self.device)      # every rank's kept groups
+        counts, rank = counts_by_rank(len(kept[0].examples), self.device)   # every rank's kept groups
         world = len(counts)
         while sum(counts) < want * world and len(sampled) < cfg.max_sampling_rounds:
             prompts, examples = next_prompts()
             sampled.append(rollout(self.generate, prompts, examples, self.reward_fn, cfg.group_size))
             kept.append(sampled[-1].select(dynamic_sampling_mask(sampled[-1].rewards)))
-            counts = counts_by_rank(sum(len(k.examples) for k in kept), self.device)
+            counts, _ = counts_by_rank(sum(len(k.examples) for k in kept), self.device)
         batch = Rollouts.cat(kept)
         # a global batch's worth at most: each rank keeps up to its own share (want), then the ranks in
         # order make up what others lacked from their surplus (the same arithmetic on every rank)
@@ -373,8 +372,7 @@ class GRPO:
         """
         cfg, model = self.cfg, self.model
         n_groups = len(batch.examples)
-        counts = counts_by_rank(n_groups, self.device)                  # every rank's share (may be uneven)
-        rank = torch.distributed.get_rank() if is_distributed() else 0
+        counts, rank = counts_by_rank(n_groups, self.device)            # every rank's share (may be uneven)
         total, first = sum(counts), sum(counts[:rank])                  # global groups; this rank's first
         if total == 0:
             return {"updates": 0}
@@ -397,9 +395,8 @@ class GRPO:
         # single optimizer step per batch they are exactly the detached log-probs of that step's own
         # forward (same weights, same inputs), so the separate no-grad pass is skipped (as TRL does).
         single = cfg.epochs_per_batch == 1 and cfg.minibatches == 1
-        old_logp = None if single or not n_groups else self._no_grad_logprobs(model, x, all_groups[signal], micro)
-        ref_logp = (None if self.ref_model is None or not n_groups
-                    else self._no_grad_logprobs(self.ref_model, x, all_groups, micro))
+        old_logp = None if single else self._no_grad_logprobs(model, x, all_groups[signal], micro)
+        ref_logp = None if self.ref_model is None else self._no_grad_logprobs(self.ref_model, x, all_groups, micro)
 
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
@@ -412,10 +409,8 @@ class GRPO:
         weights: dict[str, torch.Tensor] = dict(sums)
 
         def add(name: str, value: torch.Tensor, w: torch.Tensor | float) -> None:
-            value = value.detach().float()
-            sums[name] = sums[name] + value * w if name in sums else value * w
-            weights[name] = weights[name] + w if name in weights else torch.as_tensor(w, dtype=torch.float32,
-                                                                                        device=value.device)
+            sums[name] = sums.get(name, zero) + value.detach().float() * w
+            weights[name] = weights.get(name, zero) + w
 
         per_seq = ("clip_frac", "ratio_mean") if cfg.variant == "gspo" else ()
         n_updates = 0
@@ -431,7 +426,7 @@ class GRPO:
                 if not keep.any():
                     # one group still runs (its gradient is exactly 0): every parameter the forward reaches
                     # gets a zero gradient, not None, so the optimizer steps them as it would without the
-                    # skip (and under torchrun every rank has gradients to sum)
+                    # skip (under torchrun all_reduce_grads_ also fills in zeros for a rank with none)
                     keep = torch.arange(len(mb)) == 0
                 if not keep.all():
                     # the skipped groups' share of the logged loss (exactly 0) and of the clip fraction (0)

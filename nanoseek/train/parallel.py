@@ -102,14 +102,14 @@ def all_reduce_sum_(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def counts_by_rank(n: int, device: torch.device | str = "cpu") -> list[int]:
-    """Every rank's n, in rank order (one small all-reduce); [n] in one process."""
+def counts_by_rank(n: int, device: torch.device | str = "cpu") -> tuple[list[int], int]:
+    """(every rank's n in rank order, this rank): one small all-reduce; ([n], 0) in one process."""
     if not is_distributed():
-        return [n]
+        return [n], 0
     counts = torch.zeros(dist.get_world_size(), device=device)
     counts[dist.get_rank()] = n
     dist.all_reduce(counts, op=dist.ReduceOp.SUM)
-    return [int(c) for c in counts.tolist()]
+    return [int(c) for c in counts.tolist()], dist.get_rank()
 
 
 def all_reduce_grads_(params: list[torch.Tensor]) -> None:
