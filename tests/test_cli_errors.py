@@ -220,3 +220,25 @@ def test_resume_goes_on_in_the_folder_it_is_given(tmp_path):
         nanoseek(["pretrain", *RUN, "--data", str(tmp_path / "a.txt"), "--out", str(tmp_path / "r2"), "--lr=-1"])
     assert "--lr must be a number > 0" in one_line(e, "nanoseek pretrain: ")
     assert not (tmp_path / "r2").exists()
+
+
+@pytest.mark.parametrize("cmd", ["grpo", "distill", "eval", "pretrain"])
+def test_seed_dtype_and_lr_range_are_one_line(model_dir, tmp_path, cmd):
+    """A seed outside [0, 2**32) (numpy and torch refuse it deep inside), fp16 training (no loss scaling)
+    and a --min-lr above --lr (the 'decay' would raise the rate) are refused before anything is written."""
+    out = tmp_path / "run"
+    args = {"grpo": ["grpo", "--model", str(model_dir), "--task", "arithmetic", "--out", str(out)],
+            "distill": ["distill", "--teacher", str(model_dir), "--student", str(model_dir), "--task", "arithmetic",
+                        "--out", str(out)],
+            "eval": ["eval", "--model", str(model_dir), "--task", "arithmetic", "--out", str(out)],
+            "pretrain": ["pretrain", "--data", str(tmp_path / "none.txt"), "--out", str(out)]}[cmd]
+    cases = [(["--seed", "-1"], "--seed must be in [0, 2**32)"), (["--seed", str(2**32)], "--seed must be in")]
+    if cmd != "eval":
+        cases.append((["--dtype", "fp16"], "fp16 needs loss scaling"))
+    if cmd == "pretrain":
+        cases.append((["--lr", "1e-3", "--min-lr", "1e-2"], "--min-lr 0.01 is above --lr 0.001"))
+    for flags, says in cases:
+        with pytest.raises(SystemExit) as e:
+            nanoseek([*args, *flags, "--device", "cpu"])
+        assert says in one_line(e, f"nanoseek {cmd}: "), flags
+    assert not out.exists()

@@ -126,3 +126,20 @@ def test_same_seed_same_run_and_no_overwrite(run, tmp_path):
     with pytest.raises(SystemExit, match="already holds a run"):
         run_quick(run)
     assert (run / "metrics.jsonl").read_bytes() == before
+
+
+def test_bad_values_are_one_line_before_anything_runs(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "crashed" / "base").mkdir(parents=True)          # a run that stopped after its first stage
+    for flags, says in [(["--seed", "-1"], "--seed must be in [0, 2**32)"),
+                        (["--seed", str(10**20)], "--seed must be in [0, 2**32)"),
+                        (["--threads", str(2**40)], "--threads must be in [1, 1024]"),
+                        (["--out", str(tmp_path / "afile")], "is a file"),
+                        (["--out", str(tmp_path / "afile" / "sub")], "is a file, not a folder"),
+                        (["--out", str(tmp_path / "crashed")], "holds an unfinished run (base")]:
+        with pytest.raises(SystemExit) as e:
+            demo.main(["--quick", "--device", "cpu", "--out", str(tmp_path / "new"), *flags])
+        msg = str(e.value.code)
+        assert says in msg and "\n" not in msg, (flags, msg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "crashed"]
+    assert [p.name for p in (tmp_path / "crashed").iterdir()] == ["base"]

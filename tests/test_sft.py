@@ -109,3 +109,51 @@ def test_sft_command_saves_model_and_rejects_bad_input(tok, tmp_path):
     with pytest.raises(SystemExit, match="already holds"):
         sft_cmd.main(["--model", str(base), "--data", str(data), "--out", str(out), "--device", "cpu"])
     assert not any((tmp_path / r).exists() for r in ("r2", "r3", "r4"))
+
+
+def test_sft_refuses_bad_values_before_writing(tok, tmp_path):
+    """Values found by an audit: each refused in one line before the run folder is written (a retry can use
+    the same --out), and a run that failed says so instead of calling itself a run."""
+    from nanoseek.commands import sft as sft_cmd
+
+    base = tmp_path / "base"
+    tiny_model(tok).save_pretrained(base)
+    tok.save(base)
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CONVS * 4))
+    common = ["--model", str(base), "--data", str(data), "--steps", "2", "--batch-size", "2", "--seq-len", "64",
+              "--device", "cpu"]
+    out = tmp_path / "run"
+    for flags, says in [(["--epochs", "nan"], "--epochs must be a number > 0"),
+                        (["--epochs", "inf"], "--epochs must be a number > 0"),
+                        (["--seed", "-1"], "--seed must be in [0, 2**32)"),
+                        (["--seed", str(10**20)], "--seed must be in [0, 2**32)"),
+                        (["--min-lr", "5"], "--min-lr 5.0 is above --lr"),
+                        (["--dtype", "fp16"], "fp16 needs loss scaling")]:
+        with pytest.raises(SystemExit) as e:
+            sft_cmd.main([*common, "--out", str(out), *flags])
+        msg = str(e.value.code)
+        assert says in msg and "\n" not in msg, (flags, msg)
+        assert not out.exists(), flags
+    # a lone surrogate in valid JSON is named with its line, not a tokenizer traceback
+    bad = tmp_path / "surrogate.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\\ud800"}]}\n')
+    with pytest.raises(SystemExit, match=r"surrogate.jsonl:1: .*lone surrogate"):
+        sft_cmd.main([*common[:2], "--data", str(bad), *common[4:], "--out", str(out)])
+    # a run that diverged leaves no model: the folder is named an unfinished run
+    with pytest.raises(SystemExit, match="loss is nan"):
+        sft_cmd.main([*common, "--out", str(out), "--lr", "1e30", "--warmup", "0", "--clip", "0"])
+    with pytest.raises(SystemExit, match="holds an unfinished run"):
+        sft_cmd.main([*common, "--out", str(out)])
+    # --num-examples is --n (torchrun takes --n as an abbreviation of its own options)
+    assert sft_cmd.parse_args(["--model", "m", "--out", "o", "--num-examples", "7"]).n == 7
+
+
+def test_sft_drops_conversations_the_cut_leaves_without_targets(tok):
+    long_prompt = [{"role": "user", "content": "1+1 " * 200}, {"role": "assistant", "content": "2"}]
+    ds = SFTDataset([long_prompt, *CONVS], tok, seq_len=64)
+    assert ds.dropped == 1 and len(ds) >= 1
+    for i in range(len(ds)):                      # every row left has something to learn
+        assert ds[i][2].any()
+    with pytest.raises(ValueError, match="every conversation .* longer than seq_len 64"):
+        SFTDataset([long_prompt], tok, seq_len=64)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 # what a finished or started run of sft / grpo / distill / demo leaves in its folder
-RUN_FILES = ("run.json", "metrics.jsonl", "report.md", "traces.jsonl", "model", "final")
+RUN_FILES = ("run.json", "metrics.jsonl", "report.md", "traces.jsonl", "model", "base", "final")
 
 
 def fail(prog: str, message: str):
@@ -31,8 +31,34 @@ def fresh_run(prog: str, out: str | Path) -> Path:
         fail(prog, f"--out {run} is a file; give a folder for the run")
     for name in RUN_FILES:
         if (run / name).exists():
+            if not any((run / done).exists() for done in ("model", "final")):
+                fail(prog, f"{run} holds an unfinished run ({name}, no model saved): remove it or choose another "
+                           f"--out")
             fail(prog, f"{run} already holds a run ({name}); choose another --out")
     return run
+
+
+SEED_LIMIT = 2 ** 32
+
+
+def seed(prog: str, value: int | None, flag: str = "--seed") -> None:
+    """A seed every generator takes (torch, numpy, random): an integer in [0, 2**32)."""
+    if value is not None and not 0 <= value < SEED_LIMIT:
+        fail(prog, f"{flag} must be in [0, 2**32), got {value}")
+
+
+def lr_range(prog: str, lr: float | None, min_lr: float | None) -> None:
+    """The schedule decays from --lr to --min-lr: a --min-lr above --lr would raise the rate instead."""
+    if lr is not None and min_lr is not None and min_lr > lr:
+        fail(prog, f"--min-lr {min_lr} is above --lr {lr} (the schedule decays from --lr to --min-lr)")
+
+
+def train_dtype(prog: str, dtype, given: str | None) -> None:
+    """Training autocasts to fp32 or bf16; fp16 would need loss scaling, which nanoseek does not do."""
+    import torch
+
+    if dtype not in (torch.float32, torch.bfloat16):
+        fail(prog, f"--dtype {given}: use fp32 or bf16 (fp16 needs loss scaling)")
 
 
 def numbers(prog: str, args: Any, *, at_least_1: tuple[str, ...] = (), positive: tuple[str, ...] = (),

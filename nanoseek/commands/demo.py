@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from nanoseek.commands import _checks as checks
 from nanoseek.common import pick_device, pick_dtype, seed_everything
 from nanoseek.infer.engine import Engine, SamplingParams
 from nanoseek.model import Transformer, count_parameters, preset
@@ -104,8 +105,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.threads < 1:
-        raise SystemExit("nanoseek demo: --threads must be >= 1")
+    if not 1 <= args.threads <= 1024:
+        raise SystemExit(f"nanoseek demo: --threads must be in [1, 1024], got {args.threads}")
+    checks.seed("demo", args.seed)
     threads_before = torch.get_num_threads()
     try:
         run_demo(args)
@@ -117,18 +119,16 @@ def run_demo(args: argparse.Namespace) -> None:
     S = QUICK if args.quick else FULL
     if args.out is None:      # `make demo` twice keeps the first run and writes the second beside it
         run, n = Path("runs/demo"), 1
-        while (run / "metrics.jsonl").exists():
+        while any((run / name).exists() for name in checks.RUN_FILES):
             run, n = Path(f"runs/demo-{n}"), n + 1
     else:
         run = Path(args.out)
-        if (run / "metrics.jsonl").exists():
-            raise SystemExit(f"nanoseek demo: {run} already holds a run; remove it or choose another --out")
+    run = checks.fresh_run("demo", run)      # a file, a path under a file or a folder holding a run: one line
 
     # --- setup: device, threads, seed, run folder, stage clock
     device = pick_device(args.device)
     amp_dtype = pick_dtype(args.dtype, device)
-    if amp_dtype not in (torch.float32, torch.bfloat16):
-        raise SystemExit(f"nanoseek demo: --dtype {args.dtype}: use fp32 or bf16")
+    checks.train_dtype("demo", amp_dtype, args.dtype)
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     (run / "plots").mkdir(parents=True, exist_ok=True)

@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.n_prompts < 1 or args.samples_per_prompt < 1 or args.batch_size < 1 or args.seq_len < 2:
         raise SystemExit("nanoseek distill: --n-prompts, --samples-per-prompt and --batch-size must be >= 1, "
                          "--seq-len >= 2")
+    checks.seed("distill", args.seed)
     checks.numbers("distill", args, at_least_1=("batch", "steps"), positive=("lr", "epochs"),
                    non_negative=("warmup", "eval_problems"))
     checks.sampling("distill", max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> None:
     info, device, owns_group = parallel.start(device)
     parallel.barrier()          # every rank has checked --out before rank 0 writes into it
     amp_dtype = pick_dtype(args.dtype, device)
+    checks.train_dtype("distill", amp_dtype, args.dtype)
     seed_everything(args.seed + info.rank)
     try:
         teacher, tokenizer = load_model(args.teacher, device)

@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
                          "--temperature > 0 with --k or --samples above 1")
 
     checks.numbers("eval", args, at_least_1=("batch",))
+    checks.seed("eval", args.seed)
     checks.sampling("eval", max_tokens=args.max_new_tokens, temperature=temperature, top_k=args.top_k)
     if args.out is not None and Path(args.out).is_dir():
         checks.fail("eval", f"--out {args.out} is a directory; give a JSON file name")

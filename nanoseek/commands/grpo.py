@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.group_size < 2:
         raise SystemExit("nanoseek grpo: --group-size must be >= 2: advantages are relative to the group's other "
                          "completions (one alone has advantage 0 and nothing to learn)")
+    checks.seed("grpo", args.seed)
     checks.numbers("grpo", args, positive=("lr",), fraction=("eps_low",),
                    non_negative=("warmup", "weight_decay", "beta", "eps_high", "overlong_penalty", "clip",
                                  "eval_every", "eval_problems", "save_every", "micro_batch"))
@@ -114,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"nanoseek grpo: --prompts-per-step {args.prompts_per_step} does not split evenly over "
                          f"{info.world_size} processes")
     amp_dtype = pick_dtype(args.dtype, device)
+    checks.train_dtype("grpo", amp_dtype, args.dtype)
     seed_everything(args.seed + info.rank)       # each rank's engine samples its own noise
     run = checks.fresh_run("grpo", args.out)
     parallel.barrier()          # every rank has checked --out before rank 0 writes into it

@@ -143,9 +143,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("nanoseek pretrain: --steps, --batch-size, --grad-accum must be > 0 and --seq-len > 1")
     if args.split is not None and args.split <= 0:
         raise SystemExit(f"nanoseek pretrain: --split {args.split}: give a chunk count >= 1 (1: no split)")
+    checks.seed("pretrain", args.seed)
     checks.numbers("pretrain", args, positive=("lr",),
                    non_negative=("min_lr", "warmup", "weight_decay", "clip", "eval_steps", "eval_every",
                                  "save_every", "keep", "sample_tokens", "mtp_weight", "balance_alpha", "bias_gamma"))
+    checks.lr_range("pretrain", args.lr, args.min_lr)
 
     # --- setup: device, processes, seed, run folder
     device = pick_device(args.device)

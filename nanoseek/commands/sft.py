@@ -6,8 +6,9 @@
 
 --data is JSONL, one {"messages": [{"role": "user"|"assistant"|"system", "content": ...}, ...]} per
 line, rendered in DeepSeek-R1's chat format. With --task instead, N training-split problems get the
-task's worked solutions ("<think>\\n...\\n</think>\\nANSWER"). Conversations are packed first-fit
-into rows of --seq-len tokens; only assistant contents and their closing eos are targets.
+task's worked solutions ("<think>\\n...\\n</think>\\nANSWER"). Conversations are packed in order
+(next-fit) into rows of --seq-len tokens; only assistant contents and their closing eos are targets.
+Under torchrun give --num-examples rather than --n (torchrun reads --n as one of its own options).
 The run folder holds run.json, metrics.jsonl, plots/loss.png, report.md and model/ (a Hugging Face
 directory with the tokenizer, ready for `nanoseek grpo --model`, `eval`, `chat`, `serve`).
 """
@@ -42,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--tokenizer", help="tokenizer directory (default: the one in --model)")
     a("--data", help="JSONL file of {\"messages\": [...]} conversations")
     a("--task", help="instead of --data: generate worked examples of this task")
-    a("--n", type=int, default=1000, help="worked examples with --task")
+    a("--n", "--num-examples", dest="n", type=int, default=1000, help="worked examples with --task")
     a("--task-arg", action="append", metavar="KEY=VALUE", help="task knob, e.g. n_digits=2 (repeatable)")
     a("--out", required=True, help="run folder")
     a("--steps", type=int, help="optimizer steps (default: --epochs passes over the data)")
@@ -65,15 +66,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if (args.data is None) == (args.task is None):
         raise SystemExit("nanoseek sft: give exactly one of --data FILE.jsonl or --task NAME")
-    if args.batch_size <= 0 or args.seq_len <= 1 or (args.steps is not None and args.steps <= 0) or args.epochs <= 0:
+    if args.batch_size <= 0 or args.seq_len <= 1 or (args.steps is not None and args.steps <= 0):
         raise SystemExit("nanoseek sft: --steps, --epochs, --batch-size must be > 0 and --seq-len > 1")
-    checks.numbers("sft", args, at_least_1=("n",), positive=("lr",), fraction=("val_frac",),
+    checks.numbers("sft", args, at_least_1=("n",), positive=("lr", "epochs"), fraction=("val_frac",),
                    non_negative=("min_lr", "warmup", "weight_decay", "clip"))
+    checks.seed("sft", args.seed)
+    checks.lr_range("sft", args.lr, args.min_lr)
 
     # --- setup (under torchrun: one process per device, DDP over the batch's rows)
     device = pick_device(args.device)
     info, device, owns_group = parallel.start(device)
     amp_dtype = pick_dtype(args.dtype, device)
+    checks.train_dtype("sft", amp_dtype, args.dtype)
     seed_everything(args.seed)
     run = checks.fresh_run("sft", args.out)
     parallel.barrier()          # every rank has checked --out before rank 0 writes into it
@@ -104,13 +108,22 @@ def main(argv: list[str] | None = None) -> None:
                          f"{model.config.max_position_embeddings}")
     try:
         train_ds = SFTDataset(train_convs, tokenizer, args.seq_len)
-        val_ds = SFTDataset(val_convs, tokenizer, args.seq_len) if val_convs else None
     except ValueError as e:
-        raise SystemExit(f"nanoseek sft: {e}") from None
+        raise SystemExit(f"nanoseek sft: {e.args[0].replace('seq_len', '--seq-len')}") from None
+    val_ds = None
+    if val_convs:
+        try:
+            val_ds = SFTDataset(val_convs, tokenizer, args.seq_len)
+        except ValueError:      # the held-out share has nothing to score at this --seq-len: train without it
+            print0(f"no validation loss: the {n_val} held-out conversations have no assistant token within "
+                   f"--seq-len {args.seq_len}")
     batch = min(args.batch_size, len(train_ds))
+    if batch < info.world_size:
+        raise SystemExit(f"nanoseek sft: the data packs into {len(train_ds)} row(s) of --seq-len {args.seq_len}, "
+                         f"fewer than the {info.world_size} processes (each trains on at least one row a step)")
     steps = args.steps or max(1, round(args.epochs * len(train_ds) / batch))
     print0(f"{len(train_convs)} conversations -> {len(train_ds)} packed rows of {args.seq_len} tokens "
-          f"({train_ds.truncated} cut to fit), {int(train_ds.mask[:, 1:].sum())} target tokens; "
+          f"({train_ds.truncated} cut to fit, {train_ds.dropped} dropped: no assistant token within a row), {int(train_ds.mask[:, 1:].sum())} target tokens; "
           f"{steps} steps of {batch} rows; {n_val} conversations held out"
            + (f"; {info.world_size} processes on {device.type}, DDP" if info.enabled else ""))
 

@@ -6,9 +6,10 @@
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE_INDEX)
 
 Each conversation is rendered with Tokenizer.render_chat (so its loss mask covers the assistant
-contents and their closing eos) and whole conversations are packed first-fit in order into rows of
-seq_len + 1 tokens, the tail padded. A conversation longer than a row is cut to fit (counted in
-`truncated`). Packed conversations see the ones before them in the row; each starts with bos, which is
+contents and their closing eos) and whole conversations are packed in order into rows of seq_len + 1
+tokens (next-fit: a conversation that does not fit in the current row starts the next one), the tail
+padded. A conversation longer than a row is cut to fit (counted in `truncated`); one that the cut leaves
+without a single target (a long prompt) is dropped (counted in `dropped`). Packed conversations see the ones before them in the row; each starts with bos, which is
 the usual trade for not wasting compute on padding.
 """
 
@@ -52,6 +53,11 @@ def load_conversations(path: str | Path) -> list[list[dict]]:
                 if not isinstance(m["content"], str):
                     raise ValueError(f"{path}:{n}: a {m['role']} message's content is "
                                      f"{type(m['content']).__name__}, not a string")
+                try:
+                    m["content"].encode("utf-8")       # JSON may carry a lone surrogate ("\\ud800")
+                except UnicodeEncodeError:
+                    raise ValueError(f"{path}:{n}: a {m['role']} message's content is not valid Unicode "
+                                     f"(a lone surrogate)") from None
             convs.append(msgs)
     if not convs:
         raise ValueError(f"{path}: no conversations in it")
@@ -70,18 +76,24 @@ class SFTDataset:
         rows_mask: list[list[int]] = []
         cur_ids: list[int] = []
         cur_mask: list[int] = []
-        self.truncated = 0
+        self.truncated = self.dropped = 0
         for conv in conversations:
             ids, mask = tokenizer.render_chat(conv)
             if len(ids) > row_len:
                 ids, mask = ids[:row_len], mask[:row_len]
+                if not any(mask[1:]):     # the cut took every assistant token: a row of nothing to learn
+                    self.dropped += 1
+                    continue
                 self.truncated += 1
-            if len(cur_ids) + len(ids) > row_len:  # first-fit in order: close the row, start another
+            if len(cur_ids) + len(ids) > row_len:  # next-fit: close the row, start another
                 rows_ids.append(cur_ids)
                 rows_mask.append(cur_mask)
                 cur_ids, cur_mask = [], []
             cur_ids += ids
             cur_mask += mask
+        if self.dropped == len(conversations):
+            raise ValueError(f"SFTDataset: every conversation ({self.dropped}) is longer than seq_len {seq_len} + 1 "
+                             f"tokens before its first assistant token: nothing to learn; raise the sequence length")
         rows_ids.append(cur_ids)
         rows_mask.append(cur_mask)
         # pad to row_len; padding is never a target (mask 0)
@@ -92,7 +104,9 @@ class SFTDataset:
             self.mask[i, :len(m)] = m
         # the mask belongs to the token being predicted: position t learns y[t] = row[t + 1]
         if not self.mask[:, 1:].any():
-            raise ValueError("SFTDataset: no assistant tokens to learn from (no assistant messages?)")
+            raise ValueError("SFTDataset: no assistant tokens to learn from (no assistant messages?"
+                             + (f" {self.dropped} conversation(s) dropped: no assistant token within seq_len "
+                                f"{seq_len} + 1" if self.dropped else "") + ")")
         self.seq_len = seq_len
 
     def __len__(self) -> int:
