@@ -140,6 +140,10 @@ def test_sft_refuses_bad_values_before_writing(tok, tmp_path):
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\\ud800"}]}\n')
     with pytest.raises(SystemExit, match=r"surrogate.jsonl:1: .*lone surrogate"):
         sft_cmd.main([*common[:2], "--data", str(bad), *common[4:], "--out", str(out)])
+    from nanoseek.data.sft import load_conversations
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + data.read_bytes())                # a byte-order mark is read past
+    assert load_conversations(bom) == load_conversations(data)
     # a run that diverged leaves no model: the folder is named an unfinished run
     with pytest.raises(SystemExit, match="loss is nan"):
         sft_cmd.main([*common, "--out", str(out), "--lr", "1e30", "--warmup", "0", "--clip", "0"])

@@ -34,7 +34,7 @@ def load_conversations(path: str | Path) -> list[list[dict]]:
     with open(path, "rb") as f:
         for n, raw in enumerate(f, 1):
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if n == 1 else "utf-8")     # a byte-order mark is no error
             except UnicodeDecodeError as e:
                 raise ValueError(f"{path}:{n}: not UTF-8 text (byte {e.start} of the line)") from None
             if not line.strip():
