@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         train_ds = SFTDataset(train_convs, tokenizer, args.seq_len)
     except ValueError as e:
-        raise SystemExit(f"nanoseek sft: {e.args[0].replace('seq_len', '--seq-len')}") from None
+        raise SystemExit(f"nanoseek sft: {e} (--seq-len {args.seq_len})") from None
     val_ds = None
     if val_convs:
         try:
@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
                          f"fewer than the {info.world_size} processes (each trains on at least one row a step)")
     steps = args.steps or max(1, round(args.epochs * len(train_ds) / batch))
     print0(f"{len(train_convs)} conversations -> {len(train_ds)} packed rows of {args.seq_len} tokens "
-          f"({train_ds.truncated} cut to fit, {train_ds.dropped} dropped: no assistant token within a row), {int(train_ds.mask[:, 1:].sum())} target tokens; "
+          f"({train_ds.truncated} cut to fit, {train_ds.dropped} dropped: no assistant token within a row), "
+          f"{int(train_ds.mask[:, 1:].sum())} target tokens; "
           f"{steps} steps of {batch} rows; {n_val} conversations held out"
            + (f"; {info.world_size} processes on {device.type}, DDP" if info.enabled else ""))
 

@@ -9,8 +9,9 @@ Each conversation is rendered with Tokenizer.render_chat (so its loss mask cover
 contents and their closing eos) and whole conversations are packed in order into rows of seq_len + 1
 tokens (next-fit: a conversation that does not fit in the current row starts the next one), the tail
 padded. A conversation longer than a row is cut to fit (counted in `truncated`); one that the cut leaves
-without a single target (a long prompt) is dropped (counted in `dropped`). Packed conversations see the ones before them in the row; each starts with bos, which is
-the usual trade for not wasting compute on padding.
+without a single target (a long prompt) is dropped (counted in `dropped`). Packed conversations see the
+ones before them in the row; each starts with bos, which is the usual trade for not wasting compute on
+padding.
 """
 
 from __future__ import annotations
