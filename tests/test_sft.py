@@ -149,6 +149,8 @@ def test_sft_refuses_bad_values_before_writing(tok, tmp_path):
         sft_cmd.main([*common, "--out", str(out), "--lr", "1e30", "--warmup", "0", "--clip", "0"])
     with pytest.raises(SystemExit, match="holds an unfinished run"):
         sft_cmd.main([*common, "--out", str(out)])
+    with pytest.raises(SystemExit, match="with --data they would do nothing"):
+        sft_cmd.main([*common, "--out", str(out), "--n", "5"])
     # --num-examples is --n (torchrun takes --n as an abbreviation of its own options)
     assert sft_cmd.parse_args(["--model", "m", "--out", "o", "--num-examples", "7"]).n == 7
 

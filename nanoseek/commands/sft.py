@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--tokenizer", help="tokenizer directory (default: the one in --model)")
     a("--data", help="JSONL file of {\"messages\": [...]} conversations")
     a("--task", help="instead of --data: generate worked examples of this task")
-    a("--n", "--num-examples", dest="n", type=int, default=1000, help="worked examples with --task")
+    a("--n", "--num-examples", dest="n", type=int, help="worked examples with --task (default 1000)")
     a("--task-arg", action="append", metavar="KEY=VALUE", help="task knob, e.g. n_digits=2 (repeatable)")
     a("--out", required=True, help="run folder")
     a("--steps", type=int, help="optimizer steps (default: --epochs passes over the data)")
@@ -66,6 +66,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if (args.data is None) == (args.task is None):
         raise SystemExit("nanoseek sft: give exactly one of --data FILE.jsonl or --task NAME")
+    if args.data is not None and (args.n is not None or args.task_arg):
+        raise SystemExit("nanoseek sft: --n and --task-arg shape --task's worked examples; with --data they "
+                         "would do nothing")
+    if args.n is None:
+        args.n = 1000
     if args.batch_size <= 0 or args.seq_len <= 1 or (args.steps is not None and args.steps <= 0):
         raise SystemExit("nanoseek sft: --steps, --epochs, --batch-size must be > 0 and --seq-len > 1")
     checks.numbers("sft", args, at_least_1=("n",), positive=("lr", "epochs"), fraction=("val_frac",),
