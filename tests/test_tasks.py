@@ -177,3 +177,14 @@ def test_arithmetic_precedence_trace_and_corpus():
     assert all(eval(line.split("=")[0]) == int(line.split("=")[1]) for line in lines)
     with pytest.raises(ValueError):                                  # 1-digit, 2 operands, '+': only 100 problems
         arithmetic.examples(200, 0, n_digits=1, ops="+")
+
+
+@pytest.mark.parametrize("knobs, says", [(dict(test_frac=1.5), "test_frac=1.5 must be in"),
+                                         (dict(test_frac=0.0), "test_frac=0.0 must be in"),
+                                         (dict(n_digits=5000), "above 4000 digits")])
+def test_arithmetic_knobs_out_of_range_say_which(knobs, says):
+    with pytest.raises(ValueError, match=says):
+        arithmetic.examples(5, 0, **knobs)
+    if "test_frac" in knobs:                                         # every task's split: the same check
+        with pytest.raises(ValueError, match=says):
+            countdown.examples(5, 0, **knobs)

@@ -50,6 +50,9 @@ def _value(operands: list[int], ops: list[str]) -> int:
     return steps[-1][3] if steps else operands[0]
 
 
+MAX_DIGITS = 4000
+
+
 def examples(n: int, seed: int, split: str = "train", *, n_digits: int = 2, n_operands: int = 2,
              ops: str = "+-*", test_frac: float = 0.1, unique: bool = True) -> list[Example]:
     """`n` problems of `split`, deterministic for `seed`. unique=True never repeats a problem
@@ -57,6 +60,8 @@ def examples(n: int, seed: int, split: str = "train", *, n_digits: int = 2, n_op
     check_split(split)
     if n_digits < 1 or n_operands < 2 or not ops or set(ops) - set("+-*"):
         raise ValueError(f"bad knobs: n_digits={n_digits} n_operands={n_operands} ops={ops!r}")
+    if n_digits * n_operands > MAX_DIGITS:      # a product's digits must print (Python's 4300-digit limit)
+        raise ValueError(f"bad knobs: n_digits={n_digits} x n_operands={n_operands} above {MAX_DIGITS} digits")
     rng = random.Random(f"arithmetic:{seed}:{split}")
     hi = 10**n_digits - 1
     out: list[Example] = []

@@ -49,6 +49,8 @@ def split_of(identity: str, test_frac: float = 0.1) -> str:
     A pure function of the problem, not of the seed or the order of generation: a held-out problem
     is held out in every run, so training never sees it, whatever seed or n the trainer uses.
     """
+    if not 0 < test_frac < 1:     # 0 or 1 would leave a split empty: no problem ever found for it
+        raise ValueError(f"bad knobs: test_frac={test_frac} must be in (0, 1) (the held-out share of problems)")
     h = int.from_bytes(hashlib.sha256(identity.encode("utf-8")).digest()[:8], "big")
     return "test" if h / 2**64 < test_frac else "train"
 
