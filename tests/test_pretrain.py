@@ -212,3 +212,16 @@ def test_lr_schedules():
     assert all(a >= b for a, b in zip(cos, cos[1:]))
     wsd = [lr_at(s, **kw, schedule="wsd") for s in range(100)]
     assert wsd[10:80] == [1.0] * 70 and wsd[99] == pytest.approx(0.1) and wsd[85] < 1.0
+
+
+def test_resumed_run_saves_past_the_pruned_checkpoint_it_came_from(shards, tmp_path):
+    """The tokenizer files are written from memory: with --keep 1 the checkpoint a run resumed from is pruned
+    at the first save, and later saves copied its tokenizer.json from there (FileNotFoundError, steps lost)."""
+    run = tmp_path / "run"
+    pretrain(["--data", str(shards), "--out", str(run), "--steps", "2", "--save-every", "1", "--keep", "1", *FAST])
+    pretrain(["--resume", str(run), "--steps", "5", "--save-every", "1", "--keep", "1"])
+    ckpts = sorted(p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("step_"))
+    assert ckpts == ["step_000005"]
+    last = run / "checkpoints" / "step_000005" / "model"
+    assert Tokenizer.from_dir(last).sha256 == Tokenizer.from_dir(shards / "tokenizer").sha256
+    Transformer.from_pretrained(last)

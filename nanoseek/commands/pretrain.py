@@ -215,7 +215,9 @@ def main(argv: list[str] | None = None) -> None:
                                     world_size=dist.world_size, seed=args.seed) if args.eval_steps > 0 else None
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"nanoseek pretrain: {e}") from None
-    tok_files = [tok_dir / n for n in ("tokenizer.json", "tokenizer_config.json") if (tok_dir / n).exists()]
+    # read now: on resume tok_dir is inside the checkpoint resumed from, which --keep prunes later
+    tok_files = {n: (tok_dir / n).read_bytes() for n in ("tokenizer.json", "tokenizer_config.json")
+                 if (tok_dir / n).exists()}
 
     # --- model, parallel wrapping, optimizer
     if ckpt is not None:

@@ -91,11 +91,12 @@ def plain_model(cfg: ModelConfig, state_dict: dict[str, torch.Tensor]) -> Transf
 
 
 def save_checkpoint(root: str | Path, step: int, model: Transformer, optimizer_state: dict,
-                    state: dict[str, Any], model_files: list[str | Path] = (), keep: int = 2) -> Path:
+                    state: dict[str, Any], model_files: dict[str, bytes] | None = None, keep: int = 2) -> Path:
     """Write RUN/checkpoints/step_{step:06d} atomically and point `latest` at it. Rank 0 only.
 
-    model_files (tokenizer.json, ...) are copied into the model directory so it is complete on its
-    own. Keeps the newest `keep` checkpoints (0 keeps all).
+    model_files ({"tokenizer.json": contents, ...}) are written into the model directory so it is
+    complete on its own; contents, not paths, as the files may live in a checkpoint that this save's
+    pruning deletes (a resumed run's tokenizer). Keeps the newest `keep` checkpoints (0 keeps all).
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -104,8 +105,8 @@ def save_checkpoint(root: str | Path, step: int, model: Transformer, optimizer_s
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "trainer").mkdir(parents=True)
     model.save_pretrained(tmp / "model")
-    for f in model_files:
-        shutil.copy2(f, tmp / "model" / Path(f).name)
+    for fname, data in (model_files or {}).items():
+        (tmp / "model" / fname).write_bytes(data)
     _test_pause(step)
     torch.save(optimizer_state, tmp / "trainer" / "optimizer.pt")
     state = to_plain({**state, "step": step})
