@@ -242,3 +242,30 @@ def test_seed_dtype_and_lr_range_are_one_line(model_dir, tmp_path, cmd):
             nanoseek([*args, *flags, "--device", "cpu"])
         assert says in one_line(e, f"nanoseek {cmd}: "), flags
     assert not out.exists()
+
+
+def test_pretrain_flags_and_resume_settings_are_one_line(tmp_path):
+    """Audit findings: each was a traceback (or a segfault, or a silently ignored value) and is now one line
+    before anything is written; on resume, what the checkpoint fixed cannot be changed."""
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"w{i % 37}" for i in range(4000)))
+    (tmp_path / "afile").write_text("x")
+    run = tmp_path / "run"
+    fast = ["--batch-size", "4", "--seq-len", "16", "--sample-tokens", "0", "--eval-steps", "0", "--peak-flops", "1e11",
+            "--device", "cpu"]
+    for flags, says in [(["--threads", "-1"], "--threads must be >= 1"), (["--threads", "100000"], "at most 1024"),
+                        (["--peak-flops", "-1"], "--peak-flops must be a number > 0"),
+                        (["--split", "5"], "--split 5 is more chunks than the 4 rows"),
+                        (["--out", str(tmp_path / "afile")], "is a file"),
+                        (["--out", str(tmp_path / "afile" / "sub")], "is a file, not a folder")]:
+        with pytest.raises(SystemExit) as e:
+            nanoseek(["pretrain", "--data", str(text), "--out", str(run), "--steps", "2", *fast, *flags])
+        assert says in one_line(e, "nanoseek pretrain: "), flags
+    assert not run.exists()
+    nanoseek(["pretrain", "--data", str(text), "--out", str(run), "--steps", "2", *fast])
+    for flags, says in [(["--optimizer", "muon"], "was trained with adamw"),
+                        (["--preset", "small"], "was trained with tiny"),
+                        (["--steps", "1"], "already at step 2")]:
+        with pytest.raises(SystemExit) as e:
+            nanoseek(["pretrain", "--resume", str(run), *flags, "--device", "cpu"])
+        assert says in one_line(e, "nanoseek pretrain: "), flags

@@ -144,10 +144,28 @@ def main(argv: list[str] | None = None) -> None:
     if args.split is not None and args.split <= 0:
         raise SystemExit(f"nanoseek pretrain: --split {args.split}: give a chunk count >= 1 (1: no split)")
     checks.seed("pretrain", args.seed)
-    checks.numbers("pretrain", args, positive=("lr",),
+    checks.numbers("pretrain", args, at_least_1=("threads",), positive=("lr", "peak_flops"),
                    non_negative=("min_lr", "warmup", "weight_decay", "clip", "eval_steps", "eval_every",
                                  "save_every", "keep", "sample_tokens", "mtp_weight", "balance_alpha", "bias_gamma"))
     checks.lr_range("pretrain", args.lr, args.min_lr)
+    if args.threads is not None and args.threads > 1024:
+        raise SystemExit(f"nanoseek pretrain: --threads {args.threads}: at most 1024")
+    if args.split is not None and args.split > args.batch_size:
+        raise SystemExit(f"nanoseek pretrain: --split {args.split} is more chunks than the {args.batch_size} rows "
+                         f"of --batch-size")
+    if state is not None:       # what the checkpoint fixed: a different value could not take effect
+        saved = state["args"]
+        for key in ("preset", "optimizer"):
+            if saved.get(key) is not None and getattr(args, key) != saved[key]:
+                raise SystemExit(f"nanoseek pretrain: --{key} {getattr(args, key)}: the run resumed from {ckpt} "
+                                 f"was trained with {saved[key]} (start a new run to change it)")
+        if args.steps < state["step"]:
+            raise SystemExit(f"nanoseek pretrain: --steps {args.steps}: {ckpt} is already at step {state['step']}; "
+                             f"give a larger --steps to go on")
+    if args.out:
+        checks.under_folders("pretrain", args.out)
+        if Path(args.out).exists() and not Path(args.out).is_dir():
+            raise SystemExit(f"nanoseek pretrain: --out {args.out} is a file; give a folder for the run")
 
     # --- setup: device, processes, seed, run folder
     device = pick_device(args.device)
