@@ -243,6 +243,9 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
                         raise CheckpointError(f"{shard}: FP8 tensor {key!r} has no {sk!r}")
                     t = dequant_fp8(t, f.get_tensor(sk), block, torch.float32)
                 dst = params[name]
+                if j is not None and j >= dst.shape[0]:       # expert j of a config with fewer experts
+                    raise CheckpointError(f"unexpected tensor {key!r}: expert {j} is beyond the config's "
+                                          f"{dst.shape[0]} for {name!r}")
                 dst_slice = dst[j] if j is not None else dst
                 if tuple(t.shape) != tuple(dst_slice.shape):
                     raise CheckpointError(f"tensor {key!r} has shape {tuple(t.shape)}, expected "

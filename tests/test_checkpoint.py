@@ -169,3 +169,15 @@ def test_nothing_is_unpickled(tmp_path):
     torch.save(m.state_dict(), tmp_path / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         Transformer.from_pretrained(tmp_path)
+
+
+def test_more_experts_than_the_config_is_a_checkpoint_error(tmp_path):
+    """A config.json edited to fewer routed experts than the weights hold: CheckpointError naming the expert
+    (it was an IndexError)."""
+    m = tiny()
+    m.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["n_routed_experts"] = cfg["n_routed_experts"] // 2
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="expert .* is beyond the config's"):
+        Transformer.from_pretrained(tmp_path)

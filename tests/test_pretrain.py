@@ -225,3 +225,20 @@ def test_resumed_run_saves_past_the_pruned_checkpoint_it_came_from(shards, tmp_p
     last = run / "checkpoints" / "step_000005" / "model"
     assert Tokenizer.from_dir(last).sha256 == Tokenizer.from_dir(shards / "tokenizer").sha256
     Transformer.from_pretrained(last)
+
+
+def test_trainer_state_of_the_wrong_shape_is_named(tmp_path):
+    model = Transformer(preset("tiny", num_hidden_layers=2))
+    state = {"args": {}, "loader": {}, "world_size": 1, "rng": rng_state()}
+    for step in (1, 2):
+        save_checkpoint(tmp_path, step, model, {"state": {}, "param_groups": []}, state, keep=0)
+    ckpt = tmp_path / "step_000002"
+    for bad, says in [([1, 2], "no args, loader, rng, step"), ({"args": {}, "rng": 0, "step": 2}, "no loader")]:
+        torch.save(bad, ckpt / "trainer" / "state.pt")
+        with pytest.raises(ValueError, match=f"not a nanoseek trainer state \\({says}\\); resume from an earlier "
+                                             f"one: .*step_000001"):
+            load_trainer_state(ckpt)
+    save_checkpoint(tmp_path, 2, model, {"state": {}, "param_groups": []}, state, keep=0)
+    torch.save({"x": 1}, ckpt / "trainer" / "optimizer.pt")
+    with pytest.raises(ValueError, match="optimizer.pt is not a nanoseek trainer state"):
+        load_trainer_state(ckpt)

@@ -163,15 +163,25 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def load_trainer_state(ckpt: str | Path) -> tuple[dict[str, Any], dict]:
-    """(state, optimizer_state) of a step_* folder; tensors on CPU, no unpickling."""
+    """(state, optimizer_state) of a step_* folder; tensors on CPU, no unpickling. A file that does not
+    load, or loads into something other than what save_checkpoint writes, is a ValueError that names it
+    and the earlier checkpoints to resume from instead."""
     ckpt = Path(ckpt)
     out = []
-    for name in ("state.pt", "optimizer.pt"):
+    for name, keys in (("state.pt", ("args", "loader", "rng", "step")), ("optimizer.pt", ("state", "param_groups"))):
+        path = ckpt / "trainer" / name
         try:
-            out.append(torch.load(ckpt / "trainer" / name, map_location="cpu", weights_only=True))
+            obj = torch.load(path, map_location="cpu", weights_only=True)
         except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
-            others = sorted(p.name for p in ckpt.parent.glob("step_*") if p != ckpt and (p / "trainer").is_dir())
-            hint = f"; resume from an earlier one: {', '.join(str(ckpt.parent / o) for o in others)}" if others else ""
-            raise ValueError(f"{ckpt / 'trainer' / name} is missing or damaged "
-                             f"({type(e).__name__}: {str(e).splitlines()[0][:120]}){hint}") from None
+            raise ValueError(f"{path} is missing or damaged ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+                             f"{_earlier(ckpt)}") from None
+        missing = [k for k in keys if k not in obj] if isinstance(obj, dict) else list(keys)
+        if missing:
+            raise ValueError(f"{path} is not a nanoseek trainer state (no {', '.join(missing)}){_earlier(ckpt)}")
+        out.append(obj)
     return out[0], out[1]
+
+
+def _earlier(ckpt: Path) -> str:
+    others = sorted(p.name for p in ckpt.parent.glob("step_*") if p != ckpt and (p / "trainer").is_dir())
+    return f"; resume from an earlier one: {', '.join(str(ckpt.parent / o) for o in others)}" if others else ""
