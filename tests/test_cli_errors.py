@@ -269,3 +269,9 @@ def test_pretrain_flags_and_resume_settings_are_one_line(tmp_path):
         with pytest.raises(SystemExit) as e:
             nanoseek(["pretrain", "--resume", str(run), *flags, "--device", "cpu"])
         assert says in one_line(e, "nanoseek pretrain: "), flags
+    # a shard damaged after the run began (ids beyond the vocabulary): one line naming the checkpoint to resume from
+    shard = sorted((run / "data").glob("train_*.bin"))[0]
+    shard.write_bytes(b"\xff" * shard.stat().st_size)
+    with pytest.raises(SystemExit) as e:
+        nanoseek(["pretrain", "--resume", str(run), "--steps", "4", "--device", "cpu"])
+    assert "token id" in one_line(e, "nanoseek pretrain: ") and "resume from" in str(e.value.code)

@@ -292,3 +292,30 @@ def test_sft_errors_truncation_loading_and_batches(tok, tmp_path):
     for (x, y, m), (x0, y0, m0), (x1, y1, m1) in zip(one, r0, r1):
         assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
     assert torch.equal(list(ds.batches(4, epoch=1, seed=2, start_step=2))[0][0], one[2][0])
+
+
+def test_meta_json_of_the_wrong_shape_is_named(tok, tmp_path):
+    """A meta.json edited by hand or half-written: one ValueError naming the field (they were KeyError,
+    TypeError, or numpy's 'need at least one array to stack')."""
+    out = tmp_path / "out"
+    write_shards(DOCS, tok, out, val_fraction=0.1)
+    good = json.loads((out / "meta.json").read_text())
+
+    def broken(**change):
+        meta = json.loads(json.dumps(good))
+        for k, v in change.items():
+            if v is None:
+                meta.pop(k)
+            else:
+                meta[k] = v
+        (out / "meta.json").write_text(json.dumps(meta))
+
+    for change, says in [(dict(vocab_size=None), "'vocab_size' missing or not an integer"),
+                         (dict(tokenizer_sha256=None), "'tokenizer_sha256' missing"),
+                         (dict(splits=None), "'splits' missing"),
+                         (dict(splits={**good["splits"], "train": {**good["splits"]["train"], "shards": []}}),
+                          "split 'train': its shards hold 0 tokens"),
+                         (dict(splits={**good["splits"], "val": None}), "split 'val' is not")]:
+        broken(**change)
+        with pytest.raises(ValueError, match=says):
+            PretrainLoader(out, "train", 2, 8)

@@ -308,6 +308,17 @@ def main(argv: list[str] | None = None) -> None:
     sample_prompt = (next(PretrainLoader(args.data, "val", 1, args.seq_len, seed=args.seed))[0][0, :8].tolist()
                      if val_loader is not None else [])
 
+    def draw(it):
+        """The next batch; a shard that turns out damaged mid-run (ids beyond the vocabulary) is one line
+        naming the last checkpoint, not a traceback."""
+        try:
+            return next(it)
+        except ValueError as e:
+            latest = run / "checkpoints" / "latest"
+            last = f"resume from {run} (checkpoint {latest.read_text().strip()})" if latest.exists() else \
+                "no checkpoint was saved"
+            raise SystemExit(f"nanoseek pretrain: {e}; {last}") from None
+
     def evaluate() -> float:
         """Mean CE over the same eval_steps validation batches every time."""
         model.eval()
@@ -315,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
         total = torch.zeros((), device=device)
         with torch.no_grad():
             for _ in range(args.eval_steps):
-                x, y = next(val_loader)
+                x, y = draw(val_loader)
                 x, y = x.to(device), y.to(device)
                 with autocast(device, amp_dtype):
                     _, parts, _ = pretrain_loss(model, x, y, mtp_weight=0.0, balance_alpha=0.0)
@@ -369,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
         sums: dict[str, torch.Tensor] = {}
         counts = None
         for micro in range(args.grad_accum):
-            x, y = next(batches)
+            x, y = draw(batches)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with parallel.grad_sync(model, micro == args.grad_accum - 1):
                 parts, c = pretrain_backward(model, params, x, y, mtp_weight=args.mtp_weight,

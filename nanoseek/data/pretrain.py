@@ -311,7 +311,27 @@ def read_meta(data_dir: str | Path) -> dict:
     meta = read_json_object(path, hint="; re-run `nanoseek data`")
     if meta.get("version") != FORMAT_VERSION or meta.get("dtype") not in _DTYPES:
         raise ValueError(f"{path}: version {meta.get('version')} / dtype {meta.get('dtype')} not understood")
+    _check_meta(meta, path)
     return meta
+
+
+def _check_meta(meta: dict, path: Path) -> None:
+    """The fields build_shards writes, of their kinds, and each split's shards adding up to its tokens."""
+    def bad(what: str):
+        raise ValueError(f"{path}: {what}; re-run `nanoseek data`")
+
+    for key, kind in (("vocab_size", int), ("tokenizer_sha256", str), ("tokenizer", str), ("splits", dict)):
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            bad(f"{key!r} missing or not {'an integer' if kind is int else 'a ' + kind.__name__}")
+    for name, info in meta["splits"].items():
+        shards = info.get("shards") if isinstance(info, dict) else None
+        if not isinstance(shards, list) or not isinstance(info.get("tokens"), int) or not all(
+                isinstance(sh, dict) and isinstance(sh.get("file"), str) and isinstance(sh.get("tokens"), int)
+                and sh["tokens"] >= 0 for sh in shards):
+            bad(f"split {name!r} is not {{'tokens': N, 'shards': [{{'file': ..., 'tokens': N}}, ...]}}")
+        if sum(sh["tokens"] for sh in shards) != info["tokens"]:
+            bad(f"split {name!r}: its shards hold {sum(sh['tokens'] for sh in shards)} tokens, not the "
+                f"{info['tokens']} it lists")
 
 
 def open_split(data_dir: str | Path, split: str, vocab_size: int | None = None) -> tuple[dict, list[np.memmap]]:
