@@ -242,3 +242,16 @@ def test_trainer_state_of_the_wrong_shape_is_named(tmp_path):
     torch.save({"x": 1}, ckpt / "trainer" / "optimizer.pt")
     with pytest.raises(ValueError, match="optimizer.pt is not a nanoseek trainer state"):
         load_trainer_state(ckpt)
+
+
+def test_raw_jsonl_trains_the_tokenizer_on_its_text_field(tmp_path):
+    """A .jsonl --data: the tokenizer learns from the documents the shards hold, not from the JSON around them
+    (it learned 'source' and runs of x from a metadata field the shards never contain)."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(f"w{(i * j) % 41}" for j in range(40)),
+                                        "meta": {"source": "x" * 30}}) + "\n" for i in range(300)))
+    run = tmp_path / "run"
+    pretrain(["--data", str(data), "--out", str(run), "--steps", "1", *FAST])
+    vocab = json.loads((run / "data" / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert not [t for t in vocab if "xxxx" in t or "source" in t or "meta" in t]
+    assert "\u0120w" in vocab                                            # it did learn the documents' text

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from nanoseek.commands import _checks as checks
 from nanoseek.common import pick_device, pick_dtype, print0, seed_everything
-from nanoseek.data.pretrain import PretrainLoader, build_shards, check_tokenizer
+from nanoseek.data.pretrain import PretrainLoader, build_shards, check_tokenizer, find_inputs, read_documents
 from nanoseek.model import PRESETS, Transformer, count_parameters, preset
 from nanoseek.tokenizer import Tokenizer
 from nanoseek.train import parallel
@@ -206,11 +206,9 @@ def main(argv: list[str] | None = None) -> None:
                     else:
                         vocab = PRESETS[args.preset].get("vocab_size", 512)
                         print0(f"training a {vocab}-token byte-level BPE tokenizer on {data}")
-                        try:
-                            text = data.read_text(encoding="utf-8")
-                        except UnicodeDecodeError as e:
-                            raise ValueError(f"{data} is not UTF-8 text (byte {e.start})") from None
-                        tokenizer = Tokenizer.train([text], vocab_size=vocab)
+                        # the documents the shards will hold (a .jsonl's text field, not its JSON), read
+                        # as build_shards reads them: an unknown file type fails before any training
+                        tokenizer = Tokenizer.train(list(read_documents(find_inputs([data])[0])), vocab_size=vocab)
                     # one text is one document: hold out its last 10% (nanoGPT's split of tinyshakespeare)
                     build_shards([data], tokenizer, shards, val_fraction=RAW_TEXT_VAL_FRACTION)
                 except (FileNotFoundError, ValueError) as e:
