@@ -255,3 +255,14 @@ def test_raw_jsonl_trains_the_tokenizer_on_its_text_field(tmp_path):
     vocab = json.loads((run / "data" / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
     assert not [t for t in vocab if "xxxx" in t or "source" in t or "meta" in t]
     assert "\u0120w" in vocab                                            # it did learn the documents' text
+
+
+def test_fresh_run_in_a_folder_left_before_any_checkpoint_starts_its_logs_anew(shards, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 0, "val_loss": 123.0}) + "\n")   # an interrupted start
+    (run / "samples.txt").write_text("stale\n")
+    pretrain(["--data", str(shards), "--out", str(run), "--steps", "1", *FAST])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(r.get("val_loss") != 123.0 for r in rows) and [r["step"] for r in rows if "loss" in r] == [1]
+    assert not (run / "samples.txt").exists()                           # --sample-tokens 0: none written since

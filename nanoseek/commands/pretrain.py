@@ -281,9 +281,11 @@ def main(argv: list[str] | None = None) -> None:
         (run / "run.json").write_text(json.dumps({"args": vars(args), "model": cfg.to_hf_dict(),
                                                   "parameters": counts_p, "world_size": dist.world_size,
                                                   "tokens_per_step": tokens_per_step}, indent=2, default=str))
-        if metrics_path.exists():   # drop what the interrupted run logged after its checkpoint
-            rows = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= step]
+        if metrics_path.exists():   # drop what the interrupted run logged after its checkpoint (all, if none)
+            rows = [r for r in read_metrics(metrics_path) if ckpt is not None and r.get("step", 0) <= step]
             metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if ckpt is None:
+            (run / "samples.txt").unlink(missing_ok=True)
     params = [p for p in model.parameters() if p.requires_grad]
     split = args.split or (1 if args.compile else parallel.cpu_split(device, args.batch_size))   # dynamo: one thread
     if split > 1:
