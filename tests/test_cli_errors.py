@@ -257,7 +257,10 @@ def test_pretrain_flags_and_resume_settings_are_one_line(tmp_path):
                         (["--peak-flops", "-1"], "--peak-flops must be a number > 0"),
                         (["--split", "5"], "--split 5 is more chunks than the 4 rows"),
                         (["--out", str(tmp_path / "afile")], "is a file"),
-                        (["--out", str(tmp_path / "afile" / "sub")], "is a file, not a folder")]:
+                        (["--out", str(tmp_path / "afile" / "sub")], "is a file, not a folder"),
+                        (["--data", str(tmp_path), "--out", str(tmp_path / "d")], "is a folder without meta.json"),
+                        (["--batch-size", "64", "--eval-steps", "1", "--out", str(tmp_path / "v")],   # after tokenizing
+                         "(or --eval-steps 0: no validation loss)")]:
         with pytest.raises(SystemExit) as e:
             nanoseek(["pretrain", "--data", str(text), "--out", str(run), "--steps", "2", *fast, *flags])
         assert says in one_line(e, "nanoseek pretrain: "), flags

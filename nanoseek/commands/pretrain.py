@@ -220,6 +220,9 @@ def main(argv: list[str] | None = None) -> None:
             args.data = str(shards.resolve())
             tok_dir = shards / "tokenizer"
         else:
+            if not (data / "meta.json").is_file():
+                raise SystemExit(f"nanoseek pretrain: --data {data} is a folder without meta.json: give a text file, "
+                                 f"or shards made by `nanoseek data --input {data} --tokenizer DIR --out DIR`")
             tok_dir = Path(args.tokenizer) if args.tokenizer else data / "tokenizer"
         args.tokenizer = str(tok_dir.resolve())
     try:
@@ -227,10 +230,13 @@ def main(argv: list[str] | None = None) -> None:
         check_tokenizer(args.data, tokenizer)
         loader = PretrainLoader(args.data, "train", args.batch_size, args.seq_len, rank=dist.rank,
                                 world_size=dist.world_size, seed=args.seed)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"nanoseek pretrain: {e}") from None
+    try:
         val_loader = PretrainLoader(args.data, "val", args.batch_size, args.seq_len, rank=dist.rank,
                                     world_size=dist.world_size, seed=args.seed) if args.eval_steps > 0 else None
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"nanoseek pretrain: {e}") from None
+        raise SystemExit(f"nanoseek pretrain: {e} (or --eval-steps 0: no validation loss)") from None
     # read now: on resume tok_dir is inside the checkpoint resumed from, which --keep prunes later
     tok_files = {n: (tok_dir / n).read_bytes() for n in ("tokenizer.json", "tokenizer_config.json")
                  if (tok_dir / n).exists()}
