@@ -253,7 +253,8 @@ def test_pretrain_flags_and_resume_settings_are_one_line(tmp_path):
     run = tmp_path / "run"
     fast = ["--batch-size", "4", "--seq-len", "16", "--sample-tokens", "0", "--eval-steps", "0", "--peak-flops", "1e11",
             "--device", "cpu"]
-    for flags, says in [(["--threads", "-1"], "--threads must be >= 1"), (["--threads", "100000"], "at most 1024"),
+    for flags, says in [(["--threads", "-1"], "--threads must be in [1, 1024]"),
+                        (["--threads", "100000"], "--threads must be in [1, 1024]"),
                         (["--peak-flops", "-1"], "--peak-flops must be a number > 0"),
                         (["--split", "5"], "--split 5 is more chunks than the 4 rows"),
                         (["--out", str(tmp_path / "afile")], "is a file"),

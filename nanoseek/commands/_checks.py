@@ -39,6 +39,13 @@ def fresh_run(prog: str, out: str | Path) -> Path:
 
 
 SEED_LIMIT = 2 ** 32
+MAX_THREADS = 1024      # torch.set_num_threads segfaults far above what any machine has
+
+
+def threads(prog: str, value: int | None) -> None:
+    """A --threads value torch.set_num_threads takes: 1 .. MAX_THREADS (None: not given)."""
+    if value is not None and not 1 <= value <= MAX_THREADS:
+        fail(prog, f"--threads must be in [1, {MAX_THREADS}], got {value}")
 
 
 def seed(prog: str, value: int | None, flag: str = "--seed") -> None:

@@ -105,8 +105,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if not 1 <= args.threads <= 1024:
-        raise SystemExit(f"nanoseek demo: --threads must be in [1, 1024], got {args.threads}")
+    checks.threads("demo", args.threads)
     checks.seed("demo", args.seed)
     threads_before = torch.get_num_threads()
     try:

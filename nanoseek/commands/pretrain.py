@@ -144,12 +144,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.split is not None and args.split <= 0:
         raise SystemExit(f"nanoseek pretrain: --split {args.split}: give a chunk count >= 1 (1: no split)")
     checks.seed("pretrain", args.seed)
-    checks.numbers("pretrain", args, at_least_1=("threads",), positive=("lr", "peak_flops"),
+    checks.threads("pretrain", args.threads)
+    checks.numbers("pretrain", args, positive=("lr", "peak_flops"),
                    non_negative=("min_lr", "warmup", "weight_decay", "clip", "eval_steps", "eval_every",
                                  "save_every", "keep", "sample_tokens", "mtp_weight", "balance_alpha", "bias_gamma"))
     checks.lr_range("pretrain", args.lr, args.min_lr)
-    if args.threads is not None and args.threads > 1024:
-        raise SystemExit(f"nanoseek pretrain: --threads {args.threads}: at most 1024")
     if args.split is not None and args.split > args.batch_size:
         raise SystemExit(f"nanoseek pretrain: --split {args.split} is more chunks than the {args.batch_size} rows "
                          f"of --batch-size")
