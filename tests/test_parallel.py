@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,6 @@ def assert_launch_ok(proc: subprocess.CompletedProcess) -> None:
     teardown = (TEARDOWN_ABORT in out and out.count("Traceback (most recent call last)") == 1   # the launcher's
                 and "ChildFailedError" in out and codes and set(codes) <= {"-6", "-15"})
     assert teardown, proc.stdout[-3000:] + proc.stderr[-3000:]
-    import warnings
     warnings.warn(f"torchrun: a rank aborted at interpreter exit after finishing ({TEARDOWN_ABORT!r})")
 
 

@@ -24,11 +24,17 @@ def under_folders(prog: str, path: str | Path, flag: str = "--out") -> Path:
     return path
 
 
-def fresh_run(prog: str, out: str | Path) -> Path:
-    """--out as a run folder that holds no run yet (it may exist, empty or with other files)."""
+def out_folder(prog: str, out: str | Path) -> Path:
+    """--out as a folder that can exist or be made: not a file, not under one."""
     run = under_folders(prog, out)
     if run.exists() and not run.is_dir():
         fail(prog, f"--out {run} is a file; give a folder for the run")
+    return run
+
+
+def fresh_run(prog: str, out: str | Path) -> Path:
+    """--out as a run folder that holds no run yet (it may exist, empty or with other files)."""
+    run = out_folder(prog, out)
     for name in RUN_FILES:
         if (run / name).exists():
             if not any((run / done).exists() for done in ("model", "final")):
@@ -91,6 +97,13 @@ def numbers(prog: str, args: Any, *, at_least_1: tuple[str, ...] = (), positive:
         v = getattr(args, name)
         if v is not None and not (math.isfinite(v) and 0 <= v < 1):
             fail(prog, f"{flag(name)} must be in [0, 1), got {v}")
+
+
+def seq_len(prog: str, value: int, model, whose: str = "the model's") -> None:
+    """A training --seq-len within the positions the model was built for."""
+    limit = model.config.max_position_embeddings
+    if value > limit:
+        fail(prog, f"--seq-len {value} > {whose} max_position_embeddings {limit}")
 
 
 def positions(prog: str, model, longest_prompt: int, max_new_tokens: int) -> None:

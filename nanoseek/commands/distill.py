@@ -101,9 +101,7 @@ def main(argv: list[str] | None = None) -> None:
     heldout_prompts = chat_prompts(tokenizer, task.messages, heldout)
     longest = max(map(len, prompts + heldout_prompts))
     checks.positions("distill", teacher, longest, args.max_new_tokens)
-    if args.seq_len > student.config.max_position_embeddings:
-        checks.fail("distill", f"--seq-len {args.seq_len} > the student's max_position_embeddings "
-                               f"{student.config.max_position_embeddings}")
+    checks.seq_len("distill", args.seq_len, student, "the student's")
     max_len = longest + args.max_new_tokens + 1
     greedy = SamplingParams(max_tokens=args.max_new_tokens, temperature=0.0)
 

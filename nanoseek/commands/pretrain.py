@@ -162,9 +162,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"nanoseek pretrain: --steps {args.steps}: {ckpt} is already at step {state['step']}; "
                              f"give a larger --steps to go on")
     if args.out:
-        checks.under_folders("pretrain", args.out)
-        if Path(args.out).exists() and not Path(args.out).is_dir():
-            raise SystemExit(f"nanoseek pretrain: --out {args.out} is a file; give a folder for the run")
+        checks.out_folder("pretrain", args.out)
 
     # --- setup: device, processes, seed, run folder
     device = pick_device(args.device)
@@ -253,9 +251,7 @@ def main(argv: list[str] | None = None) -> None:
         raw = Transformer(cfg).to(device)
         raw.init_weights()
     raw.train()
-    if args.seq_len > cfg.max_position_embeddings:
-        raise SystemExit(f"nanoseek pretrain: --seq-len {args.seq_len} > max_position_embeddings "
-                         f"{cfg.max_position_embeddings} of the model")
+    checks.seq_len("pretrain", args.seq_len, raw)
     if args.compile:
         for block in [*raw.layers, *(m.block for m in raw.mtp)]:
             block.compile()

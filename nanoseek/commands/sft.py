@@ -108,9 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     random.Random(args.seed).shuffle(convs)
     n_val = int(len(convs) * args.val_frac) if len(convs) >= 20 else 0
     val_convs, train_convs = convs[:n_val], convs[n_val:]
-    if args.seq_len > model.config.max_position_embeddings:
-        raise SystemExit(f"nanoseek sft: --seq-len {args.seq_len} > the model's max_position_embeddings "
-                         f"{model.config.max_position_embeddings}")
+    checks.seq_len("sft", args.seq_len, model)
     try:
         train_ds = SFTDataset(train_convs, tokenizer, args.seq_len)
     except ValueError as e:
