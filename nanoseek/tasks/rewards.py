@@ -105,8 +105,10 @@ def last_boxed(text: str) -> str | None:
 
 # ASCII digits only (re.ASCII): "١٨" is not a number to us. A minus sign counts only when no digit
 # precedes it, so "3-5" ends in 5, not -5. Comma groups need exactly 3 digits ("1,234"), so a list
-# "1, 2, 3" ends in 3. A trailing "." is not a decimal point ("18." -> 18).
-_NUMBER = re.compile(r"(?<![0-9])(-?)\$?\s?((?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?)", re.ASCII)
+# "1, 2, 3" ends in 3. A trailing "." is not a decimal point ("18." -> 18). The sign binds only to what
+# follows it directly ("-5", "-$5"): in "10 - 5" the "-" is an operator and the answer 5 (a space may
+# follow a "$" only, as in "$ 18").
+_NUMBER = re.compile(r"(?<![0-9])(-?)(?:\$\s?)?((?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?)", re.ASCII)
 
 
 def canonical_number(s: str) -> str | None:
