@@ -144,6 +144,48 @@ def test_killed_save_leaves_last_checkpoint_loadable(shards, tmp_path):
     assert max(train_rows(run)) == 3
 
 
+def test_ctrl_c_names_the_checkpoint_to_resume_from(shards, tmp_path):
+    """Ctrl-C (here in the middle of a save) is one line naming the last whole checkpoint, exit status 130."""
+    run = tmp_path / "run"
+    env = {**os.environ, "NANOSEEK_SAVE_PAUSE": "4:60", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "pretrain", "--data", str(shards), "--out", str(run),
+                             "--steps", "6", "--save-every", "2", *FAST], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    partial = run / "checkpoints" / "step_000004.tmp" / "model" / "model.safetensors"
+    deadline = time.time() + 120
+    while not partial.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() < deadline, "the save of step 4 never started"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert f"interrupted at step 4; resume with --resume {run} (checkpoint step_000002)" in err
+    assert resolve_checkpoint(run).name == "step_000002"
+
+
+def test_diverged_loss_names_the_last_checkpoint_or_none(shards, tmp_path, monkeypatch):
+    import nanoseek.commands.pretrain as cmd
+
+    real, calls = cmd.pretrain_backward, []
+
+    def nan_from_step_3(*a, **kw):
+        parts, counts = real(*a, **kw)
+        calls.append(1)
+        return ({**parts, "loss": torch.tensor(float("nan"))} if len(calls) >= 3 else parts), counts
+
+    monkeypatch.setattr(cmd, "pretrain_backward", nan_from_step_3)
+    run = tmp_path / "run"
+    with pytest.raises(SystemExit, match=r"loss is nan at step 3; .*resume with --resume .*run "
+                                         r"\(checkpoint step_000002\)"):
+        pretrain(["--data", str(shards), "--out", str(run), "--steps", "6", "--save-every", "2", *FAST])
+    calls.clear()
+    calls.extend([1, 1])       # nan from the first step: nothing saved yet
+    with pytest.raises(SystemExit, match="loss is nan at step 1; .*no checkpoint was saved yet"):
+        pretrain(["--data", str(shards), "--out", str(tmp_path / "run2"), "--steps", "6", *FAST])
+
+
 def test_checkpoint_pointer_and_pruning(tmp_path):
     model = Transformer(preset("tiny", num_hidden_layers=2))
     model.init_weights()

@@ -309,16 +309,20 @@ def main(argv: list[str] | None = None) -> None:
     sample_prompt = (next(PretrainLoader(args.data, "val", 1, args.seq_len, seed=args.seed))[0][0, :8].tolist()
                      if val_loader is not None else [])
 
+    def resume_hint() -> str:
+        """Where a stopped run goes on from: the last checkpoint saved, or that none was."""
+        latest = run / "checkpoints" / "latest"
+        if latest.exists():
+            return f"resume with --resume {run} (checkpoint {latest.read_text().strip()})"
+        return "no checkpoint was saved yet"
+
     def draw(it):
         """The next batch; a shard that turns out damaged mid-run (ids beyond the vocabulary) is one line
         naming the last checkpoint, not a traceback."""
         try:
             return next(it)
         except ValueError as e:
-            latest = run / "checkpoints" / "latest"
-            last = f"resume from {run} (checkpoint {latest.read_text().strip()})" if latest.exists() else \
-                "no checkpoint was saved"
-            raise SystemExit(f"nanoseek pretrain: {e}; {last}") from None
+            raise SystemExit(f"nanoseek pretrain: {e}; {resume_hint()}") from None
 
     def evaluate() -> float:
         """Mean CE over the same eval_steps validation batches every time."""
@@ -372,57 +376,63 @@ def main(argv: list[str] | None = None) -> None:
     bar = tqdm(total=args.steps, initial=step, disable=not dist.is_main, dynamic_ncols=True, desc="pretrain")
     batches = iter(loader)
     t_start = time.perf_counter()
-    while step < args.steps:
-        t0 = time.perf_counter()
-        lr = lr_at(step, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup, total=args.steps,
-                   schedule=args.schedule)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        sums: dict[str, torch.Tensor] = {}
-        counts = None
-        for micro in range(args.grad_accum):
-            x, y = draw(batches)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with parallel.grad_sync(model, micro == args.grad_accum - 1):
-                parts, c = pretrain_backward(model, params, x, y, mtp_weight=args.mtp_weight,
-                                             balance_alpha=args.balance_alpha, amp_dtype=amp_dtype,
-                                             scale=1 / args.grad_accum, split=split)
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0) + v / args.grad_accum
-            if c is not None:
-                counts = c if counts is None else counts + c
-        grad_norm = parallel.clip_grad_norm_(model, args.clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if counts is not None:   # aux-loss-free balancing: global counts, identical update on every rank
-            counts = parallel.all_reduce_sum_(counts)
-            if args.bias_gamma > 0:
-                update_router_bias(raw, counts, args.bias_gamma)
-        step += 1
+    try:
+        while step < args.steps:
+            t0 = time.perf_counter()
+            lr = lr_at(step, lr=args.lr, min_lr=args.min_lr, warmup=args.warmup, total=args.steps,
+                       schedule=args.schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            sums: dict[str, torch.Tensor] = {}
+            counts = None
+            for micro in range(args.grad_accum):
+                x, y = draw(batches)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                with parallel.grad_sync(model, micro == args.grad_accum - 1):
+                    parts, c = pretrain_backward(model, params, x, y, mtp_weight=args.mtp_weight,
+                                                 balance_alpha=args.balance_alpha, amp_dtype=amp_dtype,
+                                                 scale=1 / args.grad_accum, split=split)
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0) + v / args.grad_accum
+                if c is not None:
+                    counts = c if counts is None else counts + c
+            grad_norm = parallel.clip_grad_norm_(model, args.clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if counts is not None:   # aux-loss-free balancing: global counts, identical update on every rank
+                counts = parallel.all_reduce_sum_(counts)
+                if args.bias_gamma > 0:
+                    update_router_bias(raw, counts, args.bias_gamma)
+            step += 1
 
-        names = sorted(sums)
-        means = parallel.all_reduce_mean(torch.stack([sums[k] for k in names])).tolist()
-        row = {"step": step, **dict(zip(names, means)), "lr": lr, "grad_norm": grad_norm.item()}
-        if not math.isfinite(row["loss"]):
-            raise SystemExit(f"nanoseek pretrain: loss is {row['loss']} at step {step}; lower --lr or raise "
-                             f"--warmup (last good checkpoint: {run / 'checkpoints'})")
-        dt = time.perf_counter() - t0
-        row.update(tok_per_s=tokens_per_step / dt, mfu=tokens_per_step / dt * fpt / (peak * dist.world_size),
-                   time=time.perf_counter() - t_start)
-        if counts is not None:
-            row["maxvio"] = max_violation(counts)
-        log(row)
-        bar.update(1)
-        bar.set_postfix(ce=f"{row['ce']:.3f}", tok_s=f"{row['tok_per_s']:.0f}", mfu=f"{100 * row['mfu']:.1f}%")
+            names = sorted(sums)
+            means = parallel.all_reduce_mean(torch.stack([sums[k] for k in names])).tolist()
+            row = {"step": step, **dict(zip(names, means)), "lr": lr, "grad_norm": grad_norm.item()}
+            if not math.isfinite(row["loss"]):
+                raise SystemExit(f"nanoseek pretrain: loss is {row['loss']} at step {step}; lower --lr or raise "
+                                 f"--warmup ({resume_hint()})")
+            dt = time.perf_counter() - t0
+            row.update(tok_per_s=tokens_per_step / dt, mfu=tokens_per_step / dt * fpt / (peak * dist.world_size),
+                       time=time.perf_counter() - t_start)
+            if counts is not None:
+                row["maxvio"] = max_violation(counts)
+            log(row)
+            bar.update(1)
+            bar.set_postfix(ce=f"{row['ce']:.3f}", tok_s=f"{row['tok_per_s']:.0f}", mfu=f"{100 * row['mfu']:.1f}%")
 
-        if args.eval_steps > 0 and (step == args.steps or (args.eval_every > 0 and step % args.eval_every == 0)):
-            val_loss = evaluate()
-            log({"step": step, "val_loss": val_loss})
-            if dist.is_main:
-                tqdm.write(f"step {step}: val loss {val_loss:.4f}")
-            show_sample()
-        if step == args.steps or (args.save_every > 0 and step % args.save_every == 0):
-            checkpoint()
+            if args.eval_steps > 0 and (step == args.steps or (args.eval_every > 0 and step % args.eval_every == 0)):
+                val_loss = evaluate()
+                log({"step": step, "val_loss": val_loss})
+                if dist.is_main:
+                    tqdm.write(f"step {step}: val loss {val_loss:.4f}")
+                show_sample()
+            if step == args.steps or (args.save_every > 0 and step % args.save_every == 0):
+                checkpoint()
+    except KeyboardInterrupt:     # Ctrl-C: one line saying where the run goes on from, not a traceback
+        bar.close()
+        if dist.is_main:
+            print(f"\nnanoseek pretrain: interrupted at step {step}; {resume_hint()}", file=sys.stderr)
+        raise SystemExit(130) from None
     bar.close()
 
     # --- end: plots and a short report
