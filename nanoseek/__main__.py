@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> None:
         importlib.import_module(f"nanoseek.commands.{cmd}").main(argv[1:])
     except UsageError as e:          # a bad --device / --dtype value: one line, not a traceback
         raise SystemExit(f"nanoseek {argv[0]}: {e}") from None
+    except KeyboardInterrupt:        # Ctrl-C: one line (pretrain and grpo say first what they saved)
+        print(f"\nnanoseek {argv[0]}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

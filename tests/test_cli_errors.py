@@ -41,6 +41,18 @@ def test_device_and_dtype_values():
     assert pick_device("cpu").type == "cpu" and pick_dtype("bf16") == torch.bfloat16
 
 
+def test_ctrl_c_is_one_line_with_status_130(monkeypatch, capsys):
+    import nanoseek.commands.info as info
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(info, "main", interrupted)
+    with pytest.raises(SystemExit) as e:
+        nanoseek(["info", "--preset", "tiny"])
+    assert e.value.code == 130 and capsys.readouterr().err == "\nnanoseek info: interrupted\n"
+
+
 @pytest.mark.parametrize("flags, says", [(["--device", "foo"], "--device 'foo'"), (["--dtype", "int8"], "unknown dtype")])
 def test_generate_bad_flags_are_one_line(model_dir, flags, says):
     with pytest.raises(SystemExit) as e:
@@ -278,4 +290,4 @@ def test_pretrain_flags_and_resume_settings_are_one_line(tmp_path):
     shard.write_bytes(b"\xff" * shard.stat().st_size)
     with pytest.raises(SystemExit) as e:
         nanoseek(["pretrain", "--resume", str(run), "--steps", "4", "--device", "cpu"])
-    assert "token id" in one_line(e, "nanoseek pretrain: ") and "resume from" in str(e.value.code)
+    assert "token id" in one_line(e, "nanoseek pretrain: ") and "resume with --resume" in str(e.value.code)

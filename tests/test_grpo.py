@@ -364,6 +364,34 @@ def test_grpo_command_writes_metrics_plots_and_model(tok, tmp_path):
         grpo_cmd.main(["--model", str(base), "--task", "arithmetic", "--out", str(out), "--device", "cpu"])
 
 
+def test_grpo_command_ctrl_c_names_what_was_saved(tok, tmp_path, monkeypatch, capsys):
+    from nanoseek.commands import grpo as grpo_cmd
+
+    base = tmp_path / "base"
+    eos_heavy_model_dir(tok, base)
+    real, calls = GRPO.step, []
+
+    def interrupted_at_3(self, next_prompts):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, next_prompts)
+
+    monkeypatch.setattr(GRPO, "step", interrupted_at_3)
+    flags = ["--model", str(base), "--task", "arithmetic", "--task-arg", "n_digits=1", "--steps", "4",
+             "--group-size", "2", "--prompts-per-step", "2", "--max-new-tokens", "4", "--eval-problems", "0",
+             "--device", "cpu"]
+    with pytest.raises(SystemExit) as e:
+        grpo_cmd.main([*flags, "--out", str(tmp_path / "a"), "--save-every", "2"])
+    assert e.value.code == 130
+    assert f"interrupted during step 3; {tmp_path / 'a' / 'model'} holds step 2" in capsys.readouterr().err
+    Transformer.from_pretrained(tmp_path / "a" / "model")
+    calls.clear()
+    with pytest.raises(SystemExit):
+        grpo_cmd.main([*flags, "--out", str(tmp_path / "b")])
+    assert "interrupted during step 3; no model was saved" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("variant", ["grpo", "dapo"])
 def test_update_split_over_threads_equals_one_chunk(variant):
     # the micro-batch's groups as chunks in CPU threads (train.parallel.split_backward): the same step

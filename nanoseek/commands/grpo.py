@@ -232,21 +232,31 @@ def main(argv: list[str] | None = None) -> None:
         print0(f"held-out accuracy before: {acc_before:.3f} ({len(heldout)} problems, greedy)")
     t_start = time.perf_counter()
     bar = tqdm(range(1, args.steps + 1), desc=f"grpo ({args.variant})", dynamic_ncols=True, disable=not info.is_main)
-    for step in bar:
-        lr = lr_at(step - 1, lr=args.lr, min_lr=args.lr, warmup=args.warmup, total=args.steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        stats = trainer.step(next_prompts)
-        row = {"step": step, "lr": lr, **stats, "time": time.perf_counter() - t_start}
-        log(row)
-        bar.set_postfix(reward=f"{stats['reward']:.3f}", acc=f"{stats['accuracy']:.3f}",
-                        len=f"{stats['response_length']:.0f}", cps=f"{stats['completions_per_s']:.0f}")
-        if args.eval_every > 0 and step % args.eval_every == 0 and step != args.steps:
-            acc = heldout_eval(step)
-            if acc is not None and info.is_main:
-                tqdm.write(f"step {step}: held-out accuracy {acc:.3f}")
-        if args.save_every > 0 and step % args.save_every == 0:
-            save()
+    step, saved = 0, 0     # the step under way; the step model/ holds (0: none saved yet)
+    try:
+        for step in bar:
+            lr = lr_at(step - 1, lr=args.lr, min_lr=args.lr, warmup=args.warmup, total=args.steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            stats = trainer.step(next_prompts)
+            row = {"step": step, "lr": lr, **stats, "time": time.perf_counter() - t_start}
+            log(row)
+            bar.set_postfix(reward=f"{stats['reward']:.3f}", acc=f"{stats['accuracy']:.3f}",
+                            len=f"{stats['response_length']:.0f}", cps=f"{stats['completions_per_s']:.0f}")
+            if args.eval_every > 0 and step % args.eval_every == 0 and step != args.steps:
+                acc = heldout_eval(step)
+                if acc is not None and info.is_main:
+                    tqdm.write(f"step {step}: held-out accuracy {acc:.3f}")
+            if args.save_every > 0 and step % args.save_every == 0:
+                save()
+                saved = step
+    except KeyboardInterrupt:     # Ctrl-C: one line saying what was saved, not a traceback
+        bar.close()
+        if info.is_main:
+            kept = (f"{run / 'model'} holds step {saved} (a new run goes on from it with --model)" if saved
+                    else "no model was saved (--save-every N saves model/ along the way)")
+            print(f"\nnanoseek grpo: interrupted during step {step}; {kept}", file=sys.stderr)
+        raise SystemExit(130) from None
     wall = time.perf_counter() - t_start
     acc_after = heldout_eval(args.steps)
 
