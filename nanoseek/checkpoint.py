@@ -71,6 +71,10 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _EXPERT = re.compile(r"^mlp\.experts\.(\d+)\.(.+)$")
 
 
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+
+
 class CheckpointError(ValueError):
     pass
 
@@ -191,6 +195,11 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
     if not cfg_path.exists():
         raise CheckpointError(f"{path}: config.json is missing")
     raw = read_json_object(cfg_path, CheckpointError)
+    # the shapes: every DeepSeek config.json (save_pretrained's, transformers', DeepSeek's own) names them, and
+    # a default in their place would only show up later as tensors of the wrong shape
+    missing = [k for k in SHAPE_FIELDS if k not in raw]
+    if missing:
+        raise CheckpointError(f"{cfg_path}: no {', '.join(missing)} (not a DeepSeek V2/V3 config.json)")
     cfg = ModelConfig.from_dict(raw)
     quant = raw.get("quantization_config") or {}
     block = tuple(quant.get("weight_block_size", (128, 128)))

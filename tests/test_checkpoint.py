@@ -156,8 +156,16 @@ def test_bad_config_and_missing_shard(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json"):
         Transformer.from_pretrained(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({"n_routed_experts": 6, "n_group": 4}))
+    good = m.config.to_hf_dict()
+    (tmp_path / "config.json").write_text(json.dumps({**good, "n_routed_experts": 6, "n_group": 4}))
     with pytest.raises(ValueError, match="n_group"):
+        Transformer.from_pretrained(tmp_path)
+    # a config.json without the shapes: named, not left to defaults that mismatch the weights later
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="no vocab_size, hidden_size, .*v_head_dim"):
+        Transformer.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in good.items() if k != "vocab_size"}))
+    with pytest.raises(CheckpointError, match=r"config.json: no vocab_size \(not a DeepSeek"):
         Transformer.from_pretrained(tmp_path)
 
 

@@ -364,7 +364,11 @@ def test_grpo_command_writes_metrics_plots_and_model(tok, tmp_path):
         grpo_cmd.main(["--model", str(base), "--task", "arithmetic", "--out", str(out), "--device", "cpu"])
 
 
-def test_grpo_command_ctrl_c_names_what_was_saved(tok, tmp_path, monkeypatch, capsys):
+GRPO_FLAGS = ["--task", "arithmetic", "--task-arg", "n_digits=1", "--group-size", "2", "--prompts-per-step", "2",
+              "--max-new-tokens", "4", "--device", "cpu"]
+
+
+def test_grpo_command_ctrl_c_names_the_checkpoint(tok, tmp_path, monkeypatch, capsys):
     from nanoseek.commands import grpo as grpo_cmd
 
     base = tmp_path / "base"
@@ -378,18 +382,54 @@ def test_grpo_command_ctrl_c_names_what_was_saved(tok, tmp_path, monkeypatch, ca
         return real(self, next_prompts)
 
     monkeypatch.setattr(GRPO, "step", interrupted_at_3)
-    flags = ["--model", str(base), "--task", "arithmetic", "--task-arg", "n_digits=1", "--steps", "4",
-             "--group-size", "2", "--prompts-per-step", "2", "--max-new-tokens", "4", "--eval-problems", "0",
-             "--device", "cpu"]
+    flags = ["--model", str(base), *GRPO_FLAGS, "--steps", "4", "--eval-problems", "0"]
     with pytest.raises(SystemExit) as e:
         grpo_cmd.main([*flags, "--out", str(tmp_path / "a"), "--save-every", "2"])
     assert e.value.code == 130
-    assert f"interrupted during step 3; {tmp_path / 'a' / 'model'} holds step 2" in capsys.readouterr().err
-    Transformer.from_pretrained(tmp_path / "a" / "model")
+    assert (f"interrupted during step 3; resume with --resume {tmp_path / 'a'} (checkpoint step_000002)"
+            in capsys.readouterr().err)
+    Transformer.from_pretrained(tmp_path / "a" / "checkpoints" / "step_000002" / "model")
+    with pytest.raises(SystemExit, match="unfinished run .* --resume"):
+        grpo_cmd.main([*flags, "--out", str(tmp_path / "a")])
     calls.clear()
     with pytest.raises(SystemExit):
         grpo_cmd.main([*flags, "--out", str(tmp_path / "b")])
-    assert "interrupted during step 3; no model was saved" in capsys.readouterr().err
+    assert "interrupted during step 3; no checkpoint was saved" in capsys.readouterr().err
+
+
+def test_grpo_resume_takes_the_steps_an_unbroken_run_takes(tok, tmp_path):
+    """4 steps in one go against 2 steps, then --resume to 4: the same rollouts, losses and weights (the data
+    stream, the optimizer state, the sampler's and the trainer's random streams and the reference model all
+    come back), with the held-out evaluations and the KL term on."""
+    from nanoseek.commands import grpo as grpo_cmd
+
+    base = tmp_path / "base"
+    eos_heavy_model_dir(tok, base)
+    flags = ["--model", str(base), *GRPO_FLAGS, "--save-every", "2", "--eval-every", "2", "--eval-problems", "4",
+             "--beta", "0.01", "--variant", "dapo", "--lr", "1e-3", "--minibatches", "2"]
+    grpo_cmd.main([*flags, "--out", str(tmp_path / "whole"), "--steps", "4"])
+    grpo_cmd.main([*flags, "--out", str(tmp_path / "parts"), "--steps", "2"])
+    with pytest.raises(SystemExit, match="only --steps, .* may be given \\(got --lr\\)"):
+        grpo_cmd.main(["--resume", str(tmp_path / "parts"), "--steps", "4", "--lr", "1"])
+    with pytest.raises(SystemExit, match="already at step 2"):
+        grpo_cmd.main(["--resume", str(tmp_path / "parts"), "--steps", "1"])
+    grpo_cmd.main(["--resume", str(tmp_path / "parts"), "--steps", "4"])
+
+    def train_rows(run):
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        return {r["step"]: r for r in rows if "reward" in r}
+
+    whole, parts = train_rows(tmp_path / "whole"), train_rows(tmp_path / "parts")
+    assert sorted(parts) == [1, 2, 3, 4]
+    for step in (3, 4):
+        for key in ("reward", "loss", "kl", "grad_norm", "response_length"):
+            assert parts[step][key] == pytest.approx(whole[step][key], rel=1e-5, abs=1e-7), (step, key)
+    assert whole[4]["grad_norm"] > 0
+    a = Transformer.from_pretrained(tmp_path / "whole" / "model").state_dict()
+    b = Transformer.from_pretrained(tmp_path / "parts" / "model").state_dict()
+    assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+    assert any(not torch.equal(a[k], v) for k, v in Transformer.from_pretrained(base).state_dict().items())
+    assert (tmp_path / "parts" / "checkpoints" / "latest").read_text().strip() == "step_000004"
 
 
 @pytest.mark.parametrize("variant", ["grpo", "dapo"])

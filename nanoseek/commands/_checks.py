@@ -38,6 +38,9 @@ def fresh_run(prog: str, out: str | Path) -> Path:
     for name in RUN_FILES:
         if (run / name).exists():
             if not any((run / done).exists() for done in ("model", "final")):
+                if (run / "checkpoints" / "latest").exists():
+                    fail(prog, f"{run} holds an unfinished run with checkpoints: go on with --resume {run}, or "
+                               f"choose another --out")
                 fail(prog, f"{run} holds an unfinished run ({name}, no model saved): remove it or choose another "
                            f"--out")
             fail(prog, f"{run} already holds a run ({name}); choose another --out")

@@ -18,6 +18,11 @@ normalization), dapo (clip-higher 0.2/0.28, token-level sum), gspo (sequence-lev
 Not applied in RL: the MoE router's bias update and the MTP loss (see nanoseek/train/grpo.py).
 The run folder holds run.json, metrics.jsonl, plots/ (reward, accuracy, response length, zero-std
 groups, clip fraction, KL, entropy), report.md and model/ (a Hugging Face directory).
+
+--save-every N writes a checkpoint every N steps (checkpoints/step_N: the model as a Hugging Face
+directory, the optimizer state, the data stream's position and every RNG state), and
+`nanoseek grpo --resume RUN [--steps N]` goes on from the latest one with the run's own settings,
+taking the same steps the run would have taken without the stop.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import copy
 import json
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -43,17 +49,33 @@ from nanoseek.train.grpo import GRPO, GRPOConfig, chat_prompts, evaluate, merge_
 from nanoseek.train.losses import RL_VARIANTS
 from nanoseek.train.optim import build_optimizer, lr_at
 from nanoseek.train.sft import load_model, save_model, task_knobs
+from nanoseek.train.trainer_state import (load_trainer_state, resolve_checkpoint, rng_state, save_checkpoint,
+                                          set_rng_state)
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+# what a resumed run may change: everything else is the run's own (its data stream and optimizer state
+# were made with it)
+RESUME_MAY_CHANGE = ("steps", "save_every", "keep", "eval_every", "device")
+
+
+def parse_args(argv: list[str] | None, given_only: bool = False) -> argparse.Namespace:
+    """The options; given_only: only those on the command line (no defaults), to tell them apart."""
     p = argparse.ArgumentParser(prog="nanoseek grpo", description=__doc__.splitlines()[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    a = p.add_argument
-    a("--model", required=True, help="checkpoint directory (Hugging Face format) to start from")
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__,
+                                argument_default=argparse.SUPPRESS if given_only else None)
+
+    def a(*names, **kw):
+        if given_only:
+            kw.pop("default", None)
+        p.add_argument(*names, **kw)
+    a("--model", help="checkpoint directory (Hugging Face format) to start from (required)")
     a("--tokenizer", help="tokenizer directory (default: the one in --model)")
-    a("--task", required=True, choices=sorted(TASKS))
+    a("--task", choices=sorted(TASKS), help="(required)")
     a("--task-arg", action="append", metavar="KEY=VALUE", help="task knob, e.g. n_digits=2 (repeatable)")
-    a("--out", required=True, help="run folder")
+    a("--out", help="run folder (required)")
+    a("--resume", metavar="RUN", help="go on from the latest checkpoint of this run folder (or a step_* folder) "
+                                      "with its settings; only --" + ", --".join(RESUME_MAY_CHANGE).replace("_", "-")
+                                      + " may be given")
     a("--variant", default="grpo", choices=RL_VARIANTS)
     a("--group-size", type=int, default=8, help="G completions per prompt")
     a("--prompts-per-step", type=int, default=8, help="problems per batch of rollouts")
@@ -83,15 +105,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--train-problems", type=int, default=2000, help="training problems drawn (cycled, reshuffled)")
     a("--eval-every", type=int, default=10, help="steps between held-out evaluations (0: start and end only)")
     a("--eval-problems", type=int, default=64, help="held-out problems per evaluation (greedy)")
-    a("--save-every", type=int, default=0, help="steps between saving model/ (0: at the end)")
+    a("--save-every", type=int, default=0, help="steps between resumable checkpoints (0: none; model/ is "
+                                                 "written at the end)")
+    a("--keep", type=int, default=2, help="checkpoints kept (0: all)")
     a("--seed", type=int, default=0)
     a("--device", help="cuda | cpu | cuda:N (default: cuda if present)")
     a("--dtype", help="fp32 or bf16 autocast for the updates (default fp32 on CPU, bf16 on CUDA)")
     return p.parse_args(argv)
 
 
+def resume_settings(args: argparse.Namespace, argv: list[str] | None):
+    """--resume: (the run's saved settings with the allowed changes, checkpoint, state, optimizer state);
+    without it the required flags are checked and (args, None, None, None) returned."""
+    if not args.resume:
+        for flag in ("model", "task", "out"):
+            if getattr(args, flag) is None:
+                raise SystemExit(f"nanoseek grpo: --{flag} is required (or --resume RUN)")
+        return args, None, None, None
+    given = set(vars(parse_args(argv, given_only=True))) - {"resume"}
+    fixed = sorted(given - set(RESUME_MAY_CHANGE))
+    if fixed:
+        raise SystemExit(f"nanoseek grpo: --resume goes on with the run's own settings; only --"
+                         + ", --".join(RESUME_MAY_CHANGE).replace("_", "-") + " may be given (got --"
+                         + ", --".join(fixed).replace("_", "-") + ")")
+    try:
+        ckpt = resolve_checkpoint(args.resume)
+        state, optim_state = load_trainer_state(ckpt)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"nanoseek grpo: {e}") from None
+    if state.get("kind") != "grpo":
+        raise SystemExit(f"nanoseek grpo: --resume {args.resume}: {ckpt} is not a grpo checkpoint")
+    saved = state["args"]
+    merged = argparse.Namespace(**{**vars(parse_args([])), **saved, **{k: getattr(args, k) for k in given},
+                                   "resume": args.resume, "out": str(ckpt.parent.parent)})
+    if merged.steps < state["step"]:
+        raise SystemExit(f"nanoseek grpo: --steps {merged.steps}: {ckpt} is already at step {state['step']}; give a "
+                         f"larger --steps to go on")
+    return merged, ckpt, state, optim_state
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    args, ckpt, state, optim_state = resume_settings(parse_args(argv), argv)
     checks.numbers("grpo", args, at_least_1=("group_size", "prompts_per_step", "steps", "max_new_tokens",
                                              "train_problems"))
     if args.overlong_penalty >= args.max_new_tokens:
@@ -102,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     checks.seed("grpo", args.seed)
     checks.numbers("grpo", args, positive=("lr",), fraction=("eps_low",),
                    non_negative=("warmup", "weight_decay", "beta", "eps_high", "overlong_penalty", "clip",
-                                 "eval_every", "eval_problems", "save_every", "micro_batch"))
+                                 "eval_every", "eval_problems", "save_every", "keep", "micro_batch"))
     if args.micro_batch % args.group_size:
         raise SystemExit(f"nanoseek grpo: --micro-batch {args.micro_batch} is not whole groups of "
                          f"--group-size {args.group_size}")
@@ -114,13 +168,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.prompts_per_step % info.world_size:
         raise SystemExit(f"nanoseek grpo: --prompts-per-step {args.prompts_per_step} does not split evenly over "
                          f"{info.world_size} processes")
+    if state is not None and len(state["rng"]) != info.world_size:
+        raise SystemExit(f"nanoseek grpo: {ckpt} was saved by {len(state['rng'])} process(es); resume it with as "
+                         f"many (each one's rollouts have their own random stream)")
     amp_dtype = pick_dtype(args.dtype, device)
     checks.train_dtype("grpo", amp_dtype, args.dtype)
     seed_everything(args.seed + info.rank)       # each rank's engine samples its own noise
-    run = checks.fresh_run("grpo", args.out)
+    run = checks.fresh_run("grpo", args.out) if ckpt is None else Path(args.out)
     parallel.barrier()          # every rank has checked --out before rank 0 writes into it
     try:
-        model, tokenizer = load_model(args.model, device, args.tokenizer)
+        if ckpt is None:
+            model, tokenizer = load_model(args.model, device, args.tokenizer)
+        else:      # the checkpoint's weights; the reference model (--beta) is the run's starting one
+            model, tokenizer = load_model(ckpt / "model", device)
+            start_model = load_model(args.model, device)[0] if args.beta > 0 else None
         cfg = GRPOConfig(variant=args.variant, group_size=args.group_size, epochs_per_batch=args.epochs_per_batch,
                          minibatches=args.minibatches, micro_batch=args.micro_batch, eps_low=args.eps_low,
                          eps_high=args.eps_high, beta=args.beta, dynamic_sampling=args.dynamic_sampling,
@@ -130,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"nanoseek grpo: {e}") from None
     ref_model = None
     if args.beta > 0:            # frozen copy of the starting policy for the k3 KL term
-        ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+        ref_model = copy.deepcopy(model if ckpt is None else start_model).eval().requires_grad_(False)
 
     # --- task: training stream and held-out problems
     task = get_task(args.task)
@@ -193,13 +254,58 @@ def main(argv: list[str] | None = None) -> None:
         return r
 
     optimizer = build_optimizer(model, "adamw", args.lr, args.weight_decay)
-    trainer = GRPO(model, optimizer, generate, reward_fn, cfg, ref_model=ref_model, pad_id=tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id,
-                   dtype=amp_dtype)
+    pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    trainer = GRPO(model, optimizer, generate, reward_fn, cfg, ref_model=ref_model, pad_id=pad_id, dtype=amp_dtype)
+
+    # --- checkpoints: the weights, the optimizer, the data stream's position and every rank's random streams
+    def rank_state() -> dict:
+        return {"rng": rng_state(), "engine": engine._gen.get_state(), "trainer": trainer.gen.get_state()}
+
+    start = 0
+    if state is not None:
+        try:
+            parallel.load_full_optimizer_state(model, optimizer, optim_state)
+        except (KeyError, ValueError, RuntimeError) as e:       # names or shapes that are not this model's
+            raise SystemExit(f"nanoseek grpo: {ckpt / 'trainer' / 'optimizer.pt'} does not fit the model "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        data = state["loader"]
+        if sorted(data["order"]) != list(range(len(train))):
+            raise SystemExit(f"nanoseek grpo: {ckpt} was saved with {len(data['order'])} training problems, this "
+                             f"task gives {len(train)}")
+        order[:], cursor[0] = data["order"], data["cursor"]
+        py = data["rng"]
+        rng.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+        mine = state["rng"][info.rank]
+        set_rng_state(mine["rng"])
+        engine._gen.set_state(mine["engine"])
+        trainer.gen.set_state(mine["trainer"])
+        start = state["step"]
+        print0(f"resuming {run} at step {start} from {ckpt}")
+    del optim_state
+    with tempfile.TemporaryDirectory() as d:          # the tokenizer's files, for each checkpoint's model/
+        tokenizer.save(d)
+        tok_files = {f.name: f.read_bytes() for f in Path(d).iterdir()}
+
+    def checkpoint(step: int) -> Path:
+        optim_sd = parallel.full_optimizer_state(model, optimizer)
+        ranks = parallel.gather_objects(rank_state())
+        root = run / "checkpoints"
+        if info.is_main:
+            py = rng.getstate()
+            save_checkpoint(root, step, model, optim_sd, keep=args.keep, model_files=tok_files,
+                            state={"kind": "grpo", "args": vars(args), "rng": ranks,
+                                   "loader": {"order": list(order), "cursor": cursor[0],
+                                              "rng": {"version": py[0], "state": list(py[1]), "gauss": py[2]}}})
+        parallel.barrier()
+        return root / f"step_{step:06d}"
 
     # --- bookkeeping (rank 0 writes)
     metrics_path = run / "metrics.jsonl"
     if info.is_main:
         run.mkdir(parents=True, exist_ok=True)
+        if state is not None and metrics_path.exists():   # drop what the stopped run logged after its checkpoint
+            rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= start))
         (run / "run.json").write_text(json.dumps({"args": vars(args), "grpo": vars(cfg), "processes": info.world_size,
                                                   "model": model.config.to_hf_dict(), "train_problems": len(train),
                                                   "heldout_problems": len(heldout)}, indent=2, default=str))
@@ -227,12 +333,21 @@ def main(argv: list[str] | None = None) -> None:
         return run / "model"
 
     # --- training loop
-    acc_before = heldout_eval(0)
-    if acc_before is not None:
-        print0(f"held-out accuracy before: {acc_before:.3f} ({len(heldout)} problems, greedy)")
-    t_start = time.perf_counter()
-    bar = tqdm(range(1, args.steps + 1), desc=f"grpo ({args.variant})", dynamic_ncols=True, disable=not info.is_main)
-    step, saved = 0, 0     # the step under way; the step model/ holds (0: none saved yet)
+    done_time = 0.0        # a resumed run: the time its earlier part took (the before-accuracy is logged)
+    if start == 0:
+        acc_before = heldout_eval(0)
+        if acc_before is not None:
+            print0(f"held-out accuracy before: {acc_before:.3f} ({len(heldout)} problems, greedy)")
+    else:
+        rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] \
+            if metrics_path.exists() else []
+        acc_before = next((r["heldout_accuracy"] for r in rows if r.get("step") == 0 and "heldout_accuracy" in r),
+                          float("nan"))
+        done_time = max((r.get("time", 0.0) for r in rows), default=0.0)
+    t_start = time.perf_counter() - done_time
+    bar = tqdm(range(start + 1, args.steps + 1), desc=f"grpo ({args.variant})", dynamic_ncols=True,
+               initial=start, total=args.steps, disable=not info.is_main)
+    step, saved = start, start if ckpt is not None else 0     # the step under way; the last checkpoint's
     try:
         for step in bar:
             lr = lr_at(step - 1, lr=args.lr, min_lr=args.lr, warmup=args.warmup, total=args.steps)
@@ -247,20 +362,26 @@ def main(argv: list[str] | None = None) -> None:
                 acc = heldout_eval(step)
                 if acc is not None and info.is_main:
                     tqdm.write(f"step {step}: held-out accuracy {acc:.3f}")
-            if args.save_every > 0 and step % args.save_every == 0:
-                save()
+            if args.save_every > 0 and step % args.save_every == 0 and step != args.steps:
+                checkpoint(step)
                 saved = step
     except KeyboardInterrupt:     # Ctrl-C: one line saying what was saved, not a traceback
         bar.close()
         if info.is_main:
-            kept = (f"{run / 'model'} holds step {saved} (a new run goes on from it with --model)" if saved
-                    else "no model was saved (--save-every N saves model/ along the way)")
+            kept = (f"resume with --resume {run} (checkpoint step_{saved:06d})" if saved
+                    else "no checkpoint was saved (--save-every N saves resumable ones)")
             print(f"\nnanoseek grpo: interrupted during step {step}; {kept}", file=sys.stderr)
         raise SystemExit(130) from None
     wall = time.perf_counter() - t_start
+    # --- end: a last checkpoint (to go on with a larger --steps), the held-out accuracy, model/, plots, report.
+    # The checkpoint is taken where a longer run would take its own, before or after the evaluation at this
+    # step (the evaluation draws from the sampler's random stream), so a resumed run takes the same steps.
+    eval_here = args.eval_every > 0 and args.steps % args.eval_every == 0
+    if args.save_every > 0 and not eval_here:
+        checkpoint(args.steps)
     acc_after = heldout_eval(args.steps)
-
-    # --- end: model, plots, report (rank 0)
+    if args.save_every > 0 and eval_here:
+        checkpoint(args.steps)
     out = save()
     if not info.is_main:
         parallel.finish(owns_group)
