@@ -286,6 +286,11 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer.save(d)
         tok_files = {f.name: f.read_bytes() for f in Path(d).iterdir()}
 
+    # the starting model's path as an absolute one: a resumed run reloads it as the reference (--beta) from
+    # wherever it is started
+    saved_args = {**vars(args), "model": str(Path(args.model).resolve()),
+                  "tokenizer": args.tokenizer and str(Path(args.tokenizer).resolve())}
+
     def checkpoint(step: int) -> Path:
         optim_sd = parallel.full_optimizer_state(model, optimizer)
         ranks = parallel.gather_objects(rank_state())
@@ -293,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
         if info.is_main:
             py = rng.getstate()
             save_checkpoint(root, step, model, optim_sd, keep=args.keep, model_files=tok_files,
-                            state={"kind": "grpo", "args": vars(args), "rng": ranks,
+                            state={"kind": "grpo", "args": saved_args, "rng": ranks,
                                    "loader": {"order": list(order), "cursor": cursor[0],
                                               "rng": {"version": py[0], "state": list(py[1]), "gauss": py[2]}}})
         parallel.barrier()
@@ -339,15 +344,15 @@ def main(argv: list[str] | None = None) -> None:
         if acc_before is not None:
             print0(f"held-out accuracy before: {acc_before:.3f} ({len(heldout)} problems, greedy)")
     else:
-        rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] \
+        logged = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] \
             if metrics_path.exists() else []
-        acc_before = next((r["heldout_accuracy"] for r in rows if r.get("step") == 0 and "heldout_accuracy" in r),
+        acc_before = next((r["heldout_accuracy"] for r in logged if r.get("step") == 0 and "heldout_accuracy" in r),
                           float("nan"))
-        done_time = max((r.get("time", 0.0) for r in rows), default=0.0)
+        done_time = max((r.get("time", 0.0) for r in logged), default=0.0)
     t_start = time.perf_counter() - done_time
     bar = tqdm(range(start + 1, args.steps + 1), desc=f"grpo ({args.variant})", dynamic_ncols=True,
                initial=start, total=args.steps, disable=not info.is_main)
-    step, saved = start, start if ckpt is not None else 0     # the step under way; the last checkpoint's
+    step = saved = start     # the step under way; the last checkpoint's (0: none)
     try:
         for step in bar:
             lr = lr_at(step - 1, lr=args.lr, min_lr=args.lr, warmup=args.warmup, total=args.steps)
