@@ -349,7 +349,7 @@ def test_grpo_command_under_torchrun(tmp_path):
            "--task-arg", "n_digits=1", "--out",
            str(tmp_path / "run"), "--steps", "2", "--group-size", "4", "--prompts-per-step", "4",
            "--max-new-tokens", "6", "--eval-problems", "5", "--eval-every", "0", "--lr", "1e-3", "--device", "cpu"]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd + ["--save-every", "2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert_launch_ok(proc)
     assert "(2 processes on cpu)" in proc.stdout
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -378,6 +378,18 @@ def test_grpo_command_under_torchrun(tmp_path):
     trained = [r for r in train if r["groups_trained"] > 0]
     assert trained and all(r["grad_norm"] > 0 for r in trained)
     assert (tmp_path / "dyn" / "model" / "model.safetensors").exists()
+    # the first run's checkpoint holds both ranks' random streams: it resumes under torchrun, not in one process
+    from nanoseek.commands.grpo import main as grpo_main
+
+    with pytest.raises(SystemExit, match="saved by 2 process"):
+        grpo_main(["--resume", str(tmp_path / "run"), "--steps", "3", "--device", "cpu"])
+    launcher = cmd[:cmd.index("-m", 3) + 3]                       # torchrun ... -m nanoseek grpo
+    proc = subprocess.run(launcher + ["--resume", str(tmp_path / "run"), "--steps", "3"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert_launch_ok(proc)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "reward" in r] == [1, 2, 3]
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text().strip() == "step_000003"
 
 
 def test_eval_and_distill_under_torchrun(tmp_path):
