@@ -118,19 +118,25 @@ def test_resume_gives_identical_losses(shards, tmp_path, optimizer, dtype):
     assert all(torch.equal(v, sb[k]) for k, v in ma.state_dict().items())
 
 
-def test_killed_save_leaves_last_checkpoint_loadable(shards, tmp_path):
-    run = tmp_path / "run"
+def paused_in_the_save_of_step_4(shards, run: Path) -> subprocess.Popen:
+    """A 6-step run saving every 2 steps, returned once it sleeps in the middle of saving step 4 (the test hook
+    sleeps after the model files are written and before the trainer state is)."""
     env = {**os.environ, "NANOSEEK_SAVE_PAUSE": "4:60", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "pretrain", "--data", str(shards), "--out", str(run),
                              "--steps", "6", "--save-every", "2", *FAST], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    # the hook sleeps after the step-4 model files are written and before the trainer state is
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     partial = run / "checkpoints" / "step_000004.tmp" / "model" / "model.safetensors"
     deadline = time.time() + 120
     while not partial.exists():
-        assert proc.poll() is None, proc.stdout.read()
+        assert proc.poll() is None, proc.communicate()
         assert time.time() < deadline, "the save of step 4 never started"
         time.sleep(0.1)
+    return proc
+
+
+def test_killed_save_leaves_last_checkpoint_loadable(shards, tmp_path):
+    run = tmp_path / "run"
+    proc = paused_in_the_save_of_step_4(shards, run)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     ckpt = resolve_checkpoint(run)
@@ -147,16 +153,7 @@ def test_killed_save_leaves_last_checkpoint_loadable(shards, tmp_path):
 def test_ctrl_c_names_the_checkpoint_to_resume_from(shards, tmp_path):
     """Ctrl-C (here in the middle of a save) is one line naming the last whole checkpoint, exit status 130."""
     run = tmp_path / "run"
-    env = {**os.environ, "NANOSEEK_SAVE_PAUSE": "4:60", "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "pretrain", "--data", str(shards), "--out", str(run),
-                             "--steps", "6", "--save-every", "2", *FAST], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    partial = run / "checkpoints" / "step_000004.tmp" / "model" / "model.safetensors"
-    deadline = time.time() + 120
-    while not partial.exists():
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() < deadline, "the save of step 4 never started"
-        time.sleep(0.1)
+    proc = paused_in_the_save_of_step_4(shards, run)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err

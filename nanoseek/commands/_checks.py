@@ -125,3 +125,14 @@ def sampling(prog: str, **params: Any) -> None:
         SamplingParams(**params).validate()
     except ValueError as e:
         fail(prog, str(e))
+
+
+def load_optimizer_state(prog: str, model, optimizer, state: dict, ckpt: Path) -> None:
+    """A checkpoint's optimizer state into `optimizer`; one line naming the file when it does not fit."""
+    from nanoseek.train import parallel
+
+    try:
+        parallel.load_full_optimizer_state(model, optimizer, state)
+    except (KeyError, ValueError, RuntimeError) as e:       # names or shapes that are not this model's
+        fail(prog, f"{ckpt / 'trainer' / 'optimizer.pt'} does not fit the model "
+                   f"({type(e).__name__}: {str(e).splitlines()[0][:120]})")

@@ -263,11 +263,7 @@ def main(argv: list[str] | None = None) -> None:
 
     start = 0
     if state is not None:
-        try:
-            parallel.load_full_optimizer_state(model, optimizer, optim_state)
-        except (KeyError, ValueError, RuntimeError) as e:       # names or shapes that are not this model's
-            raise SystemExit(f"nanoseek grpo: {ckpt / 'trainer' / 'optimizer.pt'} does not fit the model "
-                             f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        checks.load_optimizer_state("grpo", model, optimizer, optim_state, ckpt)
         data = state["loader"]
         if sorted(data["order"]) != list(range(len(train))):
             raise SystemExit(f"nanoseek grpo: {ckpt} was saved with {len(data['order'])} training problems, this "

@@ -259,11 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = build_optimizer(raw, args.optimizer, args.lr, args.weight_decay)
     step = 0
     if ckpt is not None:
-        try:
-            parallel.load_full_optimizer_state(model, optimizer, optim_state)
-        except (KeyError, ValueError, RuntimeError) as e:       # names or shapes that are not this model's
-            raise SystemExit(f"nanoseek pretrain: {ckpt / 'trainer' / 'optimizer.pt'} does not fit the model "
-                             f"({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+        checks.load_optimizer_state("pretrain", model, optimizer, optim_state, ckpt)
         try:   # any number of processes, as long as the global batch (hence the data stream) is the same
             loader.load_state_dict(state["loader"])
         except ValueError as e:
