@@ -301,8 +301,9 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
 
 
 def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int = 2 * 1024**3,
-                    generation_config: dict | None = None) -> None:
-    """Write config.json, generation_config.json and sharded safetensors (+ index) to `path`.
+                    generation_config: dict | None = None, files: dict[str, bytes] | None = None) -> None:
+    """Write config.json, generation_config.json and sharded safetensors (+ index) to `path`, and `files`
+    ({"tokenizer.json": contents, ...}) beside them.
 
     Written into a temporary sibling directory first and renamed, so an interrupted save never
     leaves a half-written model where a good one was.
@@ -340,6 +341,8 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int =
     gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": False}
     gen.update(generation_config or {})
     (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    for name, data in (files or {}).items():
+        (tmp / name).write_bytes(data)
     # keep files that are not ours (tokenizer.json, trainer state, ...) already in the target
     if path.exists():
         for p in path.iterdir():

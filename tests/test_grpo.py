@@ -389,7 +389,7 @@ def test_grpo_command_ctrl_c_names_the_checkpoint(tok, tmp_path, monkeypatch, ca
     assert (f"interrupted during step 3; resume with --resume {tmp_path / 'a'} (checkpoint step_000002)"
             in capsys.readouterr().err)
     Transformer.from_pretrained(tmp_path / "a" / "checkpoints" / "step_000002" / "model")
-    with pytest.raises(SystemExit, match="unfinished run .* --resume"):
+    with pytest.raises(SystemExit, match="checkpoints of an unfinished run: go on with --resume"):
         grpo_cmd.main([*flags, "--out", str(tmp_path / "a")])
     calls.clear()
     with pytest.raises(SystemExit):
@@ -397,11 +397,12 @@ def test_grpo_command_ctrl_c_names_the_checkpoint(tok, tmp_path, monkeypatch, ca
     assert "interrupted during step 3; no checkpoint was saved" in capsys.readouterr().err
 
 
-def test_grpo_resume_takes_the_steps_an_unbroken_run_takes(tok, tmp_path):
+def test_grpo_resume_takes_the_steps_an_unbroken_run_takes(tok, tmp_path, monkeypatch):
     """4 steps in one go against 2 steps, then --resume to 4: the same rollouts, losses and weights (the data
     stream, the optimizer state, the sampler's and the trainer's random streams and the reference model all
     come back), with the held-out evaluations and the KL term on."""
     from nanoseek.commands import grpo as grpo_cmd
+    from nanoseek.commands.pretrain import main as pretrain_main
 
     base = tmp_path / "base"
     eos_heavy_model_dir(tok, base)
@@ -412,8 +413,16 @@ def test_grpo_resume_takes_the_steps_an_unbroken_run_takes(tok, tmp_path):
     with pytest.raises(SystemExit, match="only --steps, .* may be given \\(got --lr\\)"):
         grpo_cmd.main(["--resume", str(tmp_path / "parts"), "--steps", "4", "--lr", "1"])
     with pytest.raises(SystemExit, match="already at step 2"):
-        grpo_cmd.main(["--resume", str(tmp_path / "parts"), "--steps", "1"])
-    grpo_cmd.main(["--resume", str(tmp_path / "parts"), "--steps", "4"])
+        grpo_cmd.main(["--resume", str(tmp_path / "parts"), "--steps", "2"])
+    with pytest.raises(SystemExit, match="is a grpo checkpoint .*nanoseek grpo --resume"):
+        pretrain_main(["--resume", str(tmp_path / "parts")])
+    with (tmp_path / "parts" / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "lr": 0.0')                # a line cut short by a crash
+    # from inside the checkpoint folder: the run folder is still the one that holds it
+    monkeypatch.chdir(tmp_path / "parts" / "checkpoints" / "step_000002")
+    grpo_cmd.main(["--resume", ".", "--steps", "4"])
+    monkeypatch.chdir(tmp_path)
+    assert not (tmp_path / "parts" / "checkpoints" / "step_000002" / "checkpoints").exists()
 
     def train_rows(run):
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -430,6 +439,17 @@ def test_grpo_resume_takes_the_steps_an_unbroken_run_takes(tok, tmp_path):
     assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
     assert any(not torch.equal(a[k], v) for k, v in Transformer.from_pretrained(base).state_dict().items())
     assert (tmp_path / "parts" / "checkpoints" / "latest").read_text().strip() == "step_000004"
+    # an older checkpoint than the run's latest would roll the run back; a finished run needs a larger --steps
+    with pytest.raises(SystemExit, match="the run went on to step_000004; resuming the older step_000002"):
+        grpo_cmd.main(["--resume", str(tmp_path / "whole" / "checkpoints" / "step_000002"), "--steps", "6"])
+    with pytest.raises(SystemExit, match="already at step 4"):
+        grpo_cmd.main(["--resume", str(tmp_path / "whole")])
+    # the --beta reference is the starting model: one that is not this run's model is named
+    other = Transformer(preset("tiny", vocab_size=tok.vocab_size, num_hidden_layers=2))
+    other.init_weights()
+    other.save_pretrained(base)
+    with pytest.raises(SystemExit, match="is not the model this run trained"):
+        grpo_cmd.main(["--resume", str(tmp_path / "whole"), "--steps", "6"])
 
 
 @pytest.mark.parametrize("variant", ["grpo", "dapo"])

@@ -197,6 +197,22 @@ def test_checkpoint_pointer_and_pruning(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("step_*")) == ["step_000002", "step_000003"]
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob("*.old"))
     assert load_trainer_state(tmp_path / "step_000002")[0]["step"] == 2
+    # a damaged pointer is one message naming the complete checkpoints there (not a leftover .tmp)
+    (tmp_path / "step_000004.tmp" / "trainer").mkdir(parents=True)
+    pointer = tmp_path / "latest"
+    for content, says in ((b"", "does not name a step_"), (b"\xff\xfe", "cannot be read"),
+                          (b"step_000009", "names step_000009, which is incomplete or missing")):
+        pointer.write_bytes(content)
+        with pytest.raises(FileNotFoundError, match=says) as e:
+            resolve_checkpoint(tmp_path)
+        assert str(e.value).endswith(f"resume from an earlier one: {tmp_path / 'step_000002'}, "
+                                     f"{tmp_path / 'step_000003'}")
+    pointer.unlink()
+    pointer.mkdir()
+    with pytest.raises(FileNotFoundError, match="cannot be read"):
+        resolve_checkpoint(tmp_path)
+    with pytest.raises(FileNotFoundError, match="not a checkpoint"):   # a step folder outside checkpoints/
+        resolve_checkpoint(tmp_path / "step_000002")
 
 
 def test_clear_errors(shards, tmp_path):

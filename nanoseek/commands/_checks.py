@@ -35,12 +35,12 @@ def out_folder(prog: str, out: str | Path) -> Path:
 def fresh_run(prog: str, out: str | Path) -> Path:
     """--out as a run folder that holds no run yet (it may exist, empty or with other files)."""
     run = out_folder(prog, out)
+    if (run / "checkpoints").is_dir() and not (run / "model").exists():
+        fail(prog, f"{run} holds the checkpoints of an unfinished run: go on with --resume {run} (in the command "
+                   f"that made it), or choose another --out")
     for name in RUN_FILES:
         if (run / name).exists():
             if not any((run / done).exists() for done in ("model", "final")):
-                if (run / "checkpoints" / "latest").exists():
-                    fail(prog, f"{run} holds an unfinished run with checkpoints: go on with --resume {run}, or "
-                               f"choose another --out")
                 fail(prog, f"{run} holds an unfinished run ({name}, no model saved): remove it or choose another "
                            f"--out")
             fail(prog, f"{run} already holds a run ({name}); choose another --out")

@@ -32,7 +32,6 @@ import copy
 import json
 import random
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -42,13 +41,15 @@ from tqdm import tqdm
 from nanoseek.commands import _checks as checks
 from nanoseek.common import pick_device, pick_dtype, print0, seed_everything
 from nanoseek.infer.engine import Engine, SamplingParams
+from nanoseek.model import Transformer
 from nanoseek.tasks import TASKS, get_task
 from nanoseek.tasks.rewards import overlong_penalty
 from nanoseek.train import parallel
 from nanoseek.train.grpo import GRPO, GRPOConfig, chat_prompts, evaluate, merge_evaluations, plot_grpo
 from nanoseek.train.losses import RL_VARIANTS
 from nanoseek.train.optim import build_optimizer, lr_at
-from nanoseek.train.sft import load_model, save_model, task_knobs
+from nanoseek.train.plots import read_metrics
+from nanoseek.train.sft import load_model, save_model, task_knobs, tokenizer_files
 from nanoseek.train.trainer_state import (load_trainer_state, resolve_checkpoint, rng_state, save_checkpoint,
                                           set_rng_state)
 
@@ -117,7 +118,7 @@ def parse_args(argv: list[str] | None, given_only: bool = False) -> argparse.Nam
 def resume_settings(args: argparse.Namespace, argv: list[str] | None):
     """--resume: (the run's saved settings with the allowed changes, checkpoint, state, optimizer state);
     without it the required flags are checked and (args, None, None, None) returned."""
-    if not args.resume:
+    if args.resume is None:
         for flag in ("model", "task", "out"):
             if getattr(args, flag) is None:
                 raise SystemExit(f"nanoseek grpo: --{flag} is required (or --resume RUN)")
@@ -125,20 +126,33 @@ def resume_settings(args: argparse.Namespace, argv: list[str] | None):
     given = set(vars(parse_args(argv, given_only=True))) - {"resume"}
     fixed = sorted(given - set(RESUME_MAY_CHANGE))
     if fixed:
+        flags = {"skip_zero_advantage": "no_skip_zero_advantage"}
         raise SystemExit(f"nanoseek grpo: --resume goes on with the run's own settings; only --"
                          + ", --".join(RESUME_MAY_CHANGE).replace("_", "-") + " may be given (got --"
-                         + ", --".join(fixed).replace("_", "-") + ")")
+                         + ", --".join(flags.get(f, f) for f in fixed).replace("_", "-") + ")")
     try:
         ckpt = resolve_checkpoint(args.resume)
+        if ckpt.parent.name != "checkpoints":
+            raise FileNotFoundError(f"--resume {args.resume}: {ckpt} is not in a run's checkpoints/ folder")
+        try:        # an older checkpoint than the run's latest: going on from it would replace what came after
+            latest = resolve_checkpoint(ckpt.parent)
+        except FileNotFoundError:
+            latest = ckpt                     # `latest` is damaged: the checkpoint named is the one to take
+        if latest != ckpt:
+            raise FileNotFoundError(f"--resume {args.resume}: the run went on to {latest.name}; resuming the older "
+                                    f"{ckpt.name} would replace what came after it (resume {ckpt.parent.parent}, "
+                                    f"or copy the run folder and resume the copy)")
         state, optim_state = load_trainer_state(ckpt)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"nanoseek grpo: {e}") from None
-    if state.get("kind") != "grpo":
-        raise SystemExit(f"nanoseek grpo: --resume {args.resume}: {ckpt} is not a grpo checkpoint")
+    kind = state.get("kind", "pretrain")
+    if kind != "grpo":
+        raise SystemExit(f"nanoseek grpo: --resume {args.resume}: {ckpt} is a {kind} checkpoint (go on with "
+                         f"nanoseek {kind} --resume)")
     saved = state["args"]
     merged = argparse.Namespace(**{**vars(parse_args([])), **saved, **{k: getattr(args, k) for k in given},
                                    "resume": args.resume, "out": str(ckpt.parent.parent)})
-    if merged.steps < state["step"]:
+    if merged.steps <= state["step"]:
         raise SystemExit(f"nanoseek grpo: --steps {merged.steps}: {ckpt} is already at step {state['step']}; give a "
                          f"larger --steps to go on")
     return merged, ckpt, state, optim_state
@@ -168,6 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.prompts_per_step % info.world_size:
         raise SystemExit(f"nanoseek grpo: --prompts-per-step {args.prompts_per_step} does not split evenly over "
                          f"{info.world_size} processes")
+    if state is not None and state.get("device", device.type) != device.type:
+        raise SystemExit(f"nanoseek grpo: {ckpt} was saved on {state['device']}; resume it on {state['device']} "
+                         f"(its sampler's random streams are {state['device']}'s)")
     if state is not None and len(state["rng"]) != info.world_size:
         raise SystemExit(f"nanoseek grpo: {ckpt} was saved by {len(state['rng'])} process(es); resume it with as "
                          f"many (each one's rollouts have their own random stream)")
@@ -181,7 +198,12 @@ def main(argv: list[str] | None = None) -> None:
             model, tokenizer = load_model(args.model, device, args.tokenizer)
         else:      # the checkpoint's weights; the reference model (--beta) is the run's starting one
             model, tokenizer = load_model(ckpt / "model", device)
-            start_model = load_model(args.model, device)[0] if args.beta > 0 else None
+            start_model = None
+            if args.beta > 0:
+                start_model = Transformer.from_pretrained(args.model, dtype=torch.float32, device=device)
+                if start_model.config != model.config:
+                    raise ValueError(f"the starting model {args.model} (the --beta reference) is not the model this "
+                                     f"run trained: its config.json differs from {ckpt / 'model'}'s")
         cfg = GRPOConfig(variant=args.variant, group_size=args.group_size, epochs_per_batch=args.epochs_per_batch,
                          minibatches=args.minibatches, micro_batch=args.micro_batch, eps_low=args.eps_low,
                          eps_high=args.eps_high, beta=args.beta, dynamic_sampling=args.dynamic_sampling,
@@ -278,9 +300,7 @@ def main(argv: list[str] | None = None) -> None:
         start = state["step"]
         print0(f"resuming {run} at step {start} from {ckpt}")
     del optim_state
-    with tempfile.TemporaryDirectory() as d:          # the tokenizer's files, for each checkpoint's model/
-        tokenizer.save(d)
-        tok_files = {f.name: f.read_bytes() for f in Path(d).iterdir()}
+    tok_files = tokenizer_files(tokenizer)          # for each checkpoint's model/
 
     # the starting model's path as an absolute one: a resumed run reloads it as the reference (--beta) from
     # wherever it is started
@@ -294,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
         if info.is_main:
             py = rng.getstate()
             save_checkpoint(root, step, model, optim_sd, keep=args.keep, model_files=tok_files,
-                            state={"kind": "grpo", "args": saved_args, "rng": ranks,
+                            state={"kind": "grpo", "args": saved_args, "rng": ranks, "device": device.type,
                                    "loader": {"order": list(order), "cursor": cursor[0],
                                               "rng": {"version": py[0], "state": list(py[1]), "gauss": py[2]}}})
         parallel.barrier()
@@ -304,9 +324,13 @@ def main(argv: list[str] | None = None) -> None:
     metrics_path = run / "metrics.jsonl"
     if info.is_main:
         run.mkdir(parents=True, exist_ok=True)
-        if state is not None and metrics_path.exists():   # drop what the stopped run logged after its checkpoint
-            rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
-            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows if r.get("step", 0) <= start))
+        if state is not None and metrics_path.exists():
+            # drop what the stopped run logged after its checkpoint, and the held-out row of a finished run's last
+            # step unless an unbroken run evaluates there too
+            evaluates = args.eval_every > 0 and start % args.eval_every == 0
+            rows = [r for r in read_metrics(metrics_path) if r.get("step", 0) < start or (
+                r.get("step") == start and ("heldout_accuracy" not in r or evaluates))]
+            metrics_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
         (run / "run.json").write_text(json.dumps({"args": vars(args), "grpo": vars(cfg), "processes": info.world_size,
                                                   "model": model.config.to_hf_dict(), "train_problems": len(train),
                                                   "heldout_problems": len(heldout)}, indent=2, default=str))
@@ -340,15 +364,14 @@ def main(argv: list[str] | None = None) -> None:
         if acc_before is not None:
             print0(f"held-out accuracy before: {acc_before:.3f} ({len(heldout)} problems, greedy)")
     else:
-        logged = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] \
-            if metrics_path.exists() else []
+        logged = read_metrics(metrics_path) if metrics_path.exists() else []
         acc_before = next((r["heldout_accuracy"] for r in logged if r.get("step") == 0 and "heldout_accuracy" in r),
                           float("nan"))
         done_time = max((r.get("time", 0.0) for r in logged), default=0.0)
     t_start = time.perf_counter() - done_time
     bar = tqdm(range(start + 1, args.steps + 1), desc=f"grpo ({args.variant})", dynamic_ncols=True,
                initial=start, total=args.steps, disable=not info.is_main)
-    step = saved = start     # the step under way; the last checkpoint's (0: none)
+    step, phase = start, "during"     # the step under way
     try:
         for step in bar:
             lr = lr_at(step - 1, lr=args.lr, min_lr=args.lr, warmup=args.warmup, total=args.steps)
@@ -365,30 +388,32 @@ def main(argv: list[str] | None = None) -> None:
                     tqdm.write(f"step {step}: held-out accuracy {acc:.3f}")
             if args.save_every > 0 and step % args.save_every == 0 and step != args.steps:
                 checkpoint(step)
-                saved = step
-    except KeyboardInterrupt:     # Ctrl-C: one line saying what was saved, not a traceback
+        bar.close()
+        phase = "after"
+        wall = time.perf_counter() - t_start
+        # --- end: a last checkpoint (to go on with a larger --steps), the held-out accuracy, model/. The
+        # checkpoint is taken where a longer run would take its own, before or after the evaluation at this step
+        # (the evaluation draws from the sampler's random stream), so a resumed run takes the same steps.
+        eval_here = args.eval_every > 0 and args.steps % args.eval_every == 0
+        if args.save_every > 0 and not eval_here:
+            checkpoint(args.steps)
+        acc_after = heldout_eval(args.steps)
+        if args.save_every > 0 and eval_here:
+            checkpoint(args.steps)
+        out = save()
+    except KeyboardInterrupt:     # Ctrl-C: one line saying where the run goes on from, not a traceback
         bar.close()
         if info.is_main:
-            kept = (f"resume with --resume {run} (checkpoint step_{saved:06d})" if saved
+            latest = run / "checkpoints" / "latest"
+            kept = (f"resume with --resume {run} (checkpoint {latest.read_text().strip()})" if latest.exists()
                     else "no checkpoint was saved (--save-every N saves resumable ones)")
-            print(f"\nnanoseek grpo: interrupted during step {step}; {kept}", file=sys.stderr)
+            print(f"\nnanoseek grpo: interrupted {phase} step {step}; {kept}", file=sys.stderr)
         raise SystemExit(130) from None
-    wall = time.perf_counter() - t_start
-    # --- end: a last checkpoint (to go on with a larger --steps), the held-out accuracy, model/, plots, report.
-    # The checkpoint is taken where a longer run would take its own, before or after the evaluation at this
-    # step (the evaluation draws from the sampler's random stream), so a resumed run takes the same steps.
-    eval_here = args.eval_every > 0 and args.steps % args.eval_every == 0
-    if args.save_every > 0 and not eval_here:
-        checkpoint(args.steps)
-    acc_after = heldout_eval(args.steps)
-    if args.save_every > 0 and eval_here:
-        checkpoint(args.steps)
-    out = save()
     if not info.is_main:
         parallel.finish(owns_group)
         return
     plot_grpo(metrics_path, run / "plots")
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    rows = read_metrics(metrics_path)
     train_rows = [r for r in rows if "reward" in r]
     k = max(1, min(5, len(train_rows) // 2))
     first = sum(r["reward"] for r in train_rows[:k]) / k

@@ -123,6 +123,9 @@ def main(argv: list[str] | None = None) -> None:
             state, optim_state = load_trainer_state(ckpt)
         except (FileNotFoundError, ValueError) as e:
             raise SystemExit(f"nanoseek pretrain: {e}") from None
+        if state.get("kind", "pretrain") != "pretrain":
+            raise SystemExit(f"nanoseek pretrain: --resume {cli.resume}: {ckpt} is a {state['kind']} checkpoint "
+                             f"(go on with nanoseek {state['kind']} --resume)")
     args = resolve(cli, state["args"] if state else None)
     if ckpt is not None:
         # a resumed run goes on in the folder it was resumed from (it may have been copied or moved since
@@ -360,8 +363,8 @@ def main(argv: list[str] | None = None) -> None:
         if dist.is_main:
             to_save = plain_model(cfg, model_sd) if model_sd is not None else raw
             save_checkpoint(run / "checkpoints", step, to_save, optim_sd, keep=args.keep, model_files=tok_files,
-                            state={"args": vars(args), "loader": loader.state_dict(), "world_size": dist.world_size,
-                                   "rng": rng_state()})
+                            state={"kind": "pretrain", "args": vars(args), "loader": loader.state_dict(),
+                                   "world_size": dist.world_size, "rng": rng_state()})
         parallel.barrier()
 
     # --- training loop

@@ -163,9 +163,11 @@ class Transformer(nn.Module):
         from nanoseek.checkpoint import load_pretrained
         return load_pretrained(path, dtype=dtype, device=device)
 
-    def save_pretrained(self, path: str | Path, max_shard_bytes: int = 2 * 1024**3) -> None:
+    def save_pretrained(self, path: str | Path, max_shard_bytes: int = 2 * 1024**3,
+                        files: dict[str, bytes] | None = None) -> None:
+        """An HF directory (see checkpoint.save_pretrained); `files` are written into it with the weights."""
         from nanoseek.checkpoint import save_pretrained
-        save_pretrained(self, path, max_shard_bytes=max_shard_bytes)
+        save_pretrained(self, path, max_shard_bytes=max_shard_bytes, files=files)
 
 
 def _rows_at(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

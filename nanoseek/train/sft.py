@@ -158,11 +158,20 @@ def load_model(model_dir: str | Path, device: torch.device, tokenizer_dir: str |
 
 
 def save_model(model: Transformer, tokenizer: Tokenizer, path: str | Path) -> Path:
-    """An HF directory with the weights (atomic: written beside, then renamed) and the tokenizer."""
+    """An HF directory with the weights and the tokenizer, atomic: written beside, then renamed (an
+    interrupted save leaves the previous directory, never one without its tokenizer)."""
     path = Path(path)
-    model.save_pretrained(path)
-    tokenizer.save(path)
+    model.save_pretrained(path, files=tokenizer_files(tokenizer))
     return path
+
+
+def tokenizer_files(tokenizer: Tokenizer) -> dict[str, bytes]:
+    """The files Tokenizer.save writes, as {name: contents}."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        tokenizer.save(d)
+        return {f.name: f.read_bytes() for f in Path(d).iterdir()}
 
 
 def task_knobs(pairs: Sequence[str] | None, examples: Callable | None = None) -> dict[str, Any]:

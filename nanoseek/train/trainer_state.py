@@ -20,6 +20,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ import torch
 from nanoseek.model import ModelConfig, Transformer
 
 LATEST = "latest"
+STEP_DIR = re.compile(r"step_[0-9]{6,}")
 
 
 # --- RNG states (torch, CUDA, numpy, python) as tensors and plain lists: weights_only-loadable
@@ -145,20 +147,34 @@ def _test_pause(step: int) -> None:
 
 # --- load
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A run folder, its checkpoints/ folder, or one step_* folder -> the step_* folder to load."""
+    """A run folder, its checkpoints/ folder, or one step_* folder in a checkpoints/ folder -> the step_*
+    folder to load, as an absolute path (its parent's parent is the run, wherever `path` was given from)."""
+    given = path
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"--resume {path}: no such file or directory")
+        raise FileNotFoundError(f"--resume {given}: no such file or directory")
+    path = path.resolve()
     if (path / "model").is_dir() and (path / "trainer").is_dir():
+        if not STEP_DIR.fullmatch(path.name) or path.parent.name != "checkpoints":
+            raise FileNotFoundError(f"--resume {given}: not a checkpoint (RUN/checkpoints/step_NNNNNN)")
         return path
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     pointer = root / LATEST
     if not pointer.exists():
-        raise FileNotFoundError(f"--resume {path}: no checkpoint there (neither {path / 'checkpoints' / LATEST} "
+        raise FileNotFoundError(f"--resume {given}: no checkpoint there (neither {root / LATEST} "
                                 f"nor a step_* folder)")
-    ckpt = root / pointer.read_text().strip()
+    try:
+        name = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise FileNotFoundError(f"--resume {given}: {pointer} cannot be read ({type(e).__name__}){_earlier(root)}") \
+            from None
+    if not STEP_DIR.fullmatch(name):
+        raise FileNotFoundError(f"--resume {given}: {pointer} does not name a step_* folder ({name[:40]!r})"
+                                f"{_earlier(root)}")
+    ckpt = root / name
     if not (ckpt / "trainer" / "state.pt").exists():
-        raise FileNotFoundError(f"--resume {path}: {pointer} names {ckpt.name}, which is incomplete or missing")
+        raise FileNotFoundError(f"--resume {given}: {pointer} names {ckpt.name}, which is incomplete or missing"
+                                f"{_earlier(root)}")
     return ckpt
 
 
@@ -183,5 +199,10 @@ def load_trainer_state(ckpt: str | Path) -> tuple[dict[str, Any], dict]:
 
 
 def _earlier(ckpt: Path) -> str:
-    others = sorted(p.name for p in ckpt.parent.glob("step_*") if p != ckpt and (p / "trainer").is_dir())
-    return f"; resume from an earlier one: {', '.join(str(ckpt.parent / o) for o in others)}" if others else ""
+    """'; resume from an earlier one: ...' naming the complete checkpoints before `ckpt` (a step_* folder, or
+    the checkpoints folder itself: all of them), or ''."""
+    root, before = (ckpt, None) if not STEP_DIR.fullmatch(ckpt.name) else (ckpt.parent, int(ckpt.name[5:]))
+    others = sorted((p for p in root.glob("step_*") if STEP_DIR.fullmatch(p.name)
+                     and (before is None or int(p.name[5:]) < before) and (p / "trainer" / "state.pt").is_file()),
+                    key=lambda p: int(p.name[5:]))
+    return f"; resume from an earlier one: {', '.join(str(p) for p in others)}" if others else ""
