@@ -152,6 +152,38 @@ def test_out_under_a_file_is_one_line(model_dir, tmp_path, cmd):
     assert "is a file, not a folder" in one_line(e, f"nanoseek {cmd}: ")
 
 
+@pytest.mark.parametrize("cmd", ["grpo", "distill", "sft"])
+def test_out_that_is_a_model_folder_is_refused(model_dir, cmd):
+    """A run folder is not a model folder: the run's files (and its model/) would land among the model's."""
+    before = sorted(p.name for p in model_dir.iterdir())
+    model_flags = ["--teacher", str(model_dir), "--student", str(model_dir)] if cmd == "distill" else [
+        "--model", str(model_dir)]
+    with pytest.raises(SystemExit) as e:
+        nanoseek([cmd, *model_flags, "--task", "arithmetic", "--out", str(model_dir)])
+    assert "is a model folder (it holds config.json)" in one_line(e, f"nanoseek {cmd}: ")
+    assert sorted(p.name for p in model_dir.iterdir()) == before
+
+
+def test_a_task_without_problems_is_one_line(model_dir, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    task = ["--task", "gsm8k", "--task-arg", f"path={empty}"]
+    with pytest.raises(SystemExit) as e:
+        nanoseek(["distill", "--teacher", str(model_dir), "--student", str(model_dir), *task, "--out",
+                  str(tmp_path / "run")])
+    assert "task gsm8k: its training split has no problems" in one_line(e, "nanoseek distill: ")
+    with pytest.raises(SystemExit) as e:
+        nanoseek(["eval", "--model", str(model_dir), *task, "--out", str(tmp_path / "e.json")])
+    assert "task gsm8k: its held-out split has no problems" in one_line(e, "nanoseek eval: ")
+    with pytest.raises(SystemExit) as e:
+        nanoseek(["grpo", "--model", str(model_dir), *task, "--out", str(tmp_path / "run")])
+    assert "task gsm8k: its training split has no problems" in one_line(e, "nanoseek grpo: ")
+    with pytest.raises(SystemExit) as e:
+        nanoseek(["sft", "--model", str(model_dir), *task, "--out", str(tmp_path / "run")])
+    assert "gsm8k" in one_line(e, "nanoseek sft: ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl"]
+
+
 def test_eval_out_directory_and_task_options(model_dir, tmp_path):
     with pytest.raises(SystemExit) as e:
         nanoseek(["eval", "--model", str(model_dir), "--task", "arithmetic", "--out", str(tmp_path)])

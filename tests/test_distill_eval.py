@@ -124,6 +124,25 @@ def test_eval_command_table_and_json(tok, tmp_path, capsys, monkeypatch):
     assert {p["prompt"] for p in res["problems"]} == held
     with pytest.raises(SystemExit, match="greedy"):
         eval_cmd.main(["--model", str(base), "--task", "arithmetic", "--k", "4", "--temperature", "0"])
+    # the JSON file is checked before anything runs: an earlier evaluation is replaced, nothing else is
+    quick = ["--model", str(base), "--task", "arithmetic", "--n-problems", "2", "--max-new-tokens", "2",
+             "--device", "cpu"]
+    eval_cmd.main([*quick, "--out", str(out)])
+    assert json.loads(out.read_text())["n_problems"] == 2
+    config = (base / "config.json").read_text()
+    (tmp_path / "notes.txt").write_text("keep me")
+    for target, says in ((base / "config.json", "in the model's folder"),
+                         (base / "results.json", "in the model's folder"),
+                         (tmp_path / "notes.txt", "not an earlier result")):
+        with pytest.raises(SystemExit, match=says):
+            eval_cmd.main([*quick, "--out", str(target)])
+    assert (base / "config.json").read_text() == config and (tmp_path / "notes.txt").read_text() == "keep me"
+    assert not (base / "results.json").exists()
+    # a task with no held-out problem is one line, not a traceback
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(SystemExit, match="nanoseek eval: task gsm8k: "):
+        eval_cmd.main([*quick[:2], "--task", "gsm8k", "--task-arg", f"path={empty}", "--out", str(tmp_path / "g.json")])
 
 
 def test_distill_command_keeps_verified_traces_and_trains_the_student(tok, tmp_path):

@@ -110,6 +110,18 @@ def test_extract_number(text, want):
     assert extract_number(text) == want
 
 
+@pytest.mark.parametrize("row, says", [
+    ('{"answer": "#### 7"}', 'expected an object with "question" and "answer" strings'),
+    ('{"question": 5, "answer": "#### 3"}', 'expected an object'), ("[1, 2]", "expected an object"),
+    ("not json", "not valid JSON"), ('{"question": "q", "answer": "no hashes"}', "no number after '####'"),
+])
+def test_gsm8k_file_errors_name_the_line(tmp_path, row, says):
+    path = tmp_path / "g.jsonl"
+    path.write_text('{"question": "1+1?", "answer": "#### 2"}\n\n' + row + "\n")
+    with pytest.raises(ValueError, match=f"g.jsonl:3: {says}"):
+        gsm8k.examples(2, 0, "test", path=path)
+
+
 def test_gsm8k_extraction_and_gold(gsm_path):
     assert gsm8k.gold_answer("blah\n#### 1,234") == "1234"
     ex = next(e for e in gsm8k.examples(-1, 0, "train", path=gsm_path) + gsm8k.examples(-1, 0, "test", path=gsm_path)

@@ -4,6 +4,8 @@ bad value is one line (SystemExit), and a run folder that already holds a run is
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +27,30 @@ def under_folders(prog: str, path: str | Path, flag: str = "--out") -> Path:
 
 
 def out_folder(prog: str, out: str | Path) -> Path:
-    """--out as a folder that can exist or be made: not a file, not under one."""
+    """--out as a folder that can exist or be made, and written in: not a file, not under one."""
     run = under_folders(prog, out)
     if run.exists() and not run.is_dir():
         fail(prog, f"--out {run} is a file; give a folder for the run")
+    writable(prog, run)
     return run
+
+
+def writable(prog: str, path: Path) -> None:
+    """`path` (a file or folder to be made) can be written: its nearest existing folder takes a new file
+    (checked by making and removing one; nothing is left behind)."""
+    folder = next(p for p in (path if path.is_dir() else path.parent, *path.parents) if p.exists())
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        fail(prog, f"--out {path}: cannot write in {folder} ({e.strerror or e})")
 
 
 def fresh_run(prog: str, out: str | Path) -> Path:
     """--out as a run folder that holds no run yet (it may exist, empty or with other files)."""
     run = out_folder(prog, out)
+    if (run / "config.json").exists():
+        fail(prog, f"--out {run} is a model folder (it holds config.json); give a folder for the run")
     if (run / "checkpoints").is_dir() and not (run / "model").exists():
         fail(prog, f"{run} holds the checkpoints of an unfinished run: go on with --resume {run} (in the command "
                    f"that made it), or choose another --out")
@@ -136,3 +152,37 @@ def load_optimizer_state(prog: str, model, optimizer, state: dict, ckpt: Path) -
     except (KeyError, ValueError, RuntimeError) as e:       # names or shapes that are not this model's
         fail(prog, f"{ckpt / 'trainer' / 'optimizer.pt'} does not fit the model "
                    f"({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+
+
+def output_file(prog: str, out: str | Path, protect: tuple = (), replace_if=None) -> Path:
+    """--out as the file a command writes when its work is done, checked before the work: a file name (not a
+    folder, not under a file), not in a `protect` folder (the model's own: writing there can break it),
+    in a folder that can be made and written; an existing file only where replace_if(path) allows it."""
+    out = under_folders(prog, out)
+    if not out.name or out.name in (".", ".."):
+        fail(prog, f"--out {str(out)!r} is not a file name")
+    if out.is_dir():
+        fail(prog, f"--out {out} is a directory; give a file name")
+    for folder in protect:
+        if folder and out.resolve().parent == Path(folder).resolve():
+            fail(prog, f"--out {out} is in the model's folder {folder}; write it elsewhere")
+    if out.exists() and not (replace_if is not None and replace_if(out)):
+        fail(prog, f"--out {out} exists and is not an earlier result of this command; choose another name")
+    writable(prog, out)
+    return out
+
+
+def write_atomic(prog: str, path: Path, text: str) -> None:
+    """`text` into `path` through a fresh temporary file beside it and a rename: never half a file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    except OSError as e:
+        fail(prog, f"cannot write {path} ({e.strerror or e})")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        fail(prog, f"cannot write {path} ({e.strerror or e})")

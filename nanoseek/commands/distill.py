@@ -97,10 +97,14 @@ def main(argv: list[str] | None = None) -> None:
         heldout = task.examples(args.eval_problems, args.seed, "test", **knobs) if args.eval_problems > 0 else []
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise SystemExit(f"nanoseek distill: task {args.task}: {e}") from None
+    if not problems:
+        raise SystemExit(f"nanoseek distill: task {args.task}: its training split has no problems")
     prompts = chat_prompts(tokenizer, task.messages, problems)
     heldout_prompts = chat_prompts(tokenizer, task.messages, heldout)
     longest = max(map(len, prompts + heldout_prompts))
     checks.positions("distill", teacher, longest, args.max_new_tokens)
+    if heldout:             # the student answers the held-out problems too
+        checks.positions("distill", student, max(map(len, heldout_prompts)), args.max_new_tokens)
     checks.seq_len("distill", args.seq_len, student, "the student's")
     max_len = longest + args.max_new_tokens + 1
     greedy = SamplingParams(max_tokens=args.max_new_tokens, temperature=0.0)

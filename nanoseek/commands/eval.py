@@ -67,9 +67,10 @@ def main(argv: list[str] | None = None) -> None:
     checks.numbers("eval", args, at_least_1=("batch",))
     checks.seed("eval", args.seed)
     checks.sampling("eval", max_tokens=args.max_new_tokens, temperature=temperature, top_k=args.top_k)
-    if args.out is not None and Path(args.out).is_dir():
-        checks.fail("eval", f"--out {args.out} is a directory; give a JSON file name")
-    checks.under_folders("eval", args.out or ".")
+    # the JSON file, checked now (not after the evaluation): never one of the model's files, and an existing
+    # file only when it is an earlier evaluation's
+    out = checks.output_file("eval", args.out or f"eval_{args.task}.json", protect=(args.model, args.tokenizer),
+                             replace_if=_is_evaluation)
 
     # --- model, task, engine (under torchrun each process takes every world-th problem)
     device = pick_device(args.device)
@@ -86,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
         problems = task.examples(args.n_problems, args.seed, "test", **task_knobs(args.task_arg, task.examples))
     except (ValueError, TypeError, FileNotFoundError) as e:
         raise SystemExit(f"nanoseek eval: task {args.task}: {e}") from None
+    if not problems:
+        raise SystemExit(f"nanoseek eval: task {args.task}: its held-out split has no problems")
     prompts = chat_prompts(tokenizer, task.messages, problems)
     checks.positions("eval", model, max(map(len, prompts)), args.max_new_tokens)
     mine = list(range(info.rank, len(problems), info.world_size))
@@ -111,13 +114,19 @@ def main(argv: list[str] | None = None) -> None:
     for name in ["pass@1", f"pass@{k}", f"cons@{k}", "format"] if k > 1 else ["pass@1", "format"]:
         print(f"| {name:<10} | {res[name]:>7.3f} |")
     print(f"| {'length':<10} | {res['response_length']:>7.1f} |")
-    out = Path(args.out or f"eval_{args.task}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"model": str(args.model), "task": args.task, "split": "test",
-                               "temperature": temperature, "seconds": wall, **res}, indent=2) + "\n")
+    checks.write_atomic("eval", out, json.dumps({"model": str(args.model), "task": args.task, "split": "test",
+                                                 "temperature": temperature, "seconds": wall, **res}, indent=2) + "\n")
     print(f"wrote {out}")
     parallel.finish(owns_group)
 
+
+def _is_evaluation(path: Path) -> bool:
+    """Whether `path` holds what this command writes (a JSON object with task, split and pass@1)."""
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(obj, dict) and {"task", "split", "pass@1"} <= obj.keys()
 
 
 if __name__ == "__main__":

@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> None:
                 if n_train <= 8:
                     raise
                 n_train //= 2
+        if not train:
+            raise ValueError("its training split has no problems")
         if n_train < args.train_problems:
             print(f"the training split has fewer than {args.train_problems} distinct problems; using {n_train}")
         heldout = task.examples(args.eval_problems, args.seed, "test", **knobs) if args.eval_problems > 0 else []

@@ -36,14 +36,25 @@ def gold_answer(solution: str) -> str:
 
 
 @lru_cache(maxsize=4)
-def _load(path: str) -> tuple[tuple[str, str, str], ...]:
-    """(question, gold, solution) rows of a JSONL file, cached (eval and training both call this)."""
+def _load(path: str, mtime_ns: int) -> tuple[tuple[str, str, str], ...]:
+    """(question, gold, solution) rows of a JSONL file, cached per version of the file (eval and training
+    both call this). A row that is not {"question": str, "answer": str with "#### N"} is a ValueError
+    naming path:line."""
     rows = []
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
                 d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON ({e})") from None
+            if not (isinstance(d, dict) and isinstance(d.get("question"), str) and isinstance(d.get("answer"), str)):
+                raise ValueError(f'{path}:{i}: expected an object with "question" and "answer" strings')
+            try:
                 rows.append((d["question"], gold_answer(d["answer"]), d["answer"]))
+            except ValueError as e:
+                raise ValueError(f"{path}:{i}: {e}") from None
     return tuple(rows)
 
 
@@ -53,9 +64,13 @@ def examples(n: int, seed: int, split: str = "train", *, path: str | Path | None
     smaller than n; n < 0 also means all)."""
     check_split(split)
     p = Path(path) if path is not None else DEFAULT_PATH
-    if not p.exists():
+    if not p.is_file():
         raise FileNotFoundError(f"GSM8K file not found: {p} (copy train.jsonl there or pass path=)")
-    rows = [r for r in _load(str(p.resolve())) if split_of("gsm8k:" + r[0].strip(), test_frac) == split]
+    try:
+        loaded = _load(str(p.resolve()), p.stat().st_mtime_ns)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{p}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    rows = [r for r in loaded if split_of("gsm8k:" + r[0].strip(), test_frac) == split]
     random.Random(f"gsm8k:{seed}:{split}").shuffle(rows)
     if n >= 0:
         rows = rows[:n]
