@@ -373,6 +373,14 @@ def test_yarn_matches_papers():
     (dict(topk_method="magic"), "topk_method"),
     (dict(num_key_value_heads=2), "num_key_value_heads"),
     (dict(hidden_size=0), "hidden_size"),
+    # kinds a hand-edited config.json can get wrong (they were tracebacks or silently another model)
+    (dict(rms_norm_eps="x"), "rms_norm_eps: must be a number > 0"),
+    (dict(rope_theta=-1.0), "rope_theta: must be a number > 0"),
+    (dict(routed_scaling_factor="2"), "routed_scaling_factor"),
+    (dict(tie_word_embeddings="false"), "tie_word_embeddings: must be true or false"),
+    (dict(norm_topk_prob="no"), "norm_topk_prob"),
+    (dict(n_group=2.0), "n_group: must be an integer"),
+    (dict(aux_loss_alpha=float("nan")), "aux_loss_alpha: must be a number >= 0"),
 ])
 def test_config_errors_name_the_field(kw, field):
     with pytest.raises(ValueError, match=field):

@@ -105,6 +105,21 @@ class ModelConfig:
 
         if self.model_type not in ("deepseek_v3", "deepseek_v2"):
             bad("model_type", "nanoseek reads deepseek_v3 and deepseek_v2 configs")
+        # kinds first (a config.json is hand-editable): the checks below compare them as numbers
+        for name in ("num_key_value_heads", "num_experts_per_tok", "n_group", "topk_group", "first_k_dense_replace",
+                     "moe_layer_freq", "num_nextn_predict_layers", "moe_intermediate_size", "n_shared_experts"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool):
+                bad(name, "must be an integer")
+        for name in ("norm_topk_prob", "tie_word_embeddings", "attention_bias"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "must be true or false")
+        for name, positive in (("rms_norm_eps", True), ("rope_theta", True), ("routed_scaling_factor", True),
+                               ("initializer_range", False), ("aux_loss_alpha", False)):
+            v = getattr(self, name)
+            if (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
+                    or (v <= 0 if positive else v < 0)):
+                bad(name, "must be a number > 0" if positive else "must be a number >= 0")
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                      "kv_lora_rank", "qk_rope_head_dim", "v_head_dim", "intermediate_size",
                      "max_position_embeddings"):
@@ -125,8 +140,6 @@ class ModelConfig:
             bad("scoring_func", f"unknown scoring function, choose one of {SCORING_FUNCS}")
         if self.topk_method not in TOPK_METHODS:
             bad("topk_method", f"unknown top-k method, choose one of {TOPK_METHODS}")
-        if self.rms_norm_eps <= 0:
-            bad("rms_norm_eps", "must be > 0")
         if self.num_nextn_predict_layers < 0:
             bad("num_nextn_predict_layers", "must be >= 0")
         if self.first_k_dense_replace < 0:
@@ -187,6 +200,8 @@ class ModelConfig:
         for k in ("n_group", "topk_group"):
             if d.get(k) is None:
                 d[k] = 1
+        if "n_shared_experts" in d and d["n_shared_experts"] is None:      # (a dense model's config may say null)
+            d["n_shared_experts"] = 0
         if d.get("num_nextn_predict_layers") is None:
             d["num_nextn_predict_layers"] = d.get("num_mtp_layers", 0) or 0
         kwargs = {k: v for k, v in d.items() if k in known}
