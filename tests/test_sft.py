@@ -74,6 +74,13 @@ def test_sft_train_fits_a_few_conversations(tok):
 
 def test_task_knobs_parses_values():
     assert task_knobs(["n_digits=3", "ops=+-", "test_frac=0.2"]) == {"n_digits": 3, "ops": "+-", "test_frac": 0.2}
+    # a true/false knob reads truth words and 0/1 ("False" used to be a true, non-empty string)
+    from nanoseek.tasks.arithmetic import examples
+    assert task_knobs(["unique=False"], examples) == {"unique": False}
+    assert task_knobs(["unique=yes"], examples) == {"unique": True}
+    assert task_knobs(["unique=0"], examples) == {"unique": False}
+    with pytest.raises(ValueError, match="unique='maybe': expected true or false"):
+        task_knobs(["unique=maybe"], examples)
     with pytest.raises(ValueError, match="KEY=VALUE"):
         task_knobs(["n_digits"])
 

@@ -188,7 +188,13 @@ def task_knobs(pairs: Sequence[str] | None, examples: Callable | None = None) ->
             if key not in knobs:
                 raise ValueError(f"unknown task option {key!r}; this task has {', '.join(knobs) or 'none'}")
             default = knobs[key]
-            if isinstance(default, bool) or default is None:
+            if isinstance(default, bool):       # "False" is a non-empty string: read it as a truth value
+                truth = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+                if str(value).strip().lower() not in truth:
+                    raise ValueError(f"task option {key}={value!r}: expected true or false")
+                out[key] = truth[str(value).strip().lower()]
+                continue
+            if default is None:
                 continue
             if isinstance(default, int) and not isinstance(value, int):
                 raise ValueError(f"task option {key}={value!r}: expected an integer")
