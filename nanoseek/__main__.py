@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -33,6 +34,9 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:        # Ctrl-C: one line (pretrain and grpo say first what they saved)
         print(f"\nnanoseek {argv[0]}: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
+    except BrokenPipeError:          # the reader left (`nanoseek generate ... | head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # (no second error at exit's flush)
+        raise SystemExit(141) from None
 
 
 if __name__ == "__main__":

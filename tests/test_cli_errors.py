@@ -41,6 +41,32 @@ def test_device_and_dtype_values():
     assert pick_device("cpu").type == "cpu" and pick_dtype("bf16") == torch.bfloat16
 
 
+def test_generate_into_a_pipe_closed_early_stops_quietly(model_dir):
+    """`nanoseek generate ... | head -c 1`: exit status 141 (as cat's), no traceback, and no abort of the
+    engine's thread cut off at exit (it was "terminate called without an active exception", status 134)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-m", "nanoseek", "generate", "--model", str(model_dir), "--prompt",
+                             "hello", "--max-tokens", "1500", "--ignore-eos", "--device", "cpu"], cwd=repo,
+                            env={**os.environ, "PYTHONPATH": str(repo)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout.read(1)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "terminate called" not in err, err
+
+
+def test_generate_prompt_that_is_not_utf8(model_dir):
+    with pytest.raises(SystemExit) as e:      # argv bytes the locale cannot decode arrive as surrogate escapes
+        nanoseek(["generate", "--model", str(model_dir), "--prompt", "ab\udcffcd", "--device", "cpu"])
+    assert "--prompt is not valid UTF-8" in one_line(e, "nanoseek generate: ")
+
+
 def test_ctrl_c_is_one_line_with_status_130(monkeypatch, capsys):
     import nanoseek.commands.info as info
 

@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> None:
 
     # --- prompt
     if args.prompt is not None:
+        try:
+            args.prompt.encode("utf-8")
+        except UnicodeEncodeError:          # bytes the terminal's encoding could not decode (surrogate escapes)
+            raise SystemExit("nanoseek generate: --prompt is not valid UTF-8") from None
         ids = tokenizer.encode(args.prompt, add_bos=not args.no_bos)
     else:
         ids = parse_ids(args.prompt_ids)

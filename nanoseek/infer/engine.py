@@ -26,6 +26,7 @@ One host sync per decode step (the sampled ids); the cache indices and mask are 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import operator
 import queue
@@ -34,6 +35,7 @@ import threading
 import time
 import traceback
 import uuid
+import weakref
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -288,6 +290,18 @@ class _Seq:
 _order = operator.attrgetter("order")
 
 
+# Engines whose background thread runs. Stopped when the interpreter exits (atexit runs before daemon threads
+# are cut off): a daemon thread cut off inside a torch op aborts the process ("terminate called without an
+# active exception", exit status 134), e.g. when `nanoseek generate ... | head` leaves while it streams.
+_BACKGROUND: weakref.WeakSet = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_background_engines() -> None:
+    for engine in list(_BACKGROUND):
+        engine.stop()
+
+
 class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch: int = 32, max_seq_len: int | None = None,
                  block_size: int = 16, num_blocks: int | None = None, speculative: bool = False,
@@ -426,6 +440,7 @@ class Engine:
             self._stopping = False
             self._thread = threading.Thread(target=self._loop, name="nanoseek-engine", daemon=True)
             self._thread.start()
+            _BACKGROUND.add(self)
 
     def stop(self) -> None:
         with self._cv:
@@ -434,6 +449,7 @@ class Engine:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join()
         self._thread = None
+        _BACKGROUND.discard(self)
 
     def has_work(self) -> bool:
         return bool(self._inbox or self.waiting or self.running)
