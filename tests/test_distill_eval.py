@@ -127,8 +127,8 @@ def test_eval_command_table_and_json(tok, tmp_path, capsys, monkeypatch):
     # the JSON file is checked before anything runs: an earlier evaluation is replaced, nothing else is
     quick = ["--model", str(base), "--task", "arithmetic", "--n-problems", "2", "--max-new-tokens", "2",
              "--device", "cpu"]
-    eval_cmd.main([*quick, "--out", str(out)])
-    assert json.loads(out.read_text())["n_problems"] == 2
+    eval_cmd.main([*quick, "--out", str(out), "--samples", "2"])     # several samples: T=1 by default
+    assert json.loads(out.read_text())["n_problems"] == 2 and json.loads(out.read_text())["temperature"] == 1.0
     config = (base / "config.json").read_text()
     (tmp_path / "notes.txt").write_text("keep me")
     for target, says in ((base / "config.json", "in the model's folder"),

@@ -242,13 +242,40 @@ def test_bad_tokenizer_is_refused_before_writing(tmp_path):
         export_gguf(tmp_path / "hf", out, log=lambda s: None)
 
 
+def test_export_names_a_tokenizer_file_of_another_shape(tmp_path):
+    make_model_dir(tmp_path / "hf")
+    tok_path, cfg_path = tmp_path / "hf" / "tokenizer.json", tmp_path / "hf" / "tokenizer_config.json"
+    good = json.loads(tok_path.read_text())
+    for damage in ({"model": "x"}, {"model": {**good["model"], "vocab": [1, 2]}}, {"added_tokens": [{"content": "a"}]}):
+        tok_path.write_text(json.dumps({**good, **damage}))
+        with pytest.raises(SystemExit, match="is not shaped as the tokenizers library writes it"):
+            export_main(["--model", str(tmp_path / "hf"), "--out", str(tmp_path / "m.gguf")])
+    tok_path.write_text(json.dumps(good))
+    cfg_path.write_text("{not json")
+    with pytest.raises(SystemExit, match="tokenizer_config.json: not valid JSON"):
+        export_main(["--model", str(tmp_path / "hf"), "--out", str(tmp_path / "m.gguf")])
+    assert not (tmp_path / "m.gguf").exists()
+
+
 def test_export_never_overwrites_the_model_and_asks_before_replacing(tmp_path):
     make_model_dir(tmp_path / "hf")
     weights = tmp_path / "hf" / "model.safetensors"
     before = weights.read_bytes()
-    with pytest.raises(SystemExit, match="file of the model"):     # not even with --force
+    with pytest.raises(SystemExit, match="the model's own files use"):     # not even with --force
         export_main(["--model", str(tmp_path / "hf"), "--out", str(weights), "--force"])
     assert weights.read_bytes() == before
+    # nor a name the loader would read there later (the index of sharded weights)
+    index = tmp_path / "hf" / "model.safetensors.index.json"
+    with pytest.raises(SystemExit, match="the model's own files use"):
+        export_main(["--model", str(tmp_path / "hf"), "--out", str(index)])
+    assert not index.exists()
+    # a file beside --out named as the temporary file used to be is left alone
+    (tmp_path / "keep.gguf.tmp").write_text("mine")
+    export_gguf(tmp_path / "hf", tmp_path / "keep.gguf", log=lambda s: None)
+    assert (tmp_path / "keep.gguf.tmp").read_text() == "mine"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith("keep.gguf.") and p.name != "keep.gguf.tmp"]
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        export_main(["--model", str(tmp_path / "hf"), "--out", str(tmp_path / "keep.gguf" / "x.gguf")])
     with pytest.raises(SystemExit, match="is a directory"):
         export_main(["--model", str(tmp_path / "hf"), "--out", str(tmp_path)])
     out = export_gguf(tmp_path / "hf", tmp_path / "m.gguf", log=lambda s: None)

@@ -1,6 +1,7 @@
 """Tasks: deterministic examples, disjoint splits, gold answers verify, verifiers never raise (hypothesis)."""
 
 import json
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -120,6 +121,15 @@ def test_gsm8k_file_errors_name_the_line(tmp_path, row, says):
     path.write_text('{"question": "1+1?", "answer": "#### 2"}\n\n' + row + "\n")
     with pytest.raises(ValueError, match=f"g.jsonl:3: {says}"):
         gsm8k.examples(2, 0, "test", path=path)
+
+
+def test_impossible_task_sizes_fail_at_once():
+    t0 = time.perf_counter()
+    with pytest.raises(ValueError, match="there are 300 in all"):
+        arithmetic.examples(100_000, 0, "test", n_digits=1)
+    with pytest.raises(ValueError, match=r"n_numbers=200 \(2..10\)"):
+        countdown.examples(5, 0, "test", n_numbers=200)
+    assert time.perf_counter() - t0 < 1.0     # (they took 37 s and minutes)
 
 
 def test_gsm8k_extraction_and_gold(gsm_path):

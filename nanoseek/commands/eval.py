@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a("--n-problems", type=int, default=100, help="held-out problems")
     a("--k", type=int, default=1, help="k of pass@k and cons@k")
     a("--samples", type=int, help="completions per problem, n >= k (default k)")
-    a("--temperature", type=float, help="0 = greedy (default 0 when k = 1, else 1.0)")
+    a("--temperature", type=float, help="0 = greedy (default 0 for one sample per problem, else 1.0)")
     a("--top-k", type=int, default=0)
     a("--max-new-tokens", type=int, default=64)
     a("--batch", type=int, default=64, help="engine batch rows")
@@ -55,8 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    temperature = args.temperature if args.temperature is not None else (0.0 if args.k == 1 else 1.0)
     n = args.k if args.samples is None else args.samples
+    temperature = args.temperature if args.temperature is not None else (0.0 if n == 1 else 1.0)
     if args.k < 1 or args.n_problems < 1 or n < args.k:
         raise SystemExit(f"nanoseek eval: need --k >= 1, --n-problems >= 1 and --samples >= --k (got k={args.k}, "
                          f"samples={n})")

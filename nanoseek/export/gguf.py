@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -228,7 +229,7 @@ def _load_tokenizer(model_dir: Path) -> tuple[dict, dict]:
         raise FileNotFoundError(f"{path}: llama.cpp needs the vocabulary; save the tokenizer into the model directory")
     tok = read_json_object(path)
     cfg_path = model_dir / "tokenizer_config.json"
-    tok_cfg = json.loads(cfg_path.read_text(encoding="utf-8")) if cfg_path.exists() else {}
+    tok_cfg = read_json_object(cfg_path) if cfg_path.exists() else {}
     return tok, tok_cfg
 
 
@@ -379,17 +380,26 @@ def _ggml_type(kind: T, shape: tuple[int, ...], qtype: Q) -> Q:
 
 # --- the export
 def check_output(model_dir: Path, out: Path, overwrite: bool) -> None:
-    """Refuse an `out` that is no file name, a directory, one of the model's own files (config,
-    weights, tokenizer: never, as the export reads them), or an existing file unless overwrite."""
+    """Refuse an `out` that is no file name, a directory, under a file, a name the model's loader reads in
+    the model's folder (config, weights, index, tokenizer: .json and .safetensors files, present or not),
+    an existing file unless overwrite, or a place that cannot be written."""
     if not out.name or out.name in (".", ".."):
         raise ValueError(f"--out {str(out)!r} is not a file name; give one such as model.gguf")
     if out.is_dir():
         raise ValueError(f"--out {out} is a directory; give a file name such as {out / 'model.gguf'}")
-    if out.exists():
-        if out.resolve().parent == model_dir.resolve() and out.suffix in (".json", ".safetensors"):
-            raise ValueError(f"--out {out} is a file of the model being exported; write the GGUF elsewhere")
-        if not overwrite:
-            raise FileExistsError(f"{out} exists; give another --out, or --force to overwrite it")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"--out {out}: {parent} is a file, not a folder")
+    if out.suffix in (".json", ".safetensors") and out.resolve().parent == model_dir.resolve():
+        raise ValueError(f"--out {out} is a name the model's own files use in its folder; write the GGUF elsewhere")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; give another --out, or --force to overwrite it")
+    folder = next(p for p in (out.parent, *out.parent.parents) if p.exists())
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write in {folder} ({e.strerror or e})") from None
 
 
 def export_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f32",
@@ -413,7 +423,11 @@ def export_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f32",
     if qtype == Q.Q8_0:
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     _write_hparams(w, cfg)
-    _write_tokenizer(w, cfg, model_dir)
+    try:
+        _write_tokenizer(w, cfg, model_dir)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:    # JSON of another shape than tokenizers'
+        raise ValueError(f"{model_dir}: tokenizer.json or tokenizer_config.json is not shaped as the tokenizers "
+                         f"library writes it ({type(e).__name__}: {e})") from None
 
     model = Transformer.from_pretrained(model_dir)   # validates names and shapes; keeps the checkpoint dtype
     plan = _tensor_plan(model, log)
@@ -428,8 +442,10 @@ def export_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f32",
     if fallback:
         log(f"{fallback} tensor(s) with rows not a multiple of 32 stay f16 in the q8_0 file")
 
-    tmp = out.with_name(out.name + ".tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".", suffix=".tmp")   # never a file of the user's
+    os.close(fd)
+    tmp = Path(tmp)
     try:
         w.write_header_to_file(tmp)
         w.write_kv_data_to_file()

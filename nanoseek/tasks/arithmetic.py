@@ -62,8 +62,13 @@ def examples(n: int, seed: int, split: str = "train", *, n_digits: int = 2, n_op
         raise ValueError(f"bad knobs: n_digits={n_digits} n_operands={n_operands} ops={ops!r}")
     if n_digits * n_operands > MAX_DIGITS:      # a product's digits must print (Python's 4300-digit limit)
         raise ValueError(f"bad knobs: n_digits={n_digits} x n_operands={n_operands} above {MAX_DIGITS} digits")
-    rng = random.Random(f"arithmetic:{seed}:{split}")
     hi = 10**n_digits - 1
+    space = (hi + 1) ** n_operands * len(set(ops)) ** (n_operands - 1)     # distinct expressions, both splits
+    if unique and n > space:         # at once, not after 100 n draws
+        raise ValueError(f"could not find {n} distinct {split} problems with n_digits={n_digits}, "
+                         f"n_operands={n_operands}, ops={ops!r}: there are {space} in all; ask for fewer or raise "
+                         f"the difficulty")
+    rng = random.Random(f"arithmetic:{seed}:{split}")
     out: list[Example] = []
     seen: set[str] = set()
     attempts = 0

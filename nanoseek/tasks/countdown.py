@@ -146,13 +146,17 @@ def check(expression: str | None, numbers: list[int], target: int) -> bool:
 
 
 # --- the task interface
+MAX_NUMBERS = 10     # the game uses 6 (TinyZero 3-4); a random tree of hundreds of exact fractions takes minutes
+
+
 def examples(n: int, seed: int, split: str = "train", *, n_numbers: int = 3, max_number: int = 99,
              max_target: int = 100, test_frac: float = 0.1, unique: bool = True) -> list[Example]:
     """`n` solvable problems of `split`: numbers in 1..max_number, integer target in 1..max_target.
     The identity hashed for the split is (sorted numbers, target)."""
     check_split(split)
-    if n_numbers < 2 or max_number < 1 or max_target < 1:
-        raise ValueError(f"bad knobs: n_numbers={n_numbers} max_number={max_number} max_target={max_target}")
+    if not 2 <= n_numbers <= MAX_NUMBERS or max_number < 1 or max_target < 1:
+        raise ValueError(f"bad knobs: n_numbers={n_numbers} (2..{MAX_NUMBERS}) max_number={max_number} "
+                         f"max_target={max_target}")
     rng = random.Random(f"countdown:{seed}:{split}")
     out: list[Example] = []
     seen: set[tuple] = set()
