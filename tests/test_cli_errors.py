@@ -86,6 +86,22 @@ def test_generate_bad_flags_are_one_line(model_dir, flags, says):
     assert says in one_line(e, "nanoseek generate: ")
 
 
+def test_generate_tokenizer_that_is_not_the_models(model_dir, tmp_path):
+    import shutil
+
+    other = tmp_path / "m"
+    shutil.copytree(model_dir, other)
+    Tokenizer.train([f"quite another text {i} {chr(97 + i % 26)}" * 3 for i in range(400)],
+                    vocab_size=400).save(other)
+    with pytest.raises(SystemExit) as e:
+        nanoseek(["generate", "--model", str(other), "--prompt", "hi", "--device", "cpu"])
+    assert "do not belong together" in one_line(e, "nanoseek generate: ")
+    (other / "tokenizer.json").unlink()
+    with pytest.raises(SystemExit) as e:
+        nanoseek(["generate", "--model", str(other), "--prompt-ids", "0,5", "--stop", "x", "--device", "cpu"])
+    assert "--stop strings cannot be matched" in one_line(e, "nanoseek generate: ")
+
+
 def test_generate_empty_prompt_ids(model_dir):
     with pytest.raises(SystemExit) as e:
         nanoseek(["generate", "--model", str(model_dir), "--prompt-ids", ""])

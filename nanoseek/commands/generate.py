@@ -67,6 +67,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"nanoseek generate: cannot load a model from {model_dir}: {e}")
     if tokenizer is None and args.prompt is not None:
         raise SystemExit(f"nanoseek generate: {model_dir} has no tokenizer.json; give --prompt-ids instead of --prompt")
+    if tokenizer is None and args.stop:
+        raise SystemExit(f"nanoseek generate: {model_dir} has no tokenizer.json, so --stop strings cannot be matched")
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        raise SystemExit(f"nanoseek generate: the tokenizer in {model_dir} has {tokenizer.vocab_size} tokens but the "
+                         f"model's vocab_size is {model.config.vocab_size}: they do not belong together")
 
     # --- prompt
     if args.prompt is not None:
