@@ -67,6 +67,21 @@ def test_generate_prompt_that_is_not_utf8(model_dir):
     assert "--prompt is not valid UTF-8" in one_line(e, "nanoseek generate: ")
 
 
+def test_export_without_the_gguf_package_says_how_to_install_it():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    code = ("import sys; sys.modules['gguf'] = None\n"        # as if the export extra were not installed
+            "from nanoseek.__main__ import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+            "main(['export', '--model', 'm', '--out', 'x.gguf'])")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "export" in proc.stdout, proc.stderr
+    assert proc.stderr.strip() == "nanoseek export: needs the gguf package: .venv/bin/pip install -e '.[export]'"
+
+
 def test_ctrl_c_is_one_line_with_status_130(monkeypatch, capsys):
     import nanoseek.commands.info as info
 

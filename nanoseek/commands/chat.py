@@ -1,7 +1,7 @@
 """Multi-turn chat with a model in the terminal: streaming, the <think> part dimmed and apart.
 
-    nanoseek chat --model runs/sft/final
-    nanoseek chat --model runs/grpo/final --temperature 0.6 --speculative
+    nanoseek chat --model runs/sft/model
+    nanoseek chat --model runs/grpo/model --temperature 0.6 --speculative
 
 Type a message and press Enter. /exit (or Ctrl-D) quits, /reset forgets the conversation.
 As in DeepSeek-R1's chat template, earlier answers go back into the context without their reasoning.

@@ -1,6 +1,6 @@
 """Distill a reasoning teacher into a student: rejection-sampled traces (R1's third stage), then SFT.
 
-    nanoseek distill --teacher runs/grpo/model --student runs/base/model --task arithmetic --out runs/distill
+    nanoseek distill --teacher runs/grpo/model --student runs/demo-1/base --task arithmetic --out runs/distill
     nanoseek distill --teacher DIR --student DIR --task countdown --samples-per-prompt 8 --n-prompts 2000 \\
         --temperature 0.7 --epochs 2 --out runs/distill
 

@@ -15,7 +15,13 @@ import argparse
 import torch
 
 from nanoseek.common import pick_device
-from nanoseek.export.gguf import FILE_TYPES, export_gguf
+
+try:        # the gguf package is the `export` extra (make test installs it, make demo does not)
+    from nanoseek.export.gguf import FILE_TYPES, export_gguf
+except ModuleNotFoundError as e:
+    if e.name != "gguf":
+        raise
+    FILE_TYPES, export_gguf = None, None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,13 +29,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", required=True, help="Hugging Face model directory (config.json, safetensors, tokenizer.json)")
     p.add_argument("--format", default="gguf", choices=["gguf"], help="output format")
     p.add_argument("--out", required=True, help="output file, e.g. model.gguf")
-    p.add_argument("--dtype", default="f32", choices=sorted(FILE_TYPES),
+    p.add_argument("--dtype", default="f32", choices=sorted(FILE_TYPES or ("f32", "f16", "bf16", "q8_0")),
                    help="storage type of the weight matrices (norms and the router stay f32)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file (never the model's own files)")
     p.add_argument("--device", default="cpu", help="conversion runs on the CPU; accepted for uniformity")
     args = p.parse_args(argv)
 
     # --- checks
+    if export_gguf is None:
+        raise SystemExit("nanoseek export: needs the gguf package: .venv/bin/pip install -e '.[export]'")
     if pick_device(args.device).type != "cpu":
         print(f"note: --device {args.device} ignored, the conversion runs on the CPU")
 

@@ -19,7 +19,7 @@ Not applied in RL: the MoE router's bias update and the MTP loss (see nanoseek/t
 The run folder holds run.json, metrics.jsonl, plots/ (reward, accuracy, response length, zero-std
 groups, clip fraction, KL, entropy), report.md and model/ (a Hugging Face directory).
 
---save-every N writes a checkpoint every N steps (checkpoints/step_N: the model as a Hugging Face
+--save-every N writes a checkpoint every N steps (checkpoints/step_NNNNNN: the model as a Hugging Face
 directory, the optimizer state, the data stream's position and every RNG state), and
 `nanoseek grpo --resume RUN [--steps N]` goes on from the latest one with the run's own settings,
 taking the same steps the run would have taken without the stop.

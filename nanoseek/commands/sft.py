@@ -1,7 +1,7 @@
 """Supervised fine-tuning on chat conversations: loss on assistant tokens only, packed rows, from any checkpoint.
 
-    nanoseek sft --model runs/base/model --data chat.jsonl --out runs/sft
-    nanoseek sft --model runs/base/model --task arithmetic --n 2000 --out runs/sft    # the task's worked examples
+    nanoseek sft --model runs/demo-1/base --data chat.jsonl --out runs/sft
+    nanoseek sft --model runs/demo-1/base --task arithmetic --n 2000 --out runs/sft    # the task's worked examples
     nanoseek sft --model DIR --task arithmetic --task-arg n_digits=1 --n 500 --epochs 3 --out runs/sft
 
 --data is JSONL, one {"messages": [{"role": "user"|"assistant"|"system", "content": ...}, ...]} per

@@ -161,8 +161,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     pointer = root / LATEST
     if not pointer.exists():
-        raise FileNotFoundError(f"--resume {given}: no checkpoint there (neither {root / LATEST} "
-                                f"nor a step_* folder)")
+        raise FileNotFoundError(f"--resume {given}: no checkpoint there (no checkpoints/{LATEST}, {LATEST} or "
+                                f"step_* checkpoint folder)")
     try:
         name = pointer.read_text().strip()
     except (OSError, UnicodeDecodeError) as e:
