@@ -358,6 +358,7 @@ def test_pretrain_flags_and_resume_settings_are_one_line(tmp_path):
                         (["--threads", "100000"], "--threads must be in [1, 1024]"),
                         (["--peak-flops", "-1"], "--peak-flops must be a number > 0"),
                         (["--split", "5"], "--split 5 is more chunks than the 4 rows"),
+                        (["--fsdp", "--optimizer", "muon"], "Muon needs whole matrices and FSDP2 shards them"),
                         (["--out", str(tmp_path / "afile")], "is a file"),
                         (["--out", str(tmp_path / "afile" / "sub")], "is a file, not a folder"),
                         (["--data", str(tmp_path), "--out", str(tmp_path / "d")], "is a folder without meta.json"),

@@ -152,6 +152,9 @@ def main(argv: list[str] | None = None) -> None:
                    non_negative=("min_lr", "warmup", "weight_decay", "clip", "eval_steps", "eval_every",
                                  "save_every", "keep", "sample_tokens", "mtp_weight", "balance_alpha", "bias_gamma"))
     checks.lr_range("pretrain", args.lr, args.min_lr)
+    if args.fsdp and args.optimizer == "muon":      # (it failed at the first optimizer step, on every rank)
+        raise SystemExit("nanoseek pretrain: Muon needs whole matrices and FSDP2 shards them: use --optimizer adamw "
+                         "with --fsdp, or Muon under DDP (no --fsdp)")
     if args.split is not None and args.split > args.batch_size:
         raise SystemExit(f"nanoseek pretrain: --split {args.split} is more chunks than the {args.batch_size} rows "
                          f"of --batch-size")
