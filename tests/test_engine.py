@@ -429,6 +429,28 @@ def test_logprobs_equal_full_forward_log_softmax():
     assert tops[0] == pytest.approx({str(i): v for v, i in zip(top.values.tolist(), top.indices.tolist())}, abs=1e-5)
 
 
+def test_each_row_keeps_its_own_number_of_top_logprobs_and_extreme_values_are_safe():
+    """Batched with a request asking for 20, one asking for 1 gets 1 (the batch computes the largest number
+    and each row keeps its own); values that underflow fp32 neither crash the engine nor sample garbage."""
+    m = tiny()
+    eng = Engine(m)
+    ps = prompts(5, 7, 6)
+    reqs = [eng.add_request(p, sp) for p, sp in zip(ps, [SamplingParams(max_tokens=4, logprobs=1, **GREEDY),
+                                                         SamplingParams(max_tokens=4, logprobs=20, **GREEDY),
+                                                         SamplingParams(max_tokens=4, top_p=1e-46, seed=1)])]
+    few, many, odd = ([ev for ev in r] for r in reqs)          # one batch: all three were queued first
+    assert [len(t) for ev in few for t in ev.top_logprobs] == [1] * 4
+    assert [len(t) for ev in many for t in ev.top_logprobs] == [20] * 4
+    greedy = eng.generate([ps[2]], SamplingParams(max_tokens=4, **GREEDY))[0]
+    assert [t for ev in odd for t in ev.token_ids] == greedy.token_ids   # a top_p that is 0 in fp32: the top token
+    assert SamplingParams(temperature=1e-39).temperature == 0.0      # below 1e-5: greedy
+    assert eng.generate([ps[2]], SamplingParams(max_tokens=4, temperature=1e-300, seed=3))[0].token_ids == \
+        greedy.token_ids
+    for bad in (dict(top_k=2**63), dict(repetition_penalty=1e-45)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            SamplingParams(**bad).validate()
+
+
 # --- stops, text, streaming
 
 class ByteTokenizer:

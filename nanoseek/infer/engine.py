@@ -49,6 +49,9 @@ from nanoseek.infer.batch_rows import BatchDecoder
 from nanoseek.infer.one_row import OneRowDecoder
 
 
+GREEDY_BELOW = 1e-5      # SamplingParams: a temperature below this is greedy
+
+
 @dataclass
 class SamplingParams:
     max_tokens: int = 256
@@ -65,6 +68,12 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None       # None: no logprobs; n >= 0: chosen-token logprob plus top-n
 
+    def __post_init__(self) -> None:
+        # a temperature this small samples the argmax anyway, and divides fp32 logits into inf/NaN:
+        # greedy (vLLM's rule, _SAMPLING_EPS)
+        if isinstance(self.temperature, (int, float)) and 0 < self.temperature < GREEDY_BELOW:
+            self.temperature = 0.0
+
     def validate(self) -> None:
         def bad(name: str, why: str):
             raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r}: {why}")
@@ -72,14 +81,14 @@ class SamplingParams:
             bad("max_tokens", "must be an integer >= 1")
         if not 0 <= self.temperature < float("inf"):
             bad("temperature", "must be a finite number >= 0")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            bad("top_k", "must be an integer >= 0 (0 = off)")
+        if not isinstance(self.top_k, int) or not 0 <= self.top_k < 2**31:
+            bad("top_k", "must be an integer in [0, 2**31) (0 = off)")
         if not 0 < self.top_p <= 1:
             bad("top_p", "must be in (0, 1]")
         if not 0 <= self.min_p <= 1:
             bad("min_p", "must be in [0, 1]")
-        if not self.repetition_penalty > 0:
-            bad("repetition_penalty", "must be > 0 (1 = off)")
+        if not 1e-6 <= self.repetition_penalty <= 1e6:     # (fp32 logits: 1e-45 became a division by 0)
+            bad("repetition_penalty", "must be in [1e-6, 1e6] (1 = off)")
         for name in ("frequency_penalty", "presence_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 bad(name, "must be in [-2, 2] (OpenAI's range)")
@@ -763,8 +772,8 @@ class Engine:
             bonus = smp.sample_cdf(p1, self._uniform(rows))
         want_lp = [s.params.logprobs for s in rows if s.params.logprobs is not None]
         if want_lp:
-            lp0 = self._logprobs(logits[:, 0], first, max(want_lp))
-            lp1 = self._logprobs(logits[:, 1], bonus, max(want_lp))
+            lp0 = self._logprobs(logits[:, 0], first, rows)
+            lp1 = self._logprobs(logits[:, 1], bonus, rows)
         first_l, bonus_l, acc_l = torch.stack([first, bonus, accepted.long()]).tolist()   # the host sync
         self.stats["steps"] += 1
         self.stats["drafted"] += B
@@ -838,11 +847,14 @@ class Engine:
         tokens = chosen.tolist()
         if want_lp is None:
             return tokens, [None] * len(rows), [None] * len(rows)
-        per_row = self._logprobs(logits, chosen, want_lp)
+        per_row = self._logprobs(logits, chosen, rows)
         return tokens, [r[0] for r in per_row], [r[1] for r in per_row]
 
-    def _logprobs(self, logits: torch.Tensor, chosen: torch.Tensor, n: int) -> list[tuple[float, dict]]:
-        lp, top_v, top_i = smp.logprobs(logits, chosen, n)
+    def _logprobs(self, logits: torch.Tensor, chosen: torch.Tensor, rows: list[_Seq]) -> list[tuple[float, dict]]:
+        """Each row's chosen-token logprob and its own number of top logprobs (the batch computes the
+        largest number any row asks for; each row keeps its own)."""
+        want = [s.params.logprobs or 0 for s in rows]
+        lp, top_v, top_i = smp.logprobs(logits, chosen, max(want))
         lp = lp.tolist()
         top_v = top_v.tolist() if top_v is not None else None
         top_i = top_i.tolist() if top_i is not None else None
@@ -850,7 +862,7 @@ class Engine:
         for b in range(len(lp)):
             top = {}
             if top_v is not None:
-                for v, i in zip(top_v[b], top_i[b]):
+                for v, i in zip(top_v[b][:want[b]], top_i[b][:want[b]]):
                     top[self._token_str(i)] = v
             res.append((lp[b], top))
         return res

@@ -112,6 +112,7 @@ def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     probs = sorted_logits.softmax(dim=-1)
     mass_before = probs.cumsum(dim=-1) - probs                          # (B, V) mass strictly above each token
     drop = (mass_before >= top_p[:, None]) & (top_p[:, None] < 1.0)    # p = 1: rounding must not cut the tail
+    drop[:, 0] = False          # the most likely token stays whatever p (a p that is 0 in fp32 dropped them all)
     return logits.scatter(-1, order, sorted_logits.masked_fill(drop, NEG_INF))
 
 
