@@ -261,6 +261,42 @@ def test_cancel_frees_blocks():
     assert events[-1].finished and events[-1].finish_reason == "abort"
 
 
+def test_an_engine_error_fails_its_requests_and_the_engine_goes_on(monkeypatch, capsys):
+    """A step that raises ends the requests in flight in that error (not in a normal-looking "abort" event),
+    for iterators, result() and async streams alike; the background thread keeps serving."""
+    import asyncio
+
+    m = tiny()
+    eng = Engine(m)
+    real, calls = eng._decode, []
+
+    def broken_once(seqs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise IndexError("boom")
+        return real(seqs)
+
+    monkeypatch.setattr(eng, "_decode", broken_once)
+    p = prompts(5)[0]
+    eng.start()
+    try:
+        req = eng.add_request(p, SamplingParams(max_tokens=8, **GREEDY))
+        with pytest.raises(RuntimeError, match=r"failed in the engine \(IndexError: boom\)"):
+            list(req)
+        with pytest.raises(RuntimeError, match="failed in the engine"):
+            req.result()
+        calls.clear()
+
+        async def stream():
+            return [ev async for ev in eng.stream(p, SamplingParams(max_tokens=8, **GREEDY))]
+        with pytest.raises(RuntimeError, match="boom"):
+            asyncio.run(stream())
+        assert "IndexError: boom" in capsys.readouterr().err        # the engine printed the traceback
+        assert len(eng.add_request(p, SamplingParams(max_tokens=3, **GREEDY)).result().token_ids) == 3
+    finally:
+        eng.stop()
+
+
 def test_preemption_when_blocks_run_out():
     m = tiny()
     ps = prompts(7, 12, 5, 9)

@@ -154,16 +154,23 @@ class Request:
     def __iter__(self) -> Iterator[StreamEvent]:
         while True:
             ev = self._next_event()
+            if ev.finished:
+                self._raise_if_failed()
             yield ev
             if ev.finished:
                 return
+
+    def _raise_if_failed(self) -> None:
+        """A request the engine aborted on an error ends in that error, not in a normal-looking event."""
+        if self.error is not None:
+            raise RuntimeError(f"request {self.id} failed in the engine "
+                               f"({type(self.error).__name__}: {self.error})") from self.error
 
     def result(self) -> Completion:
         """Block until the request is done."""
         while not self._done.is_set():
             self._wait_or_drive(lambda: self._done.is_set())
-        if self.error is not None:
-            raise RuntimeError(f"request {self.id} failed in the engine") from self.error
+        self._raise_if_failed()
         return self.completion
 
     def _next_event(self) -> StreamEvent:
@@ -430,6 +437,8 @@ class Engine:
         try:
             while True:
                 ev = await events.get()
+                if ev.finished:
+                    req._raise_if_failed()
                 yield ev
                 if ev.finished:
                     return
