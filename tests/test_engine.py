@@ -671,6 +671,15 @@ def test_chat_command_multi_turn(model_dir, capsys, monkeypatch):
     chat.main(["--model", str(d), "--max-tokens", "2"])
     out = capsys.readouterr().out
     assert "nanoseek chat:" in out and "assistant> " not in out
+    # a line that is not UTF-8 is asked again; a --max-tokens as large as the window keeps the history
+    seen = []
+    real = Engine.add_request
+    monkeypatch.setattr(Engine, "add_request", lambda self, ids, params=None: seen.append(ids) or real(self, ids, params))
+    monkeypatch.setattr("sys.stdin", io.StringIO("bad \udcff line\nhello there\nand again\n/exit\n"))
+    chat.main(["--model", str(d), "--max-tokens", "4096", "--temperature", "0"])
+    out = capsys.readouterr().out
+    assert "not valid UTF-8" in out and out.count("assistant> ") == 2
+    assert "hello there" in tok.decode(seen[1])       # turn 2's prompt still holds turn 1
 
 
 def test_logits_at_selects_positions():

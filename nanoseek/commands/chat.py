@@ -110,10 +110,17 @@ def main(argv: list[str] | None = None) -> None:
             continue
         if not text:
             continue
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:         # bytes the terminal's encoding could not decode (surrogate escapes)
+            print("(that line is not valid UTF-8; type it again)")
+            continue
         messages.append({"role": "user", "content": text})
         ids, _ = tokenizer.render_chat(messages, add_generation_prompt=True, think=think)
-        # keep the newest turns that fit the context window with room for an answer
-        while len(ids) + args.max_tokens > engine.max_seq_len and len(messages) > 1 + bool(args.system):
+        # keep the newest turns that fit the context window with room for an answer (of --max-tokens, but at
+        # most half the window: a --max-tokens as large as the window would leave no room for any history)
+        room = min(args.max_tokens, engine.max_seq_len // 2)
+        while len(ids) + room > engine.max_seq_len and len(messages) > 1 + bool(args.system):
             del messages[bool(args.system):bool(args.system) + 2]
             ids, _ = tokenizer.render_chat(messages, add_generation_prompt=True, think=think)
         max_tokens = min(args.max_tokens, engine.max_seq_len - len(ids))
