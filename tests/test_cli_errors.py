@@ -152,6 +152,23 @@ def test_serve_context_window_flag(model_dir):
         assert says in one_line(e, "nanoseek serve: ")
 
 
+def test_serve_address_and_key_flags_are_one_line(model_dir):
+    """An empty --api-key (no authentication) or --host (every address), a port in use and a host that does
+    not resolve: one line before the model loads (uvicorn printed its log lines after a serving banner)."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        for flags, says in ((["--port", port], f"cannot listen on 127.0.0.1:{port}"),
+                            (["--host", "999.1.1.1"], "--host '999.1.1.1' does not resolve"),
+                            (["--api-key", " "], "--api-key is empty"), (["--host", ""], "--host is empty")):
+            with pytest.raises(SystemExit) as e:
+                nanoseek(["serve", "--model", str(model_dir), *flags])
+            assert says in one_line(e, "nanoseek serve: "), flags
+
+
 def test_engine_and_sampling_ranges(model_dir):
     model = Transformer.from_pretrained(model_dir)
     with pytest.raises(ValueError, match="at least 2 positions"):

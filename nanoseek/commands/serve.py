@@ -14,10 +14,25 @@ Any OpenAI client works: base_url="http://127.0.0.1:8000/v1", model = the direct
 from __future__ import annotations
 
 import argparse
+import socket
 from pathlib import Path
 
-
 from nanoseek.common import pick_device, pick_dtype
+
+
+def check_bind(host: str, port: int) -> None:
+    """The address can be bound now (as uvicorn will, with SO_REUSEADDR), before the model loads: a port in
+    use or a host that does not resolve is one line, not uvicorn's log lines after a banner."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise SystemExit(f"nanoseek serve: --host {host!r} does not resolve ({e})") from None
+    try:
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(addr)
+    except OSError as e:
+        raise SystemExit(f"nanoseek serve: cannot listen on {host}:{port} ({e.strerror or e})") from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ routes")
     p.add_argument("--max-batch", type=int, default=32, help="requests decoded together (continuous batch)")
     p.add_argument("--max-seq-len", type=int, default=None, help="context window (default: the model's)")
-    p.add_argument("--speculative", action="store_true", help="MTP speculative decoding (same outputs, faster)")
+    p.add_argument("--speculative", action="store_true",
+                   help="MTP speculative decoding (greedy: the same outputs; sampling: the same distribution)")
     p.add_argument("--device", default=None, help="cuda if present, else cpu")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -47,6 +63,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"nanoseek serve: --max-seq-len must be >= 2, got {args.max_seq_len}")
     if not 0 < args.port < 65536:
         raise SystemExit(f"nanoseek serve: --port must be in 1..65535, got {args.port}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise SystemExit("nanoseek serve: --api-key is empty, which would serve without authentication; give a key "
+                         "or leave the flag out")
+    if not args.host.strip():
+        raise SystemExit("nanoseek serve: --host is empty (it would bind every address); give one, e.g. 127.0.0.1")
+    check_bind(args.host, args.port)
 
     import uvicorn
 
