@@ -512,10 +512,20 @@ def test_a_client_that_leaves_first_is_client_gone_not_an_asgi_error():
         await asyncio.sleep(seconds)
         return 7
 
+    async def stream():
+        await asyncio.sleep(3600)
+        yield 1
+
     async def main():
         with pytest.raises(ClientGone):
             await _unless_disconnected(Request(gone=True), work(3600))
         assert await _unless_disconnected(Request(gone=False), work(0)) == 7
+        # a hang-up while waiting for a stream's first event: the cancelled __anext__ has landed when ClientGone
+        # comes, so the caller can close the stream ("asynchronous generator is already running" before)
+        gen = stream()
+        with pytest.raises(ClientGone):
+            await _unless_disconnected(Request(gone=True), gen.__anext__())
+        await gen.aclose()
 
     asyncio.run(main())
 

@@ -170,6 +170,9 @@ async def _unless_disconnected(request: Request, aw: Any) -> Any:
     watch.cancel()
     if work not in done:     # the client left first: cancel() only asks, the task is not done yet
         work.cancel()
+        # let the cancellation land: the caller closes the generator `work` is inside of, and closing a
+        # generator still running raised "aclose(): asynchronous generator is already running"
+        await asyncio.wait({work})
         raise ClientGone
     return work.result()
 
