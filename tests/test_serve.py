@@ -379,6 +379,10 @@ BAD = [  # (name, path, body: dict -> JSON, bytes -> raw, status, param)
      "top_logprobs"),
     ("prompt past context", "/v1/chat/completions", {**GOOD, "messages": [{"role": "user", "content": LONG}]},
      400, "messages"),
+    # megabytes of text: refused by its length before any tokenizing (which held the event loop for seconds)
+    ("huge message", "/v1/chat/completions", {**GOOD, "messages": [{"role": "user", "content": "red " * 500_000}]},
+     400, "messages"),
+    ("huge completion prompt", "/v1/completions", {"model": "tiny", "prompt": "red " * 500_000}, 400, "prompt"),
     ("completion prompt missing", "/v1/completions", {"model": "tiny"}, 400, "prompt"),
     ("completion prompt empty list", "/v1/completions", {"model": "tiny", "prompt": []}, 400, "prompt"),
     ("completion prompt a dict", "/v1/completions", {"model": "tiny", "prompt": {"a": 1}}, 400, "prompt"),

@@ -294,6 +294,17 @@ def create_app(engine: Any, tokenizer: Any, model_name: str, api_key: str | None
             raise APIError(404, f"model {name!r} does not exist; this server serves {model_name!r}",
                            param="model", code="model_not_found")
 
+    # no token decodes to more characters than this: a text of more than window x this characters is too long
+    # without tokenizing it (a 10 MB message took 5 s of the event loop to tokenize, every stream stalled)
+    token_chars = max(len(tokenizer.decode([i])) for i in range(tokenizer.vocab_size))
+
+    def not_beyond_window(chars: int, param: str) -> None:
+        limit = engine.max_seq_len
+        if chars > limit * token_chars:
+            raise APIError(400, f"the prompt is {chars} characters, at least {chars // token_chars} tokens, but this "
+                                f"model's context window is {limit} tokens; shorten it",
+                           param=param, code="context_length_exceeded")
+
     def budget(prompt_len: int, max_tokens: int | None, param: str) -> int:
         """max_tokens for a prompt: what was asked if it fits the context window, else a 400."""
         limit = engine.max_seq_len
@@ -382,6 +393,7 @@ def create_app(engine: Any, tokenizer: Any, model_name: str, api_key: str | None
         think = req.chat_template_kwargs.get("think", True)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.content}
                     for m in req.messages]
+        not_beyond_window(sum(len(m["content"]) for m in messages), "messages")
         ids, _ = tokenizer.render_chat(messages, add_generation_prompt=True, think=think)
         thinking = think and tokenizer.think_id is not None      # the prompt opened a <think> block
         max_tokens = budget(len(ids), req.max_completion_tokens or req.max_tokens, "messages")
@@ -450,6 +462,7 @@ def create_app(engine: Any, tokenizer: Any, model_name: str, api_key: str | None
         prompts = []
         for p in req.prompts():
             if isinstance(p, str):
+                not_beyond_window(len(p), "prompt")
                 prompts.append(tokenizer.encode(p, add_bos=True))
                 continue
             bad = [t for t in p if not 0 <= t < tokenizer.vocab_size]
