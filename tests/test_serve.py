@@ -313,6 +313,15 @@ def test_reasoning_content_split(scripted, tok):
 
     stopped = client.chat.completions.create(model="scripted", messages=messages, temperature=0, stop=[" seven"])
     assert stopped.choices[0].message.content == "There are" and stopped.choices[0].finish_reason == "stop"
+    # completions: each token's text_offset is where its own text starts, also while text is held back
+    text = client.completions.create(model="scripted", prompt="how many apples?", max_tokens=12, temperature=0,
+                                     logprobs=1, stop=["zzqq", "e t"])
+    lp = text.choices[0].logprobs
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:k]) for k in range(len(lp.tokens))]
+    # a stop string spanning </think> holds the tag back: the event that finally carries it also carries the
+    # answer's first token, which is not a reasoning token
+    held = client.chat.completions.create(model="scripted", messages=messages, temperature=0, stop=["</think>The"])
+    assert held.usage.completion_tokens_details.reasoning_tokens == n_reason
 
     short = client.chat.completions.create(model="scripted", messages=messages, temperature=0, max_tokens=3)
     assert short.choices[0].finish_reason == "length" and short.choices[0].message.content == ""

@@ -222,12 +222,24 @@ class _State:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     reasoning_tokens: int = 0
-    text_len: int = 0
+    token_len: int = 0                # characters of the tokens' own text so far (completions' text_offset)
+    end_think_id: int | None = None   # the </think> token, where the tokenizer has one
+
+    def __post_init__(self) -> None:
+        self.thinking_tokens = self.splitter.thinking   # whether the tokens are still before </think>
 
     def feed(self, ev: StreamEvent) -> tuple[str, str]:
         was_thinking = self.splitter.thinking
         r, c = self.splitter.feed(ev.text, final=ev.finished)
-        if was_thinking:
+        end = self.end_think_id
+        if end is not None and self.thinking_tokens:
+            # counted by token, not by the text's split: an event may hold back the tag's text (a possible stop
+            # string), or hold the tag and answer tokens after it (held text let go, a speculative step)
+            ids = ev.token_ids
+            if end in ids:
+                self.thinking_tokens = False
+            self.reasoning_tokens += ids.index(end) + 1 if end in ids else len(ids)
+        elif end is None and was_thinking:
             self.reasoning_tokens += len(ev.token_ids)
         self.reasoning.append(r)
         self.content.append(c)
@@ -361,14 +373,16 @@ def create_app(engine: Any, tokenizer: Any, model_name: str, api_key: str | None
                                                   for t, lp in sorted(top.items(), key=lambda x: -x[1])]))
         return out
 
-    def completion_logprobs(ev: StreamEvent, offset: int, with_top: bool) -> CompletionLogprobs:
+    def completion_logprobs(ev: StreamEvent, state: _State, with_top: bool) -> CompletionLogprobs:
+        """The event's tokens with their logprobs; each token's text_offset is where its own text starts (the
+        sum of the tokens' texts before it: the text sent so far may lag, held back for a stop string)."""
         out = CompletionLogprobs(top_logprobs=[] if with_top else None)
         for k, tid in enumerate(ev.token_ids):
             tok = tokenizer.decode([tid])
             out.tokens.append(tok)
             out.token_logprobs.append(ev.logprobs[k])
-            out.text_offset.append(offset)
-            offset += len(tok)
+            out.text_offset.append(state.token_len)
+            state.token_len += len(tok)
             if with_top:
                 out.top_logprobs.append(dict(ev.top_logprobs[k]) if ev.top_logprobs else {})
         return out
@@ -399,7 +413,7 @@ def create_app(engine: Any, tokenizer: Any, model_name: str, api_key: str | None
         max_tokens = budget(len(ids), req.max_completion_tokens or req.max_tokens, "messages")
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         jobs = [(ids, params(req, max_tokens, logprobs, i)) for i in range(req.n)]
-        states = [_State(ReasoningSplitter(thinking)) for _ in range(req.n)]
+        states = [_State(ReasoningSplitter(thinking), end_think_id=tokenizer.end_think_id) for _ in range(req.n)]
         rid = new_id("chatcmpl")
         try:
             gen, first = await start(request, jobs)
@@ -486,9 +500,8 @@ def create_app(engine: Any, tokenizer: Any, model_name: str, api_key: str | None
                 async with contextlib.aclosing(gen):
                     async for i, ev in events(gen, first):
                         if req.logprobs is not None:
-                            states[i].logprobs.append(completion_logprobs(ev, states[i].text_len, with_top))
+                            states[i].logprobs.append(completion_logprobs(ev, states[i], with_top))
                         _, c = states[i].feed(ev)
-                        states[i].text_len += len(c)
                 choices = []
                 for i, s in enumerate(states):
                     lp = None
@@ -517,9 +530,8 @@ def create_app(engine: Any, tokenizer: Any, model_name: str, api_key: str | None
                 async with contextlib.aclosing(gen):
                     async for i, ev in events(gen, first):
                         s = states[i]
-                        lp = completion_logprobs(ev, s.text_len, with_top) if req.logprobs is not None else None
+                        lp = completion_logprobs(ev, s, with_top) if req.logprobs is not None else None
                         _, c = s.feed(ev)
-                        s.text_len += len(c)
                         if c or lp or ev.finished:
                             yield _sse(Completion(id=rid, model=model_name, choices=[
                                 CompletionChoice(index=i, text=c, logprobs=lp,
