@@ -470,6 +470,15 @@ def test_api_key(tok):
                     assert r.status_code == 401, (path, headers)
                     assert r.json()["error"]["code"] == "invalid_api_key"
             assert http.get("/health").status_code == 200 and http.get("/").status_code == 200
+            # the scheme in any case (RFC 9110); two Authorization headers are refused, whichever comes last
+            assert http.get("/v1/models", headers={"Authorization": "bearer sk-test"}).status_code == 200
+            two = http.get("/v1/models", headers=[("Authorization", "Bearer wrong"),
+                                                  ("Authorization", "Bearer sk-test")])
+            assert two.status_code == 401 and "more than one" in two.json()["error"]["message"]
+            # unknown routes and methods carry a code like every other error
+            key = {"Authorization": "Bearer sk-test"}
+            assert http.get("/v1/nope", headers=key).json()["error"]["code"] == "not_found"
+            assert http.delete("/v1/models", headers=key).json()["error"]["code"] == "method_not_allowed"
             with pytest.raises(openai.AuthenticationError):
                 srv.client("wrong").models.list()
             r = srv.client("sk-test").chat.completions.create(model="tiny", messages=GOOD["messages"], max_tokens=2)

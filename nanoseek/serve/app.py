@@ -99,13 +99,17 @@ class BearerAuth:
     """ASGI middleware: /v1/ paths need `Authorization: Bearer <api_key>`."""
 
     def __init__(self, app: Any, api_key: str):
-        self.app, self.expected = app, f"Bearer {api_key}".encode()
+        self.app, self.expected = app, api_key.encode()
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            given = dict(scope["headers"]).get(b"authorization", b"")
-            if not secrets.compare_digest(given, self.expected):   # constant time: no key guessing by timing
-                what = "no API key given" if not given else "incorrect API key"
+            given = [v for k, v in scope["headers"] if k == b"authorization"]
+            scheme, _, key = given[0].partition(b" ") if len(given) == 1 else (b"", b"", b"")
+            # the scheme is case-insensitive (RFC 9110); two Authorization headers are refused, not one chosen
+            ok = scheme.lower() == b"bearer" and secrets.compare_digest(key, self.expected)   # constant time
+            if not ok:
+                what = ("no API key given" if not given else "more than one Authorization header"
+                        if len(given) > 1 else "incorrect API key")
                 resp = error_response(401, f"{what}; send the header 'Authorization: Bearer <key>'",
                                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
                 await resp(scope, receive, send)
@@ -292,7 +296,8 @@ def create_app(engine: Any, tokenizer: Any, model_name: str, api_key: str | None
             return error_response(400, "the request body is not valid JSON (not UTF-8 text, or nested too deeply)",
                                   code="invalid_json")
         message = f"no route {request.method} {request.url.path}" if exc.status_code == 404 else str(exc.detail)
-        return error_response(exc.status_code, message, headers=exc.headers)
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return error_response(exc.status_code, message, code=code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:
