@@ -674,7 +674,11 @@ def test_chat_command_multi_turn(model_dir, capsys, monkeypatch):
     # a line that is not UTF-8 is asked again; a --max-tokens as large as the window keeps the history
     seen = []
     real = Engine.add_request
-    monkeypatch.setattr(Engine, "add_request", lambda self, ids, params=None: seen.append(ids) or real(self, ids, params))
+    def recording(self, ids, params=None):
+        seen.append(ids)
+        return real(self, ids, params)
+
+    monkeypatch.setattr(Engine, "add_request", recording)
     monkeypatch.setattr("sys.stdin", io.StringIO("bad \udcff line\nhello there\nand again\n/exit\n"))
     chat.main(["--model", str(d), "--max-tokens", "4096", "--temperature", "0"])
     out = capsys.readouterr().out
