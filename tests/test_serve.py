@@ -410,6 +410,8 @@ BAD = [  # (name, path, body: dict -> JSON, bytes -> raw, status, param)
     ("temperature NaN", "/v1/chat/completions", json.dumps({**GOOD, "temperature": float("nan")}).encode(), 400,
      "temperature"),
     ("seed past 64 bits", "/v1/chat/completions", {**GOOD, "seed": 2**64}, 400, "seed"),
+    # the last choice's seed (seed + i) past 64 bits: the engine's check, named as the request's field
+    ("seed + n past 64 bits", "/v1/chat/completions", {**GOOD, "seed": 2**64 - 1, "n": 2}, 400, "seed"),
     ("body not UTF-8", "/v1/chat/completions", b'{"model": "tiny", "messages": "\xff\xfe"}', 400, None),
     ("nested past the parser's limit", "/v1/completions", b"[" * 100_000 + b"]" * 100_000, 400, None),
 ]
@@ -478,6 +480,8 @@ def test_api_key(tok):
             # unknown routes and methods carry a code like every other error
             key = {"Authorization": "Bearer sk-test"}
             assert http.get("/v1/nope", headers=key).json()["error"]["code"] == "not_found"
+            assert http.get("/v1/models/tiny", headers=key).json()["id"] == "tiny"
+            assert http.get("/v1/models/other", headers=key).json()["error"]["code"] == "model_not_found"
             assert http.delete("/v1/models", headers=key).json()["error"]["code"] == "method_not_allowed"
             with pytest.raises(openai.AuthenticationError):
                 srv.client("wrong").models.list()

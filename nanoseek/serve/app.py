@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -357,7 +358,9 @@ def create_app(engine: Any, tokenizer: Any, model_name: str, api_key: str | None
             first = await _unless_disconnected(request, gen.__anext__())
         except ValueError as e:
             await gen.aclose()
-            raise APIError(400, str(e), code="invalid_value") from None
+            named = re.match(r"SamplingParams\.(\w+)=", str(e))      # the request field a sampling check names
+            raise APIError(400, str(e).removeprefix("SamplingParams."), param=named and named.group(1),
+                           code="invalid_value") from None
         except BaseException:
             await gen.aclose()
             raise
@@ -405,6 +408,11 @@ def create_app(engine: Any, tokenizer: Any, model_name: str, api_key: str | None
     @app.get("/v1/models")
     async def models() -> ModelList:
         return ModelList(data=[ModelCard(id=model_name, max_model_len=engine.max_seq_len)])
+
+    @app.get("/v1/models/{model_id}")
+    async def model(model_id: str) -> ModelCard:
+        check_model(model_id)
+        return ModelCard(id=model_name, max_model_len=engine.max_seq_len)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(req: ChatCompletionRequest, request: Request) -> Response:
