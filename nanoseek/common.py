@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,18 @@ def read_json_object(path: str | Path, error: type[Exception] = ValueError, hint
     if not isinstance(obj, dict):
         raise error(f"{path}: expected a JSON object{hint}")
     return obj
+
+
+def check_writable(path: str | Path, flag: str = "--out") -> None:
+    """`path` (a file or folder, made later) can be written: its nearest existing folder takes a new file
+    (checked by making and removing one; nothing is left behind). A ValueError names `flag` otherwise."""
+    path = Path(path)
+    folder = next(p for p in (path if path.is_dir() else path.parent, *path.parents) if p.exists())
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write in {folder} ({e.strerror or e})") from None
 
 
 class UsageError(ValueError):

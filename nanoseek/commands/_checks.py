@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from nanoseek.common import check_writable
+
 # what a finished or started run of sft / grpo / distill / demo leaves in its folder
 RUN_FILES = ("run.json", "metrics.jsonl", "report.md", "traces.jsonl", "model", "base", "final")
 
@@ -36,14 +38,11 @@ def out_folder(prog: str, out: str | Path) -> Path:
 
 
 def writable(prog: str, path: Path) -> None:
-    """`path` (a file or folder to be made) can be written: its nearest existing folder takes a new file
-    (checked by making and removing one; nothing is left behind)."""
-    folder = next(p for p in (path if path.is_dir() else path.parent, *path.parents) if p.exists())
+    """`path` (a file or folder to be made) can be written (common.check_writable), else one line."""
     try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        fail(prog, f"--out {path}: cannot write in {folder} ({e.strerror or e})")
+        check_writable(path)
+    except ValueError as e:
+        fail(prog, str(e))
 
 
 def fresh_run(prog: str, out: str | Path) -> Path:

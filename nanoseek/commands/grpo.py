@@ -50,8 +50,8 @@ from nanoseek.train.losses import RL_VARIANTS
 from nanoseek.train.optim import build_optimizer, lr_at
 from nanoseek.train.plots import read_metrics
 from nanoseek.train.sft import load_model, save_model, task_knobs, tokenizer_files
-from nanoseek.train.trainer_state import (load_trainer_state, resolve_checkpoint, rng_state, save_checkpoint,
-                                          set_rng_state)
+from nanoseek.train.trainer_state import (latest_name, load_trainer_state, python_rng_state, resolve_checkpoint,
+                                          rng_state, save_checkpoint, set_python_rng_state, set_rng_state)
 
 
 # what a resumed run may change: everything else is the run's own (its data stream and optimizer state
@@ -293,8 +293,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"nanoseek grpo: {ckpt} was saved with {len(data['order'])} training problems, this "
                              f"task gives {len(train)}")
         order[:], cursor[0] = data["order"], data["cursor"]
-        py = data["rng"]
-        rng.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+        set_python_rng_state(data["rng"], rng)
         mine = state["rng"][info.rank]
         set_rng_state(mine["rng"])
         engine._gen.set_state(mine["engine"])
@@ -314,11 +313,10 @@ def main(argv: list[str] | None = None) -> None:
         ranks = parallel.gather_objects(rank_state())
         root = run / "checkpoints"
         if info.is_main:
-            py = rng.getstate()
             save_checkpoint(root, step, model, optim_sd, keep=args.keep, model_files=tok_files,
                             state={"kind": "grpo", "args": saved_args, "rng": ranks, "device": device.type,
                                    "loader": {"order": list(order), "cursor": cursor[0],
-                                              "rng": {"version": py[0], "state": list(py[1]), "gauss": py[2]}}})
+                                              "rng": python_rng_state(rng)}})
         parallel.barrier()
         return root / f"step_{step:06d}"
 
@@ -406,8 +404,8 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:     # Ctrl-C: one line saying where the run goes on from, not a traceback
         bar.close()
         if info.is_main:
-            latest = run / "checkpoints" / "latest"
-            kept = (f"resume with --resume {run} (checkpoint {latest.read_text().strip()})" if latest.exists()
+            latest = latest_name(run)
+            kept = (f"resume with --resume {run} (checkpoint {latest})" if latest
                     else "no checkpoint was saved (--save-every N saves resumable ones)")
             print(f"\nnanoseek grpo: interrupted {phase} step {step}; {kept}", file=sys.stderr)
         raise SystemExit(130) from None

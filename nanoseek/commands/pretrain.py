@@ -37,8 +37,8 @@ from nanoseek.train.plots import plot_run, read_metrics
 from nanoseek.train.step import (autocast, flops_per_token, max_violation, measure_peak_flops, pretrain_backward,
                                  pretrain_loss,
                                  sample, update_router_bias)
-from nanoseek.train.trainer_state import (load_trainer_state, plain_model, resolve_checkpoint, rng_state,
-                                          save_checkpoint, set_rng_state)
+from nanoseek.train.trainer_state import (latest_name, load_trainer_state, plain_model, resolve_checkpoint,
+                                          rng_state, save_checkpoint, set_rng_state)
 
 # --- defaults: global, then per preset (tiny: learns tinyshakespeare visibly in minutes on 2 CPU cores)
 DEFAULTS = dict(preset="tiny", steps=1000, batch_size=8, seq_len=256, grad_accum=1, lr=3e-4, min_lr=None,
@@ -313,10 +313,8 @@ def main(argv: list[str] | None = None) -> None:
 
     def resume_hint() -> str:
         """Where a stopped run goes on from: the last checkpoint saved, or that none was."""
-        latest = run / "checkpoints" / "latest"
-        if latest.exists():
-            return f"resume with --resume {run} (checkpoint {latest.read_text().strip()})"
-        return "no checkpoint was saved yet"
+        latest = latest_name(run)
+        return f"resume with --resume {run} (checkpoint {latest})" if latest else "no checkpoint was saved yet"
 
     def draw(it):
         """The next batch; a shard that turns out damaged mid-run (ids beyond the vocabulary) is one line

@@ -38,7 +38,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import MODEL_TENSOR as T
 
-from nanoseek.common import read_json_object
+from nanoseek.common import check_writable, read_json_object
 from nanoseek.model import ModelConfig, Transformer
 from nanoseek.model.layers import rope_inv_freq
 
@@ -394,12 +394,7 @@ def check_output(model_dir: Path, out: Path, overwrite: bool) -> None:
         raise ValueError(f"--out {out} is a name the model's own files use in its folder; write the GGUF elsewhere")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; give another --out, or --force to overwrite it")
-    folder = next(p for p in (out.parent, *out.parent.parents) if p.exists())
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise ValueError(f"--out {out}: cannot write in {folder} ({e.strerror or e})") from None
+    check_writable(out)
 
 
 def export_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f32",

@@ -36,13 +36,22 @@ STEP_DIR = re.compile(r"step_[0-9]{6,}")
 
 
 # --- RNG states (torch, CUDA, numpy, python) as tensors and plain lists: weights_only-loadable
+def python_rng_state(rng: random.Random | Any = random) -> dict[str, Any]:
+    """A Python generator's state (the `random` module's by default) as plain values."""
+    version, state, gauss = rng.getstate()
+    return {"version": version, "state": list(state), "gauss": gauss}
+
+
+def set_python_rng_state(state: dict[str, Any], rng: random.Random | Any = random) -> None:
+    rng.setstate((state["version"], tuple(state["state"]), state["gauss"]))
+
+
 def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
-    py_state = random.getstate()
     out = {"torch": torch.get_rng_state(),
            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
                      "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
-           "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]}}
+           "python": python_rng_state()}
     if torch.cuda.is_available():
         out["cuda"] = torch.cuda.get_rng_state()
     return out
@@ -53,8 +62,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    set_python_rng_state(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
@@ -106,9 +114,7 @@ def save_checkpoint(root: str | Path, step: int, model: Transformer, optimizer_s
     final, tmp = root / name, root / (name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "trainer").mkdir(parents=True)
-    model.save_pretrained(tmp / "model")
-    for fname, data in (model_files or {}).items():
-        (tmp / "model" / fname).write_bytes(data)
+    model.save_pretrained(tmp / "model", files=model_files)
     _test_pause(step)
     torch.save(optimizer_state, tmp / "trainer" / "optimizer.pt")
     state = to_plain({**state, "step": step})
@@ -146,6 +152,15 @@ def _test_pause(step: int) -> None:
 
 
 # --- load
+def latest_name(run: str | Path) -> str | None:
+    """The checkpoint RUN/checkpoints/latest names (e.g. "step_000200"), or None when none was saved."""
+    try:
+        name = (Path(run) / "checkpoints" / LATEST).read_text().strip()
+    except (OSError, UnicodeDecodeError):       # none, or a damaged pointer (resolve_checkpoint says which)
+        return None
+    return name if STEP_DIR.fullmatch(name) else None
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run folder, its checkpoints/ folder, or one step_* folder in a checkpoints/ folder -> the step_*
     folder to load, as an absolute path (its parent's parent is the run, wherever `path` was given from)."""
