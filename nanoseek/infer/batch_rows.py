@@ -217,7 +217,7 @@ class BatchDecoder:
         cis = self._rotations(max(starts) + 1).index_select(0, self.pos)          # (B, rope/2)
         cis_h = cis[:, None]
         eps_t = self._eps_t
-        x = self.model.embed.weight.index_select(0, torch.tensor(tokens))         # (B, D)
+        x = self.model.embed.weight.index_select(0, _longs(tokens))              # (B, D)
         buf, bias = self.buf, self.bias[:, :, :t + 1]
         # every layer's views of this step, made once: column t (written), columns <= t (read)
         col_kv = buf[:, :, t, :c].unbind(0)                                       # (B, c) each
@@ -236,7 +236,7 @@ class BatchDecoder:
             x = _feed_forward(x, L, eps_t)
         # this step's latents into the paged cache, every layer at once
         bs = cache.block_size
-        slots = torch.tensor([tab[s // bs] * bs + s % bs for tab, s in zip(tables, starts)])
+        slots = _longs([tab[s // bs] * bs + s % bs for tab, s in zip(tables, starts)])
         nL = self.L
         cache.kv[:nL].index_copy_(1, slots, buf[:, :, t, :c])
         cache.pe[:nL].index_copy_(1, slots, buf[:, :, t, c:])
@@ -288,6 +288,11 @@ class BatchDecoder:
         last = torch.tensor([b * T + n - 1 for b, n in enumerate(lengths)])
         x = x.index_select(0, last)
         return torch.mm(rms_norm(x, (D,), None, eps), self._head)[:, None]
+
+
+def _longs(xs: list[int]) -> torch.Tensor:
+    """A list of ints as an int64 tensor (through numpy: ~2 us for 64 against ~11 for torch.tensor)."""
+    return torch.from_numpy(np.array(xs, dtype=np.int64))
 
 
 def _rstd(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
