@@ -59,6 +59,25 @@ CHAT_TEMPLATE = (
 )
 
 _THINK_SPLIT = re.compile(f"({re.escape(THINK)}|{re.escape(END_THINK)})")
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")      # SentencePiece-style byte tokens
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """The byte-level BPE alphabet (GPT-2's, tokenizers' ByteLevel): the printable stand-in of each byte
+    -> that byte. Printable Latin-1 bytes stand for themselves; the other 68, in byte order, take the
+    characters from U+0100 on."""
+    printable = {*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)}
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(0x100 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_LEVEL = _byte_level_chars()
 
 
 class Tokenizer:
@@ -76,6 +95,9 @@ class Tokenizer:
         def find(s: str) -> int | None:
             return backend.token_to_id(s)
 
+        self._added = {i: t.content for i, t in backend.get_added_tokens_decoder().items()}
+        self._byte_level = '"ByteLevel"' in json.dumps(spec.get("decoder"))
+        self._bytes: dict[int, bytes] = {}
         self.bos_id, self.eos_id, self.pad_id = find(BOS), find(EOS), find(PAD)
         self.user_id, self.assistant_id = find(USER), find(ASSISTANT)
         self.think_id, self.end_think_id = find(THINK), find(END_THINK)  # None in DeepSeek-V3's tokenizer
@@ -173,6 +195,29 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         """Text of `ids`. skip_special drops bos/eos/pad/User/Assistant but keeps <think> tags."""
         return self.backend.decode(list(ids), skip_special_tokens=skip_special)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for, as in the text that decoding a sequence of tokens builds. A token
+        holding part of a UTF-8 character has its own byte(s), where decode([id]) gives U+FFFD (the
+        `bytes` of OpenAI's logprobs). Added tokens: their text's UTF-8; an id the tokenizer lacks: b""."""
+        got = self._bytes.get(token_id)
+        if got is not None:
+            return got
+        if token_id in self._added:
+            got = self._added[token_id].encode()
+        else:
+            piece = self.backend.id_to_token(token_id)
+            if piece is None:       # an id past the tokenizer (a model's padded vocabulary): no text, as decode
+                return b""
+            fallback = _BYTE_FALLBACK.fullmatch(piece)
+            if self._byte_level and all(c in _BYTE_LEVEL for c in piece):
+                got = bytes(_BYTE_LEVEL[c] for c in piece)
+            elif fallback:
+                got = bytes([int(fallback.group(1), 16)])
+            else:                   # another decoder (Metaspace, WordPiece...): the token's own text
+                got = self.decode([token_id]).encode()
+        self._bytes[token_id] = got
+        return got
 
     # --- chat
 

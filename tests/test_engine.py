@@ -462,7 +462,8 @@ def test_logprobs_equal_full_forward_log_softmax():
     tops = [t for ev in events for t in ev.top_logprobs]
     assert len(tops) == 3 and all(len(t) == 2 for t in tops)
     top = ref[0].topk(2)
-    assert tops[0] == pytest.approx({str(i): v for v, i in zip(top.values.tolist(), top.indices.tolist())}, abs=1e-5)
+    assert [i for i, _ in tops[0]] == top.indices.tolist()                 # by token id, most likely first
+    assert [v for _, v in tops[0]] == pytest.approx(top.values.tolist(), abs=1e-5)
 
 
 def test_each_row_keeps_its_own_number_of_top_logprobs_and_extreme_values_are_safe():

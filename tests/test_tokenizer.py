@@ -165,3 +165,18 @@ def test_loads_foreign_tokenizer_json_by_special_strings(tmp_path):
         Tokenizer.from_file(path)
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         Tokenizer.from_dir(tmp_path / "nowhere")
+
+
+def test_token_bytes_are_each_tokens_own_bytes():
+    from nanoseek.tokenizer import _BYTE_LEVEL
+    assert set(_BYTE_LEVEL) == set(pre_tokenizers.ByteLevel.alphabet()) and sorted(_BYTE_LEVEL.values()) == list(range(256))
+    t = Tokenizer.train(["héllo wörld 😀 日本語 " * 20, "plain text"], vocab_size=320)
+    s = f"héllo {USER} 😀 日本語 z\u0301 {THINK}x"
+    ids = t.encode(s, allow_special=True)
+    assert b"".join(t.token_bytes(i) for i in ids) == s.encode()         # the pieces add up, specials included
+    partial = [i for i in ids if "\ufffd" in t.decode([i])]
+    assert partial, "the string should split some character across tokens"
+    for i in partial:       # decode gives U+FFFD for a token that holds part of a character; the bytes are real
+        with pytest.raises(UnicodeDecodeError):
+            t.token_bytes(i).decode()
+    assert t.token_bytes(t.vocab_size + 5) == b"" == t.decode([t.vocab_size + 5]).encode()   # unknown id, as decode

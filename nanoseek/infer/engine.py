@@ -108,7 +108,7 @@ class StreamEvent:
                                       # that could still become a stop string is held back)
     token_ids: list[int]              # tokens this event covers
     logprobs: list[float] | None
-    top_logprobs: list[dict[str, float]] | None
+    top_logprobs: list[list[tuple[int, float]]] | None   # per token: (token id, logprob), most likely first
     finished: bool
     finish_reason: str | None         # "stop" (eos, stop token or stop string), "length", "abort"
     prompt_tokens: int
@@ -284,7 +284,7 @@ class _Seq:
         # what the next event covers
         self.new_ids: list[int] = []
         self.new_lps: list[float] = []
-        self.new_tops: list[dict[str, float]] = []
+        self.new_tops: list[list[tuple[int, float]]] = []
 
     def uniform(self) -> float:
         """The next U[0, 1) of this request's own generator (seeded requests): one tensor call per 64
@@ -859,25 +859,18 @@ class Engine:
         per_row = self._logprobs(logits, chosen, rows)
         return tokens, [r[0] for r in per_row], [r[1] for r in per_row]
 
-    def _logprobs(self, logits: torch.Tensor, chosen: torch.Tensor, rows: list[_Seq]) -> list[tuple[float, dict]]:
-        """Each row's chosen-token logprob and its own number of top logprobs (the batch computes the
-        largest number any row asks for; each row keeps its own)."""
+    def _logprobs(self, logits: torch.Tensor, chosen: torch.Tensor,
+                  rows: list[_Seq]) -> list[tuple[float, list[tuple[int, float]]]]:
+        """Each row's chosen-token logprob and its own number of top (token id, logprob) pairs (the batch
+        computes the largest number any row asks for; each row keeps its own). By id, not by text: tokens
+        that decode alike (each part of one UTF-8 character decodes to U+FFFD) stay apart."""
         want = [s.params.logprobs or 0 for s in rows]
         lp, top_v, top_i = smp.logprobs(logits, chosen, max(want))
         lp = lp.tolist()
-        top_v = top_v.tolist() if top_v is not None else None
-        top_i = top_i.tolist() if top_i is not None else None
-        res = []
-        for b in range(len(lp)):
-            top = {}
-            if top_v is not None:
-                for v, i in zip(top_v[b][:want[b]], top_i[b][:want[b]]):
-                    top[self._token_str(i)] = v
-            res.append((lp[b], top))
-        return res
-
-    def _token_str(self, t: int) -> str:
-        return self.tokenizer.decode([t]) if self.tokenizer is not None else str(t)
+        if top_v is None:
+            return [(x, []) for x in lp]
+        top_v, top_i = top_v.tolist(), top_i.tolist()
+        return [(lp[b], list(zip(top_i[b][:want[b]], top_v[b][:want[b]]))) for b in range(len(lp))]
 
     def _batch_params(self, rows: list[_Seq], site: str) -> smp.BatchParams | None:
         """The rows' sampling parameters as tensors, or None when argmax of the raw logits is all they
@@ -935,7 +928,7 @@ class Engine:
         self._prompt_seen[s.slot, torch.tensor(s.tokens[:s.prompt_len], device=self.device)] = True
 
     # --- output
-    def _append(self, s: _Seq, t: int, lp: float | None, top: dict | None) -> None:
+    def _append(self, s: _Seq, t: int, lp: float | None, top: list | None) -> None:
         """Add one sampled token: stop checks, detokenization, what the next event carries."""
         p = s.params
         s.tokens.append(t)
@@ -944,7 +937,7 @@ class Engine:
         if s.logprobs is not None:
             s.logprobs.append(lp)
             s.new_lps.append(lp)
-            s.new_tops.append(top if p.logprobs else {})
+            s.new_tops.append(top if p.logprobs else [])
         if s.penalized:
             self._counts[s.slot, t] += 1
         if t in p.stop_token_ids or (not p.ignore_eos and t in self.eos_ids):

@@ -372,13 +372,16 @@ def create_app(engine: Any, tokenizer: Any, model_name: str, api_key: str | None
             yield item
 
     def token_logprobs(ev: StreamEvent) -> list[TokenLogprob]:
+        """Chat logprobs: each token's text and its own bytes (a token holding part of a UTF-8 character
+        shows U+FFFD as text and its real bytes), its top alternatives the same way, most likely first."""
+        def entry(tid: int) -> dict:
+            return dict(token=tokenizer.decode([tid]), bytes=list(tokenizer.token_bytes(tid)))
+
         out = []
         for k, tid in enumerate(ev.token_ids):
-            tok = tokenizer.decode([tid])
-            top = ev.top_logprobs[k] if ev.top_logprobs else {}
-            out.append(TokenLogprob(token=tok, logprob=ev.logprobs[k], bytes=list(tok.encode()),
-                                    top_logprobs=[TopLogprob(token=t, logprob=lp, bytes=list(t.encode()))
-                                                  for t, lp in sorted(top.items(), key=lambda x: -x[1])]))
+            top = ev.top_logprobs[k] if ev.top_logprobs else []
+            out.append(TokenLogprob(**entry(tid), logprob=ev.logprobs[k],
+                                    top_logprobs=[TopLogprob(**entry(i), logprob=lp) for i, lp in top]))
         return out
 
     def completion_logprobs(ev: StreamEvent, state: _State, with_top: bool) -> CompletionLogprobs:
@@ -391,8 +394,11 @@ def create_app(engine: Any, tokenizer: Any, model_name: str, api_key: str | None
             out.token_logprobs.append(ev.logprobs[k])
             out.text_offset.append(state.token_len)
             state.token_len += len(tok)
-            if with_top:
-                out.top_logprobs.append(dict(ev.top_logprobs[k]) if ev.top_logprobs else {})
+            if with_top:     # the legacy format keys by text: tokens that decode alike keep the likeliest
+                top: dict[str, float] = {}
+                for i, lp in ev.top_logprobs[k] if ev.top_logprobs else ():
+                    top.setdefault(tokenizer.decode([i]), lp)
+                out.top_logprobs.append(top)
         return out
 
     # --- routes
