@@ -417,6 +417,8 @@ BAD = [  # (name, path, body: dict -> JSON, bytes -> raw, status, param)
      400, "messages"),
     ("huge completion prompt", "/v1/completions", {"model": "tiny", "prompt": "red " * 500_000}, 400, "prompt"),
     ("completion prompt missing", "/v1/completions", {"model": "tiny"}, 400, "prompt"),
+    ("too many choices", "/v1/completions", {"model": "tiny", "prompt": ["a"] * 600, "n": 2}, 400, "n"),
+    ("too many prompts", "/v1/completions", {"model": "tiny", "prompt": [[7]] * 1025}, 400, "prompt"),
     ("completion prompt empty list", "/v1/completions", {"model": "tiny", "prompt": []}, 400, "prompt"),
     ("completion prompt a dict", "/v1/completions", {"model": "tiny", "prompt": {"a": 1}}, 400, "prompt"),
     ("completion token id out of vocab", "/v1/completions", {"model": "tiny", "prompt": [1, 10**6]}, 400, "prompt"),

@@ -51,6 +51,9 @@ from nanoseek.serve.schemas import (
 )
 
 STATIC = Path(__file__).parent / "static"
+# The most choices (prompts x n) one completions request may ask for: each is a sequence the engine
+# queues and a task the server runs; past this a request is refused before anything is tokenized.
+MAX_CHOICES = 1024
 log = logging.getLogger("nanoseek.serve")
 END_THINK = "</think>"
 
@@ -492,8 +495,12 @@ def create_app(engine: Any, tokenizer: Any, model_name: str, api_key: str | None
     @app.post("/v1/completions", response_model=None)
     async def completions(req: CompletionRequest, request: Request) -> Response:
         check_model(req.model)
+        given = req.prompts()
+        if len(given) * req.n > MAX_CHOICES:
+            raise APIError(400, f"{len(given)} prompts x n={req.n} = {len(given) * req.n} choices; one request may ask "
+                                f"for at most {MAX_CHOICES}", param="n" if req.n > 1 else "prompt", code="invalid_value")
         prompts = []
-        for p in req.prompts():
+        for p in given:
             if isinstance(p, str):
                 not_beyond_window(len(p), "prompt")
                 prompts.append(tokenizer.encode(p, add_bos=True))
