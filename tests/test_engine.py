@@ -376,16 +376,20 @@ def test_speculative_batch_1_lean_path_equals_the_model_path(block_size):
         assert calls.count("v") == st["steps"] and calls.count("m") > 0
 
 
-def test_speculative_sampling_is_seeded_and_matches_the_model_distribution():
-    """Sampling with speculation: reproducible per seed, and the first sampled token follows the
-    model's distribution (counts over many seeds against its softmax)."""
+@pytest.mark.parametrize("seeded", [True, False])
+def test_speculative_sampling_matches_the_model_distribution(seeded):
+    """Sampling with speculation: the token a verification step gives follows the model's distribution
+    (counts over 400 requests against its softmax), for seeded requests (the plain draw, the draft kept
+    when it is that token) and unseeded ones (accept with min(1, p/q), else resample the residual)."""
     m = trained_mtp_model()
     prompt = m.cycle[:3].tolist()
-    sp = [SamplingParams(max_tokens=2, temperature=3.0, top_k=4, seed=s, ignore_eos=True) for s in range(400)]
+    sp = [SamplingParams(max_tokens=2, temperature=3.0, top_k=4, seed=s if seeded else None, ignore_eos=True)
+          for s in range(400)]
     eng = Engine(m, max_batch=64, speculative=True)
     outs = eng.generate([prompt] * 400, sp)
-    again = Engine(m, max_batch=7, speculative=True).generate([prompt] * 5, sp[:5])
-    assert [c.token_ids for c in again] == [c.token_ids for c in outs[:5]]
+    if seeded:
+        again = Engine(m, max_batch=7, speculative=True).generate([prompt] * 5, sp[:5])
+        assert [c.token_ids for c in again] == [c.token_ids for c in outs[:5]]
     assert 0 < eng.stats["accepted"] < eng.stats["drafted"]
     # the second token was produced by verification (accepted draft or residual resample): its
     # distribution given the first token is the model's, whatever the draft
@@ -400,6 +404,23 @@ def test_speculative_sampling_is_seeded_and_matches_the_model_distribution():
     freq = torch.bincount(torch.tensor(seconds), minlength=512).float() / n
     sigma = (p * (1 - p) / n).sqrt()
     assert ((freq - p).abs() <= 5 * sigma + 1e-6).all()
+
+
+def test_seeded_speculative_sampling_gives_the_plain_tokens_alone_batched_and_preempted():
+    """A seeded request samples token k with its own uniform k, and the MTP drafts token k with that same
+    uniform: with --speculative it gets the tokens plain decoding gives it, also when it shares its batch
+    and when it is preempted and recomputed (the draft after a recompute is drawn again, not remembered)."""
+    m = trained_mtp_model()
+    ps = [m.cycle[:4].tolist(), m.cycle[20:31].tolist(), *prompts(5, 9)]
+    sp = [SamplingParams(max_tokens=20, temperature=t, seed=100 + i, ignore_eos=True)
+          for i, t in enumerate((0.7, 1.0, 1.3, 1.0))]
+    plain = [Engine(m).generate([p], s)[0].token_ids for p, s in zip(ps, sp)]
+    alone = Engine(m, speculative=True)
+    assert [alone.generate([p], s)[0].token_ids for p, s in zip(ps, sp)] == plain
+    assert 0 < alone.stats["accepted"] < alone.stats["drafted"]          # speculation worked, not always
+    eng = Engine(m, max_batch=4, block_size=4, num_blocks=13, speculative=True, max_prefill_tokens=8)
+    assert [c.token_ids for c in eng.generate(ps, sp)] == plain
+    assert eng.stats["preempted"] > 0 and eng.stats["accepted"] > 0
 
 
 # --- sampling through the engine

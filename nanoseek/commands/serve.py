@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-batch", type=int, default=32, help="requests decoded together (continuous batch)")
     p.add_argument("--max-seq-len", type=int, default=None, help="context window (default: the model's)")
     p.add_argument("--speculative", action="store_true",
-                   help="MTP speculative decoding (greedy: the same outputs; sampling: the same distribution)")
+                   help="MTP speculative decoding (greedy and seeded requests: the same outputs as without it; "
+                        "unseeded sampling: the same distribution)")
     p.add_argument("--device", default=None, help="cuda if present, else cpu")
     p.add_argument("--dtype", default=None, help="float32 / bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])

@@ -59,7 +59,8 @@ class SamplingParams:
     top_k: int = 0                    # 0 = off
     top_p: float = 1.0
     min_p: float = 0.0
-    seed: int | None = None           # per-request generator: same seed -> same output, whatever the batch
+    seed: int | None = None           # per-request generator: same seed -> same output, whatever the batch,
+                                      # preemption or speculation
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
@@ -268,7 +269,7 @@ class _Seq:
         if p.seed is not None and p.temperature > 0:
             self.gen = torch.Generator(device=eng.device)
             self.gen.manual_seed(p.seed)
-        self._uniforms: list[float] = []              # the next uniforms of gen, drawn 64 at a time
+        self._uniforms: list[float] = []              # gen's uniforms so far, drawn 64 at a time
         self.penalized = p.repetition_penalty != 1 or p.frequency_penalty != 0 or p.presence_penalty != 0
         self.detok = (_Detokenizer(eng.tokenizer, req.prompt_ids[-4:], eng._pieces)
                       if eng.tokenizer is not None else None)
@@ -286,13 +287,15 @@ class _Seq:
         self.new_lps: list[float] = []
         self.new_tops: list[list[tuple[int, float]]] = []
 
-    def uniform(self) -> float:
-        """The next U[0, 1) of this request's own generator (seeded requests): one tensor call per 64
-        draws instead of one per token; the sequence depends on the seed alone."""
-        if not self._uniforms:
-            self._uniforms = torch.rand(64, generator=self.gen, dtype=torch.float64,
-                                        device=self.gen.device).tolist()[::-1]
-        return self._uniforms.pop()
+    def uniform(self, k: int | None = None) -> float:
+        """U[0, 1) number k (default: the next token's, n_out) of this request's own generator (seeded
+        requests), the one that draws its generated token k; one tensor call per 64 of them. It depends on
+        the seed and k alone: MTP speculation reads it for the draft of token k and again to draw token k,
+        so a seeded request gets the tokens plain decoding gives it, alone, batched or preempted."""
+        k = self.n_out if k is None else k
+        while k >= len(self._uniforms):
+            self._uniforms += torch.rand(64, generator=self.gen, dtype=torch.float64, device=self.gen.device).tolist()
+        return self._uniforms[k]
 
     @property
     def out(self) -> list[int]:
@@ -779,6 +782,16 @@ class Engine:
             # greedy rows draw too: q and p are one-hot there, and u < p(d) for any u < 1 iff p(d) = 1
             first, accepted = smp.speculative_accept(p0, q, drafts, self._uniform(rows), self._uniform(rows))
             bonus = smp.sample_cdf(p1, self._uniform(rows))
+            seeded = self._rows_info(rows)[1]
+            if seeded:
+                # a seeded row's token k is the inverse-CDF draw with its uniform k, as in plain decoding; the
+                # draft was drawn from q with the same uniform, and is kept when it is that token (a coupling
+                # that keeps fewer drafts than the accept/resample rule, and gives the plain tokens)
+                sel = torch.tensor(seeded, device=dev)
+                u0, u1 = (torch.tensor([rows[b].uniform(rows[b].n_out + j) for b in seeded], dtype=torch.float64,
+                                       device=dev) for j in (0, 1))
+                mine = smp.sample_cdf(p0[sel], u0)
+                first[sel], accepted[sel], bonus[sel] = mine, mine == drafts[sel], smp.sample_cdf(p1[sel], u1)
         want_lp = [s.params.logprobs for s in rows if s.params.logprobs is not None]
         if want_lp:
             lp0 = self._logprobs(logits[:, 0], first, rows)
@@ -900,7 +913,8 @@ class Engine:
 
     def _uniform(self, rows: list[_Seq]) -> torch.Tensor:
         """U[0, 1) per row (B,) in fp64: the unseeded rows' in one draw from the engine's generator, a
-        seeded row's from its own. Greedy rows draw too (harmless: their distribution is one-hot)."""
+        seeded row's from its own, the one of its next token (_Seq.uniform). Greedy rows draw too
+        (harmless: their distribution is one-hot)."""
         dev = self.device
         u = torch.rand(len(rows), generator=self._gen, dtype=torch.float64, device=dev)
         seeded = self._rows_info(rows)[1]
