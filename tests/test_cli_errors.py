@@ -368,6 +368,9 @@ def test_pretrain_flags_and_resume_settings_are_one_line(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(" ".join(f"w{i % 37}" for i in range(4000)))
     (tmp_path / "afile").write_text("x")
+    bad = tmp_path / "shards"
+    bad.mkdir()
+    (bad / "meta.json").write_text("{")
     run = tmp_path / "run"
     fast = ["--batch-size", "4", "--seq-len", "16", "--sample-tokens", "0", "--eval-steps", "0", "--peak-flops", "1e11",
             "--device", "cpu"]
@@ -379,12 +382,13 @@ def test_pretrain_flags_and_resume_settings_are_one_line(tmp_path):
                         (["--out", str(tmp_path / "afile")], "is a file"),
                         (["--out", str(tmp_path / "afile" / "sub")], "is a file, not a folder"),
                         (["--data", str(tmp_path), "--out", str(tmp_path / "d")], "is a folder without meta.json"),
+                        (["--data", str(bad), "--out", str(tmp_path / "e")], "no tokenizer.json there"),  # read
                         (["--batch-size", "64", "--eval-steps", "1", "--out", str(tmp_path / "v")],   # after tokenizing
                          "(or --eval-steps 0: no validation loss)")]:
         with pytest.raises(SystemExit) as e:
             nanoseek(["pretrain", "--data", str(text), "--out", str(run), "--steps", "2", *fast, *flags])
         assert says in one_line(e, "nanoseek pretrain: "), flags
-    assert not run.exists()
+    assert not run.exists() and not (tmp_path / "d").exists() and not (tmp_path / "e").exists()   # none left made
     nanoseek(["pretrain", "--data", str(text), "--out", str(run), "--steps", "2", *fast])
     for flags, says in [(["--optimizer", "muon"], "was trained with adamw"),
                         (["--preset", "small"], "was trained with tiny"),

@@ -188,17 +188,28 @@ def main(argv: list[str] | None = None) -> None:
     if ckpt is None and (run / "checkpoints").exists():
         raise SystemExit(f"nanoseek pretrain: {run} already holds a run; pass --resume {run} to continue it, "
                          "or choose another --out")
+    if ckpt is None:            # the --data mistakes that need no reading, before the run folder is made
+        data = Path(args.data)
+        if not data.exists():
+            raise SystemExit(f"nanoseek pretrain: --data {data}: no such file or directory")
+        if data.is_dir() and not (data / "meta.json").is_file():
+            raise SystemExit(f"nanoseek pretrain: --data {data} is a folder without meta.json: give a text file, "
+                             f"or shards made by `nanoseek data --input {data} --tokenizer DIR --out DIR`")
+    made = not run.exists()
     if dist.is_main:
         run.mkdir(parents=True, exist_ok=True)
     parallel.barrier()
+
+    def data_error(message: str) -> SystemExit:
+        """A data mistake found by reading it: the run folder this command made is removed when empty."""
+        if made and dist.is_main and run.is_dir() and not any(run.iterdir()):
+            run.rmdir()
+        return SystemExit(f"nanoseek pretrain: {message}")
 
     # --- data: tokenizer + shards (a raw text file is tokenized into the run folder once)
     if ckpt is not None:
         tok_dir = ckpt / "model"
     else:
-        data = Path(args.data)
-        if not data.exists():
-            raise SystemExit(f"nanoseek pretrain: --data {data}: no such file or directory")
         if data.is_file():
             shards = run / "data"
             if dist.is_main:
@@ -217,15 +228,12 @@ def main(argv: list[str] | None = None) -> None:
                 except (FileNotFoundError, ValueError) as e:
                     if fresh:
                         shutil.rmtree(shards, ignore_errors=True)
-                    raise SystemExit(f"nanoseek pretrain: {e}") from None
+                    raise data_error(str(e)) from None
                 print0(f"tokenized {data} into {shards}")
             parallel.barrier()
             args.data = str(shards.resolve())
             tok_dir = shards / "tokenizer"
         else:
-            if not (data / "meta.json").is_file():
-                raise SystemExit(f"nanoseek pretrain: --data {data} is a folder without meta.json: give a text file, "
-                                 f"or shards made by `nanoseek data --input {data} --tokenizer DIR --out DIR`")
             tok_dir = Path(args.tokenizer) if args.tokenizer else data / "tokenizer"
         args.tokenizer = str(tok_dir.resolve())
     try:
@@ -234,12 +242,12 @@ def main(argv: list[str] | None = None) -> None:
         loader = PretrainLoader(args.data, "train", args.batch_size, args.seq_len, rank=dist.rank,
                                 world_size=dist.world_size, seed=args.seed)
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"nanoseek pretrain: {e}") from None
+        raise data_error(str(e)) from None
     try:
         val_loader = PretrainLoader(args.data, "val", args.batch_size, args.seq_len, rank=dist.rank,
                                     world_size=dist.world_size, seed=args.seed) if args.eval_steps > 0 else None
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"nanoseek pretrain: {e} (or --eval-steps 0: no validation loss)") from None
+        raise data_error(f"{e} (or --eval-steps 0: no validation loss)") from None
     # read now: on resume tok_dir is inside the checkpoint resumed from, which --keep prunes later
     tok_files = {n: (tok_dir / n).read_bytes() for n in ("tokenizer.json", "tokenizer_config.json")
                  if (tok_dir / n).exists()}
