@@ -96,7 +96,9 @@ class Tokenizer:
             return backend.token_to_id(s)
 
         self._added = {i: t.content for i, t in backend.get_added_tokens_decoder().items()}
-        self._byte_level = '"ByteLevel"' in json.dumps(spec.get("decoder"))
+        decoder = json.dumps(spec.get("decoder"))
+        self._byte_level = '"ByteLevel"' in decoder
+        self._metaspace = not self._byte_level and ('"Metaspace"' in decoder or "\\u2581" in decoder)
         self._bytes: dict[int, bytes] = {}
         self.bos_id, self.eos_id, self.pad_id = find(BOS), find(EOS), find(PAD)
         self.user_id, self.assistant_id = find(USER), find(ASSISTANT)
@@ -199,23 +201,29 @@ class Tokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for, as in the text that decoding a sequence of tokens builds. A token
         holding part of a UTF-8 character has its own byte(s), where decode([id]) gives U+FFFD (the
-        `bytes` of OpenAI's logprobs). Added tokens: their text's UTF-8; an id the tokenizer lacks: b""."""
+        `bytes` of OpenAI's logprobs). An id the tokenizer lacks: b"", as decode gives no text for it."""
         got = self._bytes.get(token_id)
         if got is not None:
             return got
-        if token_id in self._added:
-            got = self._added[token_id].encode()
-        else:
+        piece = self._added.get(token_id)
+        added = piece is not None
+        if not added:
             piece = self.backend.id_to_token(token_id)
-            if piece is None:       # an id past the tokenizer (a model's padded vocabulary): no text, as decode
+            if piece is None:       # an id past the tokenizer (a model's padded vocabulary)
                 return b""
-            fallback = _BYTE_FALLBACK.fullmatch(piece)
-            if self._byte_level and all(c in _BYTE_LEVEL for c in piece):
-                got = bytes(_BYTE_LEVEL[c] for c in piece)
-            elif fallback:
-                got = bytes([int(fallback.group(1), 16)])
-            else:                   # another decoder (Metaspace, WordPiece...): the token's own text
-                got = self.decode([token_id]).encode()
+        fallback = _BYTE_FALLBACK.fullmatch(piece)
+        if self._byte_level and all(c in _BYTE_LEVEL for c in piece):
+            # the ByteLevel decoder maps every token's characters to bytes when all are in its alphabet,
+            # added tokens included ("<think>" is its own bytes; an added "ö" is the byte 0xF6)
+            got = bytes(_BYTE_LEVEL[c] for c in piece)
+        elif fallback and not self._byte_level:
+            got = bytes([int(fallback.group(1), 16)])
+        elif added:
+            got = piece.encode()
+        elif self._metaspace:       # SentencePiece-style pieces: "▁" is the space before a word
+            got = piece.replace("\u2581", " ").encode()
+        else:
+            got = self.decode([token_id]).encode()
         self._bytes[token_id] = got
         return got
 

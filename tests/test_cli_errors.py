@@ -382,7 +382,7 @@ def test_pretrain_flags_and_resume_settings_are_one_line(tmp_path):
                         (["--out", str(tmp_path / "afile")], "is a file"),
                         (["--out", str(tmp_path / "afile" / "sub")], "is a file, not a folder"),
                         (["--data", str(tmp_path), "--out", str(tmp_path / "d")], "is a folder without meta.json"),
-                        (["--data", str(bad), "--out", str(tmp_path / "e")], "no tokenizer.json there"),  # read
+                        (["--data", str(bad), "--out", str(tmp_path / "e" / "f")], "no tokenizer.json there"),
                         (["--batch-size", "64", "--eval-steps", "1", "--out", str(tmp_path / "v")],   # after tokenizing
                          "(or --eval-steps 0: no validation loss)")]:
         with pytest.raises(SystemExit) as e:

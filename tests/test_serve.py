@@ -247,6 +247,9 @@ def test_chat_n_seed_and_logprobs(server):
     texts = [c.message.reasoning_content + c.message.content for c in a.choices]
     assert texts == [c.message.reasoning_content + c.message.content for c in b.choices]   # seeded: reproducible
     assert len(set(texts)) > 1                                                            # seed+i per choice
+    top = dict(kw, seed=2**64 - 1, n=2)           # the last seed: choice 1 takes seed 0 (wraps, not refused)
+    last = [c.message.content for c in client.chat.completions.create(**top).choices]
+    assert last == [c.message.content for c in client.chat.completions.create(**top).choices] and len(last) == 2
     assert a.usage.completion_tokens == sum(len(c.logprobs.content) for c in a.choices)
     for c in a.choices:
         for t in c.logprobs.content:
@@ -436,8 +439,8 @@ BAD = [  # (name, path, body: dict -> JSON, bytes -> raw, status, param)
     ("temperature NaN", "/v1/chat/completions", json.dumps({**GOOD, "temperature": float("nan")}).encode(), 400,
      "temperature"),
     ("seed past 64 bits", "/v1/chat/completions", {**GOOD, "seed": 2**64}, 400, "seed"),
-    # the last choice's seed (seed + i) past 64 bits: the engine's check, named as the request's field
-    ("seed + n past 64 bits", "/v1/chat/completions", {**GOOD, "seed": 2**64 - 1, "n": 2}, 400, "seed"),
+    # a check the engine makes (top_k below 2**31), named as the request's field
+    ("top_k past 31 bits", "/v1/chat/completions", {**GOOD, "top_k": 2**40}, 400, "top_k"),
     ("body not UTF-8", "/v1/chat/completions", b'{"model": "tiny", "messages": "\xff\xfe"}', 400, None),
     ("nested past the parser's limit", "/v1/completions", b"[" * 100_000 + b"]" * 100_000, 400, None),
 ]

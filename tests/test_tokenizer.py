@@ -180,3 +180,25 @@ def test_token_bytes_are_each_tokens_own_bytes():
         with pytest.raises(UnicodeDecodeError):
             t.token_bytes(i).decode()
     assert t.token_bytes(t.vocab_size + 5) == b"" == t.decode([t.vocab_size + 5]).encode()   # unknown id, as decode
+
+
+def test_token_bytes_of_added_tokens_and_sentencepiece_pieces():
+    """The ByteLevel decoder maps an added token's characters to bytes too when all are in its alphabet
+    ("ö" is the byte 0xF6, as decode shows); SentencePiece-style pieces: "▁" is a space, <0xNN> a byte."""
+    from tokenizers import AddedToken
+    t = Tokenizer.train(["héllo wörld " * 20], vocab_size=300)
+    t.backend.add_tokens([AddedToken("café"), AddedToken("ö")])
+    t = Tokenizer(t.backend)
+    for text, raw in (("café", b"caf\xe9"), ("ö", b"\xf6"), (THINK, THINK.encode()), (USER, USER.encode())):
+        i = t.backend.token_to_id(text)
+        assert t.token_bytes(i) == raw and raw.decode("utf-8", "replace") == t.decode([i]), text
+    raw = HFTok(models.BPE(byte_fallback=True))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace()
+    raw.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    raw.train_from_iterator(["hello world " * 20], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=SPECIAL_TOKENS + [f"<0x{i:02X}>" for i in range(256)]))
+    sp = Tokenizer(raw)
+    ids = sp.encode("hello wörld")                          # "ö" is not in the vocabulary: two byte tokens
+    assert b"".join(sp.token_bytes(i) for i in ids) == b" hello w\xc3\xb6rld"   # the first piece's space too
+    assert sp.decode(ids) == "hello wörld"

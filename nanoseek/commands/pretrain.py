@@ -195,15 +195,18 @@ def main(argv: list[str] | None = None) -> None:
         if data.is_dir() and not (data / "meta.json").is_file():
             raise SystemExit(f"nanoseek pretrain: --data {data} is a folder without meta.json: give a text file, "
                              f"or shards made by `nanoseek data --input {data} --tokenizer DIR --out DIR`")
-    made = not run.exists()
+    made = [d for d in (run, *run.parents) if not d.exists()]      # the folders mkdir makes, deepest first
     if dist.is_main:
         run.mkdir(parents=True, exist_ok=True)
     parallel.barrier()
 
     def data_error(message: str) -> SystemExit:
-        """A data mistake found by reading it: the run folder this command made is removed when empty."""
-        if made and dist.is_main and run.is_dir() and not any(run.iterdir()):
-            run.rmdir()
+        """A data mistake found by reading it: the folders this command made are removed while empty."""
+        if dist.is_main:
+            for d in made:
+                if not d.is_dir() or any(d.iterdir()):
+                    break
+                d.rmdir()
         return SystemExit(f"nanoseek pretrain: {message}")
 
     # --- data: tokenizer + shards (a raw text file is tokenized into the run folder once)

@@ -269,7 +269,8 @@ class _Seq:
         if p.seed is not None and p.temperature > 0:
             self.gen = torch.Generator(device=eng.device)
             self.gen.manual_seed(p.seed)
-        self._uniforms: list[float] = []              # gen's uniforms so far, drawn 64 at a time
+        self._uniforms: list[float] = []              # gen's uniforms from number _u0 on, drawn 64 at a time
+        self._u0 = 0
         self.penalized = p.repetition_penalty != 1 or p.frequency_penalty != 0 or p.presence_penalty != 0
         self.detok = (_Detokenizer(eng.tokenizer, req.prompt_ids[-4:], eng._pieces)
                       if eng.tokenizer is not None else None)
@@ -292,10 +293,16 @@ class _Seq:
         requests), the one that draws its generated token k; one tensor call per 64 of them. It depends on
         the seed and k alone: MTP speculation reads it for the draft of token k and again to draw token k,
         so a seeded request gets the tokens plain decoding gives it, alone, batched or preempted."""
-        k = self.n_out if k is None else k
-        while k >= len(self._uniforms):
+        n = self.n_out
+        k = n if k is None else k
+        if k < n:
+            raise ValueError(f"uniform {k} of a request at token {n}: tokens already drawn draw no more")
+        if n - self._u0 >= 64:          # those of the tokens already drawn are read no more
+            del self._uniforms[:n - self._u0]
+            self._u0 = n
+        while k - self._u0 >= len(self._uniforms):
             self._uniforms += torch.rand(64, generator=self.gen, dtype=torch.float64, device=self.gen.device).tolist()
-        return self._uniforms[k]
+        return self._uniforms[k - self._u0]
 
     @property
     def out(self) -> list[int]:

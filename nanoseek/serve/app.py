@@ -344,12 +344,15 @@ def create_app(engine: Any, tokenizer: Any, model_name: str, api_key: str | None
 
     def params(req: ChatCompletionRequest | CompletionRequest, max_tokens: int, logprobs: int | None,
                choice: int) -> SamplingParams:
-        # top_p=0 keeps only the most likely token: greedy. A seed with n>1 gives choice i seed+i, so
-        # the n choices differ and each is still reproducible.
+        # top_p=0 keeps only the most likely token: greedy. A seed with n>1 gives choice i seed+i (past
+        # 2**64 - 1 it wraps to 0), so the n choices differ and each is still reproducible.
+        seed = None if req.seed is None else req.seed + choice
+        if seed is not None and seed >= 2**64:
+            seed -= 2**64
         return SamplingParams(
             max_tokens=max_tokens, temperature=req.temperature if req.top_p > 0 else 0.0, top_k=req.top_k,
             top_p=req.top_p if req.top_p > 0 else 1.0, min_p=req.min_p,
-            seed=None if req.seed is None else req.seed + choice, repetition_penalty=req.repetition_penalty,
+            seed=seed, repetition_penalty=req.repetition_penalty,
             frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty, stop=list(req.stop),
             stop_token_ids=[], ignore_eos=req.ignore_eos, logprobs=logprobs)
 
