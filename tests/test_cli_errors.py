@@ -402,3 +402,41 @@ def test_pretrain_flags_and_resume_settings_are_one_line(tmp_path):
     with pytest.raises(SystemExit) as e:
         nanoseek(["pretrain", "--resume", str(run), "--steps", "4", "--device", "cpu"])
     assert "token id" in one_line(e, "nanoseek pretrain: ") and "resume with --resume" in str(e.value.code)
+
+
+def info_on(tmp_path, drop=(), **changes) -> str:
+    """`nanoseek info --model DIR` on the tiny preset's config.json with `changes`, less the keys in `drop`:
+    the one line it exits with."""
+    import json
+
+    from nanoseek.model import ModelConfig
+
+    cfg = {k: v for k, v in {**ModelConfig().to_hf_dict(), **changes}.items() if k not in drop}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SystemExit) as e:
+        nanoseek(["info", "--model", str(tmp_path)])
+    return one_line(e, "nanoseek info: ")
+
+
+YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}
+
+
+@pytest.mark.parametrize("changes, says", [
+    (dict(rope_scaling=5), "ModelConfig.rope_scaling: must be null or an object"),
+    (dict(rope_scaling=[1]), "ModelConfig.rope_scaling: must be null or an object"),
+    (dict(rope_scaling="yarn"), "ModelConfig.rope_scaling: must be null or an object"),
+    (dict(rope_scaling={"type": "yarn", "factor": None}), "ModelConfig.rope_scaling: yarn factor must be a number > 0"),
+    (dict(rope_scaling={"type": "yarn", "factor": "x"}), "ModelConfig.rope_scaling: yarn factor must be a number > 0"),
+    (dict(rope_scaling={"type": "yarn", "factor": float("nan")}), "yarn factor must be a number > 0 (got nan)"),
+    (dict(rope_scaling={**YARN, "original_max_position_embeddings": None}),
+     "ModelConfig.rope_scaling: yarn original_max_position_embeddings must be a positive integer"),
+    (dict(rope_scaling={**YARN, "beta_fast": 0}), "ModelConfig.rope_scaling: yarn beta_fast must be a number > 0"),
+    (dict(rope_scaling={**YARN, "mscale": -1}), "ModelConfig.rope_scaling: yarn mscale must be a number >= 0"),
+    (dict(rope_scaling=YARN, rope_theta=1), "ModelConfig.rope_theta:"),
+    (dict(rope_parameters=5), "ModelConfig.rope_parameters: must be null or an object"),
+    (dict(drop=["rope_scaling"], rope_parameters={"rope_type": "yarn", "factor": None}),
+     "ModelConfig.rope_parameters: yarn factor must be a number > 0"),
+])
+def test_rope_scaling_of_the_wrong_kind_is_one_line_naming_the_field(tmp_path, changes, says):
+    """Audit findings: each was a TypeError traceback, a message naming no field, or (NaN) silently accepted."""
+    assert says in info_on(tmp_path, **changes)

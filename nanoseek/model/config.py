@@ -169,8 +169,10 @@ class ModelConfig:
             if self.topk_method == "noaux_tc" and self.scoring_func != "sigmoid":
                 bad("scoring_func", "noaux_tc (V3) routing uses sigmoid scores")
         if self.rope_scaling is not None and self.rope_scaling["type"] == "yarn":
-            if self.rope_scaling.get("factor", 0) <= 0:
+            if not self.rope_scaling.get("factor", 0) > 0:        # (not <= 0: NaN passes that)
                 raise ValueError(f"ModelConfig.rope_scaling: yarn needs factor > 0 (got {self.rope_scaling!r})")
+            if self.rope_theta == 1:
+                bad("rope_theta", "yarn's correction range divides by ln(rope_theta), so it must not be 1")
 
     # --- config.json in and out
     @classmethod
@@ -180,12 +182,15 @@ class ModelConfig:
         model_type = d.get("model_type", "deepseek_v3")
         # transformers 5 writes rope_parameters (rope_theta inside, rope_type instead of type).
         rp = d.pop("rope_parameters", None)
+        if rp is not None and not isinstance(rp, dict):
+            raise ValueError(f'ModelConfig.rope_parameters: must be null or an object such as {{"rope_type": '
+                             f'"default", "rope_theta": 10000}} (got {rp!r})')
         if rp:
             rp = dict(rp)
             if "rope_theta" in rp:
                 d.setdefault("rope_theta", rp.pop("rope_theta"))
-            if rp.get("rope_type", rp.get("type", "default")) not in ("default", None):
-                d.setdefault("rope_scaling", rp)
+            if rp.get("rope_type", rp.get("type", "default")) not in ("default", None) and "rope_scaling" not in d:
+                d["rope_scaling"] = _normalize_rope_scaling(rp, "rope_parameters")   # its errors name the field
         if model_type == "deepseek_v2":
             # V2: softmax gate, greedy / group_limited_greedy, no selection bias, no MTP.
             d.setdefault("scoring_func", "softmax")
@@ -248,20 +253,40 @@ def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
-def _normalize_rope_scaling(rs: dict) -> dict:
+def _normalize_rope_scaling(rs: Any, field: str = "rope_scaling") -> dict:
+    """config.json's rope_scaling (or transformers 5's rope_parameters) as {"type": "default"} or the full
+    yarn dict with float / int values. A value of the wrong kind is a ValueError naming `field`."""
+    def bad(why: str, got: Any) -> ValueError:
+        return ValueError(f"ModelConfig.{field}: {why} (got {got!r})")
+
+    if not isinstance(rs, dict):
+        raise bad('must be null or an object such as {"type": "yarn", "factor": 40}', rs)
     rs = dict(rs)
     kind = rs.pop("type", None) or rs.pop("rope_type", None)
     rs.pop("rope_type", None)
     rs.pop("rope_theta", None)
     if kind not in ("yarn", "default", None):
-        raise ValueError(f"ModelConfig.rope_scaling: only 'yarn' scaling is supported (got type {kind!r})")
+        raise ValueError(f"ModelConfig.{field}: only 'yarn' scaling is supported (got type {kind!r})")
     if kind in ("default", None):
         return {"type": "default"} if not rs else {"type": "default", **rs}
-    out = {"type": "yarn", "factor": float(rs.get("factor", 1.0)),
-           "beta_fast": float(rs.get("beta_fast", 32)), "beta_slow": float(rs.get("beta_slow", 1)),
-           "mscale": float(rs.get("mscale", 1.0)), "mscale_all_dim": float(rs.get("mscale_all_dim", 0.0)),
-           "original_max_position_embeddings": int(rs.get("original_max_position_embeddings", 4096))}
-    return out
+
+    def number(key: str, default: float, low: float, strict: bool) -> float:
+        v = rs.get(key, default)
+        if (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
+                or (v <= low if strict else v < low)):
+            raise bad(f"yarn {key} must be a number {'>' if strict else '>='} {low:g}", v)
+        return float(v)
+
+    orig = rs.get("original_max_position_embeddings", 4096)
+    if (not isinstance(orig, (int, float)) or isinstance(orig, bool) or not math.isfinite(orig)
+            or orig != int(orig) or orig <= 0):
+        raise bad("yarn original_max_position_embeddings must be a positive integer", orig)
+    # beta_* are rotation counts under a logarithm and mscale_* scale a temperature of 1 + 0.1 * m * ln(s):
+    # a zero beta or a negative mscale would only fail (or divide by zero) when the model is built
+    return {"type": "yarn", "factor": number("factor", 1.0, 0, True),
+            "beta_fast": number("beta_fast", 32, 0, True), "beta_slow": number("beta_slow", 1, 0, True),
+            "mscale": number("mscale", 1.0, 0, False), "mscale_all_dim": number("mscale_all_dim", 0.0, 0, False),
+            "original_max_position_embeddings": int(orig)}
 
 
 # --- presets: a plain dict. `tiny` is the dataclass default.
