@@ -440,3 +440,13 @@ YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}
 def test_rope_scaling_of_the_wrong_kind_is_one_line_naming_the_field(tmp_path, changes, says):
     """Audit findings: each was a TypeError traceback, a message naming no field, or (NaN) silently accepted."""
     assert says in info_on(tmp_path, **changes)
+
+
+@pytest.mark.parametrize("field, value", [("q_lora_rank", True), ("q_lora_rank", False), ("qk_nope_head_dim", True),
+                                          ("n_routed_experts", True), ("n_routed_experts", False),
+                                          ("num_hidden_layers", True), ("n_group", True), ("bos_token_id", True),
+                                          ("pad_token_id", "0"), ("eos_token_id", [1, True]), ("eos_token_id", {})])
+def test_a_bool_or_other_kind_where_an_integer_belongs_is_one_line(tmp_path, field, value):
+    """JSON's true is a Python int: "q_lora_rank": true passed validation and failed in torch.nn.Linear (false
+    silently meant "none"); token ids were not checked at all."""
+    assert f"ModelConfig.{field}: must be" in info_on(tmp_path, **{field: value})

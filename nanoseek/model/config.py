@@ -62,9 +62,10 @@ class ModelConfig:
     torch_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        if self.q_lora_rank == 0:
+        # 0 means "none" (false is no 0 here: validate refuses a bool where a count belongs)
+        if self.q_lora_rank == 0 and not isinstance(self.q_lora_rank, bool):
             self.q_lora_rank = None
-        if self.n_routed_experts == 0:
+        if self.n_routed_experts == 0 and not isinstance(self.n_routed_experts, bool):
             self.n_routed_experts = None
         if self.rope_scaling is not None:
             self.rope_scaling = _normalize_rope_scaling(self.rope_scaling)
@@ -126,10 +127,18 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 bad(name, "must be a positive integer")
-        if not isinstance(self.qk_nope_head_dim, int) or self.qk_nope_head_dim < 0:
+        if not _is_int(self.qk_nope_head_dim) or self.qk_nope_head_dim < 0:
             bad("qk_nope_head_dim", "must be a non-negative integer")
-        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank < 0):
+        if self.q_lora_rank is not None and (not _is_int(self.q_lora_rank) or self.q_lora_rank < 0):
             bad("q_lora_rank", "must be null or a positive integer")
+        if self.n_routed_experts is not None and (not _is_int(self.n_routed_experts) or self.n_routed_experts < 1):
+            bad("n_routed_experts", "must be a positive integer or null")
+        for name in ("bos_token_id", "pad_token_id"):
+            if getattr(self, name) is not None and not _is_int(getattr(self, name)):
+                bad(name, "must be null or a token id (an integer)")
+        eos = self.eos_token_id
+        if eos is not None and not _is_int(eos) and not (isinstance(eos, list) and all(_is_int(i) for i in eos)):
+            bad("eos_token_id", "must be null, a token id (an integer) or a list of token ids")
         if self.qk_rope_head_dim % 2:
             bad("qk_rope_head_dim", "RoPE rotates pairs of dimensions, so it must be even")
         if self.num_key_value_heads != self.num_attention_heads:
@@ -148,8 +157,6 @@ class ModelConfig:
             bad("moe_layer_freq", "must be >= 1")
         if self.n_routed_experts is not None:
             E = self.n_routed_experts
-            if not isinstance(E, int) or E < 1:
-                bad("n_routed_experts", "must be a positive integer or null")
             if not 1 <= self.num_experts_per_tok <= E:
                 bad("num_experts_per_tok", f"top-k must lie in [1, n_routed_experts={E}]")
             if self.moe_intermediate_size <= 0:
@@ -246,6 +253,11 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return replace(self, **changes)
+
+
+def _is_int(v: Any) -> bool:
+    """An integer in config.json's sense: JSON's true / false are Python ints, but never a count or an id."""
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
