@@ -21,12 +21,23 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 def read_json_object(path: str | Path, error: type[Exception] = ValueError, hint: str = "") -> dict:
     """A JSON file holding one object (config.json, meta.json, tokenizer.json): anything else raises
-    `error` naming the file, with `hint` appended. A missing file raises FileNotFoundError."""
+    `error` naming the file, with `hint` appended, and so does a file that cannot be read (a folder, no
+    permission). A missing file raises FileNotFoundError."""
     path = Path(path)
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise error(f"{path}: cannot read ({e.strerror or e}){hint}") from None
+    except UnicodeDecodeError as e:
         raise error(f"{path}: not valid JSON ({e}){hint}") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise error(f"{path}: not valid JSON ({e}){hint}") from None
+    except RecursionError:
+        raise error(f"{path}: not valid JSON (nested too deeply){hint}") from None
     if not isinstance(obj, dict):
         raise error(f"{path}: expected a JSON object{hint}")
     return obj

@@ -189,3 +189,25 @@ def test_more_experts_than_the_config_is_a_checkpoint_error(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="expert .* is beyond the config's"):
         Transformer.from_pretrained(tmp_path)
+
+
+def test_a_json_file_that_cannot_be_read_names_the_file(tmp_path):
+    """An unreadable config.json (a folder, a link to /proc/1/mem: PermissionError even as root) was an OSError
+    traceback; a JSON file nested past Python's recursion limit was a RecursionError."""
+    import os
+
+    from nanoseek.common import read_json_object
+
+    (tmp_path / "config.json").mkdir()
+    with pytest.raises(CheckpointError, match=r"config\.json: cannot read \("):
+        Transformer.from_pretrained(tmp_path)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ValueError, match=r"deep\.json: not valid JSON \(nested too deeply\)"):
+        read_json_object(deep)
+    if os.path.exists("/proc/1/mem"):
+        (tmp_path / "mem.json").symlink_to("/proc/1/mem")
+        with pytest.raises(ValueError, match=r"mem\.json: cannot read \("):
+            read_json_object(tmp_path / "mem.json")
+    with pytest.raises(FileNotFoundError):        # a missing file stays FileNotFoundError, as documented
+        read_json_object(tmp_path / "none.json")
