@@ -156,10 +156,12 @@ def dequant_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int,
 def _shard_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: malformed index ({e})") from None
+        weight_map = read_json_object(index, CheckpointError).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: malformed index (no \"weight_map\" object of tensor name -> file)")
+        for k, v in weight_map.items():
+            if not isinstance(v, str) or not v:
+                raise CheckpointError(f"{index}: malformed index (weight_map[{k!r}] is {v!r}, not a file name)")
         files = sorted(set(weight_map.values()))
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))

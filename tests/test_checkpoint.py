@@ -211,3 +211,19 @@ def test_a_json_file_that_cannot_be_read_names_the_file(tmp_path):
             read_json_object(tmp_path / "mem.json")
     with pytest.raises(FileNotFoundError):        # a missing file stays FileNotFoundError, as documented
         read_json_object(tmp_path / "none.json")
+
+
+def test_malformed_index_names_the_file(tmp_path):
+    """model.safetensors.index.json must be an object with a weight_map of tensor name -> file name: [1] and
+    {"weight_map": {"a": 5}} were TypeErrors, a non-UTF-8 index a message naming no file."""
+    tiny().save_pretrained(tmp_path, max_shard_bytes=200_000)
+    index = tmp_path / "model.safetensors.index.json"
+    for data, says in [(b"[1]", "expected a JSON object"),
+                       (b'{"weight_map": [1]}', 'no "weight_map" object'),
+                       (b'{"metadata": {}}', 'no "weight_map" object'),
+                       (b'{"weight_map": {"a": 5}}', r"weight_map\['a'\] is 5, not a file name"),
+                       (b'{"weight_map": {"a": null}}', r"weight_map\['a'\] is None, not a file name"),
+                       (b'{"weight_map": {"a": "\xff"}}', "not valid JSON")]:
+        index.write_bytes(data)
+        with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: .*" + says):
+            Transformer.from_pretrained(tmp_path)
