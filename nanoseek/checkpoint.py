@@ -204,10 +204,20 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
         raise CheckpointError(f"{cfg_path}: no {', '.join(missing)} (not a DeepSeek V2/V3 config.json)")
     cfg = ModelConfig.from_dict(raw)
     quant = raw.get("quantization_config") or {}
-    block = tuple(quant.get("weight_block_size", (128, 128)))
+    if not isinstance(quant, dict):
+        raise CheckpointError(f"{cfg_path}: quantization_config must be an object (got {quant!r})")
+    block = quant.get("weight_block_size") or (128, 128)
+    if not (isinstance(block, (list, tuple)) and len(block) == 2
+            and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in block)):
+        raise CheckpointError(f"{cfg_path}: quantization_config.weight_block_size must be two positive integers "
+                              f"(got {block!r})")
+    block = tuple(block)
+    dtype_key = "torch_dtype" if raw.get("torch_dtype") else "dtype"      # (transformers 5 writes dtype)
+    saved_dtype = raw.get(dtype_key)
+    if saved_dtype is not None and not isinstance(saved_dtype, str):
+        raise CheckpointError(f"{cfg_path}: {dtype_key} must be a name such as \"bfloat16\" (got {saved_dtype!r})")
     if dtype is None:
-        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(raw.get("torch_dtype") or raw.get("dtype"),
-                                                                          torch.float32)
+        dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(saved_dtype, torch.float32)
     device = torch.device(device or "cpu")
     shards = _shard_files(path)
     if cfg.num_nextn_predict_layers:

@@ -227,3 +227,21 @@ def test_malformed_index_names_the_file(tmp_path):
         index.write_bytes(data)
         with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: .*" + says):
             Transformer.from_pretrained(tmp_path)
+
+
+def test_quantization_config_and_dtype_of_the_wrong_kind_name_the_file(tmp_path):
+    """They were TypeError / AttributeError tracebacks ("torch_dtype": [1] an unhashable key, a
+    quantization_config of 5 has no .get); weight_block_size [0, 0] would divide by zero on an FP8 tensor."""
+    tiny().save_pretrained(tmp_path)
+    good = json.loads((tmp_path / "config.json").read_text())
+    for extra, says in [({"torch_dtype": [1]}, "torch_dtype must be a name"),
+                        ({"torch_dtype": None, "dtype": {}}, "dtype must be a name"),
+                        ({"quantization_config": 5}, "quantization_config must be an object"),
+                        ({"quantization_config": {"weight_block_size": 5}}, "weight_block_size must be two positive"),
+                        ({"quantization_config": {"weight_block_size": [0, 0]}}, "weight_block_size must be two"),
+                        ({"quantization_config": {"weight_block_size": [128, True]}}, "weight_block_size must be")]:
+        (tmp_path / "config.json").write_text(json.dumps({**good, **extra}))
+        with pytest.raises(CheckpointError, match=r"config\.json: .*" + says):
+            Transformer.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**good, "quantization_config": {"weight_block_size": None}}))
+    Transformer.from_pretrained(tmp_path)          # null (was a TypeError too): the default 128 x 128
