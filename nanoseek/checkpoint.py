@@ -187,6 +187,19 @@ def _all_keys(shards: list[Path]) -> list[str]:
     return keys
 
 
+def read_config(cfg_path: str | Path) -> tuple[dict, ModelConfig]:
+    """A model folder's config.json as (the JSON object, its ModelConfig). CheckpointError naming the file for
+    one that is not a JSON object or lacks a shape; ModelConfig's ValueError naming the field for a bad value."""
+    cfg_path = Path(cfg_path)
+    raw = read_json_object(cfg_path, CheckpointError)
+    # the shapes: every DeepSeek config.json (save_pretrained's, transformers', DeepSeek's own) names them, and
+    # a default in their place would only show up later as tensors of the wrong shape
+    missing = [k for k in SHAPE_FIELDS if k not in raw]
+    if missing:
+        raise CheckpointError(f"{cfg_path}: no {', '.join(missing)} (not a DeepSeek V2/V3 config.json)")
+    return raw, ModelConfig.from_dict(raw)
+
+
 def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
                     device: torch.device | str | None = None, strict: bool = True) -> Transformer:
     """Build a Transformer from a HF directory. dtype None: the config's torch_dtype (fp32 if absent)."""
@@ -196,13 +209,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
     cfg_path = path / "config.json"
     if not cfg_path.exists():
         raise CheckpointError(f"{path}: config.json is missing")
-    raw = read_json_object(cfg_path, CheckpointError)
-    # the shapes: every DeepSeek config.json (save_pretrained's, transformers', DeepSeek's own) names them, and
-    # a default in their place would only show up later as tensors of the wrong shape
-    missing = [k for k in SHAPE_FIELDS if k not in raw]
-    if missing:
-        raise CheckpointError(f"{cfg_path}: no {', '.join(missing)} (not a DeepSeek V2/V3 config.json)")
-    cfg = ModelConfig.from_dict(raw)
+    raw, cfg = read_config(cfg_path)
     quant = raw.get("quantization_config") or {}
     if not isinstance(quant, dict):
         raise CheckpointError(f"{cfg_path}: quantization_config must be an object (got {quant!r})")
