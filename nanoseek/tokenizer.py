@@ -39,6 +39,9 @@ ASSISTANT = "<｜Assistant｜>"
 THINK = "<think>"
 END_THINK = "</think>"
 SPECIAL_TOKENS = [BOS, EOS, PAD, USER, ASSISTANT, THINK, END_THINK]  # ids 0..6
+# The largest vocabulary `Tokenizer.train` makes: far past any real one (DeepSeek's is 129,280), and
+# small enough for the trainer's tables (2**32 made it ask for 72 TB and abort the process).
+MAX_VOCAB = 1 << 22
 
 # The same format as `render_chat` in Jinja, for HF `apply_chat_template`. System messages are joined
 # with a blank line and put right after bos (DeepSeek-R1's template). `think` (default true) is an
@@ -118,6 +121,8 @@ class Tokenizer:
         floor = len(SPECIAL_TOKENS) + 256
         if vocab_size < floor:
             raise ValueError(f"vocab_size {vocab_size} < {floor} (7 special tokens + 256 byte symbols)")
+        if vocab_size > MAX_VOCAB:
+            raise ValueError(f"vocab_size {vocab_size} > {MAX_VOCAB}")
         tok = _HFTokenizer(models.BPE())
         # use_regex: GPT-2's split into words/numbers/punctuation before BPE, so merges never cross
         # word boundaries. No prefix space, no normalizer: the text is kept byte for byte.

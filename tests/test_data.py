@@ -319,3 +319,54 @@ def test_meta_json_of_the_wrong_shape_is_named(tok, tmp_path):
         broken(**change)
         with pytest.raises(ValueError, match=says):
             PretrainLoader(out, "train", 2, 8)
+
+
+def test_data_and_tokenizer_refuse_what_they_would_destroy_or_cannot_do(tmp_path, tok):
+    """Audit findings: `nanoseek data` replaced a meta.json and a tokenizer/ it had not written; --out under
+    a file, an unreadable input, a non-string parquet value, a lone surrogate in .jsonl text and a huge
+    --vocab-size were tracebacks (or a process abort); each is now one line, and a failed run leaves no
+    folder of its own behind."""
+    import subprocess
+    import sys
+    text = tmp_path / "t.txt"
+    text.write_text("To be, or not to be: that is the question. " * 40)
+    tok.save(tmp_path / "tok")
+    work = tmp_path / "work"
+    (work / "tokenizer").mkdir(parents=True)
+    (work / "meta.json").write_text('{"my": "notes"}')
+
+    def fails(cmd, argv, says):
+        with pytest.raises(SystemExit) as e:
+            cmd.main(argv)
+        msg = str(e.value.code)
+        assert msg.startswith(f"nanoseek {cmd.__name__.rsplit('.', 1)[1]}: ") and says in msg, msg
+
+    base = ["--input", str(text), "--tokenizer", str(tmp_path / "tok")]
+    fails(data_cmd, [*base, "--out", str(work)], "holds a meta.json that `nanoseek data` did not write")
+    assert (work / "meta.json").read_text() == '{"my": "notes"}'
+    (work / "meta.json").unlink()
+    fails(data_cmd, [*base, "--out", str(work)], "holds a tokenizer/ folder but no shards")
+    fails(data_cmd, [*base, "--out", str(text / "sub")], "is a file, not a folder")
+    bad = tmp_path / "s.jsonl"
+    bad.write_text('{"text": "ok"}\n{"text": "a \\ud800 b"}\n')
+    fails(data_cmd, ["--input", str(bad), "--tokenizer", str(tmp_path / "tok"), "--out", str(tmp_path / "x" / "y")],
+          "s.jsonl:2: 'text' is not valid Unicode")
+    assert not (tmp_path / "x").exists()                       # the folders it made are gone again
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
+    fails(data_cmd, ["--input", str(tmp_path / "ints.parquet"), "--tokenizer", str(tmp_path / "tok"),
+                     "--out", str(tmp_path / "z")], "ints.parquet: row 1: 'text' is int, not a string")
+    fails(tokenizer_cmd, ["--data", str(text), "--vocab-size", str(2**32), "--out", str(tmp_path / "t1")],
+          "--vocab-size must be at most")
+    fails(tokenizer_cmd, ["--data", str(text), "--out", str(text / "sub")], "is a file, not a folder")
+    fails(tokenizer_cmd, ["--load", str(tmp_path / "tok"), "--encode", "ab\udcffcd"], "--encode is not valid UTF-8")
+    # a file that cannot be read (EACCES even as root): one line, in a fresh process (the symlink's target)
+    unread = tmp_path / "unread.txt"
+    unread.symlink_to("/proc/1/mem")
+    r = subprocess.run([sys.executable, "-m", "nanoseek", "data", *base[2:], "--input", str(unread), "--out",
+                        str(tmp_path / "u")], capture_output=True, text=True, timeout=120)
+    if "cannot be read" not in r.stderr:     # a user who may read /proc/1/mem: nothing to test here
+        assert r.returncode == 0 or "Traceback" not in r.stderr, r.stderr
+    else:
+        assert r.returncode == 1 and "Traceback" not in r.stderr and not (tmp_path / "u").exists()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from nanoseek.commands import _checks as checks
 from nanoseek.data.pretrain import build_shards
 from nanoseek.tokenizer import Tokenizer
 
@@ -30,6 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard file")
     args = p.parse_args(argv)
 
+    checks.out_folder("data", args.out)       # not a file, not under one, writable: before any tokenizing
+
     # --- tokenize and write (every input problem surfaces as one line naming the file)
     t0 = time.time()
     try:
@@ -38,6 +41,8 @@ def main(argv: list[str] | None = None) -> None:
                             split_lines=args.split_lines, shard_tokens=args.shard_tokens, progress=True)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"nanoseek data: {e}") from None
+    except OSError as e:                        # the disk: full, or a file that cannot be written
+        raise SystemExit(f"nanoseek data: writing {args.out}: {e.strerror or e}") from None
 
     # --- report
     print(f"{len(meta['sources'])} file(s), tokenizer vocab {meta['vocab_size']}, {meta['dtype']}, "

@@ -15,8 +15,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from nanoseek.commands import _checks as checks
 from nanoseek.data.pretrain import find_inputs, read_documents
-from nanoseek.tokenizer import Tokenizer
+from nanoseek.tokenizer import MAX_VOCAB, Tokenizer
 
 
 def limited(docs: Iterator[str], max_chars: int | None) -> Iterator[str]:
@@ -45,10 +46,15 @@ def main(argv: list[str] | None = None) -> None:
         p.error("give --data and --out to train, or --load DIR to inspect")
     if args.max_chars is not None and args.max_chars < 1:
         raise SystemExit(f"nanoseek tokenizer: --max-chars must be >= 1, got {args.max_chars}")
+    if args.encode is not None:
+        try:
+            args.encode.encode("utf-8")
+        except UnicodeEncodeError:          # bytes the terminal's encoding could not decode (surrogate escapes)
+            raise SystemExit("nanoseek tokenizer: --encode is not valid UTF-8") from None
     if args.out and not args.load:
-        out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise SystemExit(f"nanoseek tokenizer: --out {out} is a file; give a folder")
+        if args.vocab_size > MAX_VOCAB:
+            raise SystemExit(f"nanoseek tokenizer: --vocab-size must be at most {MAX_VOCAB}, got {args.vocab_size}")
+        out = checks.out_folder("tokenizer", args.out)     # before training: not a file, not under one, writable
         for name in ("tokenizer.json", "config.json"):   # another tokenizer, or a model whose ids it fixes
             if (out / name).exists():
                 raise SystemExit(f"nanoseek tokenizer: {out} already holds a {name}; choose another --out")
@@ -75,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{len(sample):,} characters -> {n:,} tokens: {len(sample) / max(n, 1):.2f} characters/token")
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"nanoseek tokenizer: {e}") from None
+    except OSError as e:                        # writing the tokenizer: the disk
+        raise SystemExit(f"nanoseek tokenizer: writing {args.out}: {e.strerror or e}") from None
 
     # --- show
     print(f"special ids: bos {tok.bos_id} eos {tok.eos_id} pad {tok.pad_id} user {tok.user_id} "

@@ -75,6 +75,29 @@ def read_documents(path: str | Path, text_field: str = "text", split_lines: bool
     .jsonl: one JSON object per line, its `text_field`. .parquet: the `text_field` column.
     """
     path = Path(path)
+    try:
+        yield from _read_documents(path, text_field, split_lines)
+    except PermissionError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror})") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder, not a file") from None
+
+
+def _text(value, where: str, field: str) -> str:
+    """A document's text: a str that UTF-8 can hold (a lone surrogate from a JSON escape cannot)."""
+    if isinstance(value, bytes):        # a binary column: held to the same UTF-8 rule
+        value = _utf8(value, where)
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: {field!r} is {type(value).__name__}, not a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{where}: {field!r} is not valid Unicode (a lone surrogate, e.g. from a \\ud800 "
+                         "escape)") from None
+    return value
+
+
+def _read_documents(path: Path, text_field: str, split_lines: bool) -> Iterator[str]:
     if path.suffix == ".txt":
         text = _utf8(path.read_bytes(), str(path))
         docs = (line for line in text.split("\n") if line.strip()) if split_lines else [text]
@@ -93,25 +116,30 @@ def read_documents(path: str | Path, text_field: str = "text", split_lines: bool
                 if not isinstance(obj, dict) or text_field not in obj:
                     keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
                     raise ValueError(f"{where}: no {text_field!r} field (found {keys}); choose with --text-field")
-                if not isinstance(obj[text_field], str):
-                    raise ValueError(f"{where}: {text_field!r} is {type(obj[text_field]).__name__}, not a string")
-                if obj[text_field]:
-                    yield obj[text_field]
+                text = _text(obj[text_field], where, text_field)
+                if text:
+                    yield text
     elif path.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:
             raise SystemExit("reading .parquet needs pyarrow: pip install 'nanoseek[data]'") from None
-        pf = pq.ParquetFile(path)
+        try:
+            pf = pq.ParquetFile(path)
+        except (OSError, ValueError) as e:      # pyarrow's ArrowInvalid is a ValueError
+            raise ValueError(f"{path}: not a parquet file pyarrow can read ({e})") from None
         if text_field not in pf.schema_arrow.names:
             raise ValueError(f"{path}: no column {text_field!r} (found {pf.schema_arrow.names}); "
                              "choose with --text-field")
+        row = 0
         for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
             for value in batch.column(0).to_pylist():
-                if isinstance(value, bytes):  # a binary column: hold it to the same UTF-8 rule
-                    value = _utf8(value, str(path))
-                if value:
-                    yield value
+                row += 1
+                if value is None:
+                    continue
+                text = _text(value, f"{path}: row {row}", text_field)
+                if text:
+                    yield text
     else:
         raise ValueError(f"{path}: unknown file type {path.suffix!r}; expected one of {', '.join(SUFFIXES)}")
 
@@ -196,6 +224,8 @@ def write_shards(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str | 
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file; give a folder for the shards")
+    _check_replaceable(out)
+    made = [d for d in (out, *out.parents) if not d.exists()]       # the folders made here, deepest first
     stage = out / ".staging"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
@@ -203,6 +233,10 @@ def write_shards(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str | 
         meta = _write_shards(documents, tokenizer, stage, val_fraction, shard_tokens, sources, batch_docs)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
+        for d in made:          # nothing of this run is left: the folders it made go while empty
+            if not d.is_dir() or any(d.iterdir()):
+                break
+            d.rmdir()
         raise
     # swap: old shards out, new ones in, meta.json last (a reader without meta.json refuses the folder)
     for old in [out / "meta.json", *out.glob("train_*.bin"), *out.glob("val_*.bin")]:
@@ -212,6 +246,22 @@ def write_shards(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str | 
         os.replace(f, out / f.name)
     stage.rmdir()
     return meta
+
+
+def _check_replaceable(out: Path) -> None:
+    """The shards replace only what `nanoseek data` wrote: a meta.json of another kind, or a tokenizer/
+    folder beside no shards of ours, is the user's and is not overwritten."""
+    meta, tok = out / "meta.json", out / "tokenizer"
+    ours = False
+    if meta.exists():
+        try:
+            ours = meta.is_file() and json.loads(meta.read_bytes()).get("version") == FORMAT_VERSION
+        except (ValueError, AttributeError, OSError):
+            ours = False
+        if not ours:
+            raise ValueError(f"{out} holds a meta.json that `nanoseek data` did not write; choose another --out")
+    if tok.exists() and not ours:
+        raise ValueError(f"{out} holds a tokenizer/ folder but no shards of `nanoseek data`; choose another --out")
 
 
 def _write_shards(documents: Iterable[str], tokenizer: Tokenizer, out: Path, val_fraction: float,

@@ -32,7 +32,11 @@ ROLES = ("system", "user", "assistant")   # what the chat format renders
 def load_conversations(path: str | Path) -> list[list[dict]]:
     """Conversations from a jsonl file with a "messages" list per line."""
     convs = []
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except PermissionError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror})") from None
+    with f:
         for n, raw in enumerate(f, 1):
             try:
                 line = raw.decode("utf-8-sig" if n == 1 else "utf-8")     # a byte-order mark is no error
