@@ -136,7 +136,9 @@ def test_sft_refuses_bad_values_before_writing(tok, tmp_path):
                         (["--seed", "-1"], "--seed must be in [0, 2**32)"),
                         (["--seed", str(10**20)], "--seed must be in [0, 2**32)"),
                         (["--min-lr", "5"], "--min-lr 5.0 is above --lr"),
-                        (["--dtype", "fp16"], "fp16 needs loss scaling")]:
+                        (["--dtype", "fp16"], "fp16 needs loss scaling"),
+                        # a name the terminal could not decode: report.md's writing failed after the model was saved
+                        (["--out", str(tmp_path / "t\udcff")], "--out is not a valid UTF-8 path")]:
         with pytest.raises(SystemExit) as e:
             sft_cmd.main([*common, "--out", str(out), *flags])
         msg = str(e.value.code)

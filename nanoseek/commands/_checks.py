@@ -31,6 +31,10 @@ def under_folders(prog: str, path: str | Path, flag: str = "--out") -> Path:
 def out_folder(prog: str, out: str | Path) -> Path:
     """--out as a folder that can exist or be made, and written in: not a file, not under one."""
     run = under_folders(prog, out)
+    try:
+        str(run).encode("utf-8")
+    except UnicodeEncodeError:          # bytes the terminal's encoding could not decode (surrogate escapes)
+        fail(prog, "--out is not a valid UTF-8 path; the run's files name it")
     if run.exists() and not run.is_dir():
         fail(prog, f"--out {run} is a file; give a folder for the run")
     writable(prog, run)
@@ -51,8 +55,8 @@ def fresh_run(prog: str, out: str | Path) -> Path:
     if (run / "config.json").exists():
         fail(prog, f"--out {run} is a model folder (it holds config.json); give a folder for the run")
     if (run / "checkpoints").is_dir() and not (run / "model").exists():
-        fail(prog, f"{run} holds the checkpoints of an unfinished run: go on with --resume {run} (in the command "
-                   f"that made it), or choose another --out")
+        fail(prog, f"{run} holds a run's checkpoints (pretrain's or an unfinished grpo's): choose another --out, "
+                   f"or go on with --resume {run} in the command that made it")
     for name in RUN_FILES:
         if (run / name).exists():
             if not any((run / done).exists() for done in ("model", "final")):

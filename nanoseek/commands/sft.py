@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # --- data: conversations -> packed rows (a small validation share held out)
     try:
-        if args.data:
+        if args.data is not None:
             if not Path(args.data).is_file():
                 raise ValueError(f"--data {args.data}: no such file")
             convs = load_conversations(args.data)
