@@ -158,6 +158,15 @@ def test_sft_refuses_bad_values_before_writing(tok, tmp_path):
         sft_cmd.main([*common, "--out", str(out), "--lr", "1e30", "--warmup", "0", "--clip", "0"])
     with pytest.raises(SystemExit, match="holds an unfinished run"):
         sft_cmd.main([*common, "--out", str(out)])
+    # weights that are NaN already: the first loss says so (it is the loaded model's, before any update)
+    nan = tmp_path / "nan"
+    broken = tiny_model(tok)
+    with torch.no_grad():
+        broken.embed.weight[:] = float("nan")
+    broken.save_pretrained(nan)
+    tok.save(nan)
+    with pytest.raises(SystemExit, match="at step 1; the model's outputs are not finite before any update"):
+        sft_cmd.main(["--model", str(nan), *common[2:], "--out", str(tmp_path / "nan_run")])
     with pytest.raises(SystemExit, match="with --data they would do nothing"):
         sft_cmd.main([*common, "--out", str(out), "--n", "5"])
     # --num-examples is --n (torchrun takes --n as an abbreviation of its own options)

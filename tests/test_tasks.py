@@ -203,7 +203,9 @@ def test_arithmetic_precedence_trace_and_corpus():
 
 @pytest.mark.parametrize("knobs, says", [(dict(test_frac=1.5), "test_frac=1.5 must be in"),
                                          (dict(test_frac=0.0), "test_frac=0.0 must be in"),
-                                         (dict(n_digits=5000), "above 4000 digits")])
+                                         (dict(n_digits=5000), "above 4000 digits"),
+                                         (dict(n_digits=0, ops="+^"), r"n_digits=0 \(at least 1\), ops='\+\^'"),
+                                         (dict(n_operands=1), r"bad knobs: n_operands=1 \(at least 2\)$")])
 def test_arithmetic_knobs_out_of_range_say_which(knobs, says):
     with pytest.raises(ValueError, match=says):
         arithmetic.examples(5, 0, **knobs)

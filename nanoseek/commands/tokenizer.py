@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if not args.load and not (args.data and args.out):
         p.error("give --data and --out to train, or --load DIR to inspect")
+    if args.load and (args.data or args.out):
+        p.error("--load inspects a tokenizer, --data and --out train one: give one or the other")
     if args.max_chars is not None and args.max_chars < 1:
         raise SystemExit(f"nanoseek tokenizer: --max-chars must be >= 1, got {args.max_chars}")
     if args.encode is not None:

@@ -58,8 +58,11 @@ def examples(n: int, seed: int, split: str = "train", *, n_digits: int = 2, n_op
     """`n` problems of `split`, deterministic for `seed`. unique=True never repeats a problem
     (raises ValueError if the split has fewer than n distinct problems at these knobs)."""
     check_split(split)
-    if n_digits < 1 or n_operands < 2 or not ops or set(ops) - set("+-*"):
-        raise ValueError(f"bad knobs: n_digits={n_digits} n_operands={n_operands} ops={ops!r}")
+    bad = [why for why, wrong in ((f"n_digits={n_digits} (at least 1)", n_digits < 1),
+                                  (f"n_operands={n_operands} (at least 2)", n_operands < 2),
+                                  (f"ops={ops!r} (some of + - *)", not ops or set(ops) - set("+-*"))) if wrong]
+    if bad:
+        raise ValueError(f"bad knobs: {', '.join(bad)}")
     if n_digits * n_operands > MAX_DIGITS:      # a product's digits must print (Python's 4300-digit limit)
         raise ValueError(f"bad knobs: n_digits={n_digits} x n_operands={n_operands} above {MAX_DIGITS} digits")
     hi = 10**n_digits - 1

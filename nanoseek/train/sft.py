@@ -102,8 +102,10 @@ def sft_train(model: nn.Module, dataset: SFTDataset, optimizer: torch.optim.Opti
             optimizer.zero_grad(set_to_none=True)
             if (step + 1) % log_every == 0 or step + 1 == steps:
                 value = (parallel.all_reduce_sum_(loss_sum.detach().clone()) * per_token).item()
-                if not math.isfinite(value):
-                    raise FloatingPointError(f"SFT loss is {value} at step {step + 1}; lower the learning rate")
+                if not math.isfinite(value):    # the first loss is the loaded weights' own, before any update
+                    raise FloatingPointError(f"SFT loss is {value} at step {step + 1}; " + (
+                        "the model's outputs are not finite before any update (damaged weights?)" if step == 0
+                        else "lower the learning rate"))
                 dt = time.perf_counter() - t0
                 row = {"step": step + 1, "epoch": epoch, "loss": value, "lr": cur_lr,
                        "grad_norm": float(grad_norm), "tokens": int(tokens), "time": dt}
