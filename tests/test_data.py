@@ -72,6 +72,11 @@ def test_jsonl_parquet_and_dirs_give_the_same_document_split(tok, tmp_path):
                      shard_tokens=3000)
     assert a["split_by"] == "document" and a["splits"] == b["splits"]
     assert len(a["splits"]["train"]["shards"]) > 1  # shard_tokens cut the stream into several files
+    bom = tmp_path / "bom" / "docs.jsonl"               # a byte-order mark before the first line is read past
+    bom.parent.mkdir()
+    bom.write_bytes(b"\xef\xbb\xbf" + (src / "docs.jsonl").read_bytes())
+    assert build_shards([bom], tok, tmp_path / "c", val_fraction=0.1, text_field="body",
+                        shard_tokens=3000)["splits"] == a["splits"]
     for split in ("train", "val"):
         assert stream(tmp_path / "a", split) == stream(tmp_path / "b", split)
     train = [tok.decode(d) for d in docs_of(stream(tmp_path / "a", "train"), tok.eos_id)]

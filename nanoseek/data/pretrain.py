@@ -106,7 +106,7 @@ def _read_documents(path: Path, text_field: str, split_lines: bool) -> Iterator[
         with open(path, "rb") as f:
             for n, raw in enumerate(f, 1):
                 where = f"{path}:{n}"
-                line = _utf8(raw, where).strip()
+                line = _utf8(raw[3:] if n == 1 and raw.startswith(b"\xef\xbb\xbf") else raw, where).strip()   # a BOM
                 if not line:
                     continue
                 try:
