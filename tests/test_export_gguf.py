@@ -254,6 +254,9 @@ def test_export_names_a_tokenizer_file_of_another_shape(tmp_path):
     cfg_path.write_text("{not json")
     with pytest.raises(SystemExit, match="tokenizer_config.json: not valid JSON"):
         export_main(["--model", str(tmp_path / "hf"), "--out", str(tmp_path / "m.gguf")])
+    (tmp_path / "hf" / "config.json").write_text("{}")      # read as the loader reads it: shapes are required
+    with pytest.raises(SystemExit, match=r"config.json: no vocab_size, hidden_size"):
+        export_main(["--model", str(tmp_path / "hf"), "--out", str(tmp_path / "m.gguf")])
     assert not (tmp_path / "m.gguf").exists()
 
 

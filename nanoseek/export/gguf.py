@@ -38,6 +38,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import MODEL_TENSOR as T
 
+from nanoseek.checkpoint import read_config
 from nanoseek.common import check_writable, read_json_object
 from nanoseek.model import ModelConfig, Transformer
 from nanoseek.model.layers import rope_inv_freq
@@ -409,7 +410,7 @@ def export_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f32",
     if dtype not in FILE_TYPES:
         raise ValueError(f"unknown GGUF dtype {dtype!r}; choose one of {sorted(FILE_TYPES)}")
     qtype, ftype = FILE_TYPES[dtype]
-    cfg = ModelConfig.from_json(model_dir / "config.json")
+    cfg = read_config(model_dir / "config.json")[1]     # as the loader reads it: no shapes, no model
     check_representable(cfg)
 
     w = gguf.GGUFWriter(path=None, arch=ARCH)
