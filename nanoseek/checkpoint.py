@@ -160,8 +160,10 @@ def _shard_files(path: Path) -> list[Path]:
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: malformed index (no \"weight_map\" object of tensor name -> file)")
         for k, v in weight_map.items():
-            if not isinstance(v, str) or not v:
-                raise CheckpointError(f"{index}: malformed index (weight_map[{k!r}] is {v!r}, not a file name)")
+            # a shard is a file of this folder (as save_pretrained and HF write them): no path that leads elsewhere
+            if not isinstance(v, str) or not v or Path(v).name != v or v in (".", ".."):
+                raise CheckpointError(f"{index}: malformed index (weight_map[{k!r}] is {v!r}, not a file name "
+                                      "in the model folder)")
         files = sorted(set(weight_map.values()))
     else:
         files = sorted(p.name for p in path.glob("*.safetensors"))

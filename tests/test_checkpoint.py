@@ -223,6 +223,8 @@ def test_malformed_index_names_the_file(tmp_path):
                        (b'{"metadata": {}}', 'no "weight_map" object'),
                        (b'{"weight_map": {"a": 5}}', r"weight_map\['a'\] is 5, not a file name"),
                        (b'{"weight_map": {"a": null}}', r"weight_map\['a'\] is None, not a file name"),
+                       (b'{"weight_map": {"a": "../x.safetensors"}}', r"is '../x.safetensors', not a file name in"),
+                       (b'{"weight_map": {"a": "/etc/x.safetensors"}}', r"is '/etc/x.safetensors', not a file name"),
                        (b'{"weight_map": {"a": "\xff"}}', "not valid JSON")]:
         index.write_bytes(data)
         with pytest.raises(CheckpointError, match=r"model\.safetensors\.index\.json: .*" + says):
