@@ -139,7 +139,8 @@ def test_skipping_the_old_logprobs_pass_gives_the_same_loss_and_gradients():
         for skip in (True, False):
             model.zero_grad()
             logp, _ = completion_logprobs(model, x)
-            loss, st = policy_loss(logp, logp.detach() if skip else separate, adv, x.mask, variant=variant)
+            loss, st = policy_loss(logp, logp.detach() if skip else separate, adv, x.mask, variant=variant,
+                                   max_len=8)
             loss.backward()
             results.append((loss.detach(), st["ratio_mean"],
                             torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
@@ -293,6 +294,10 @@ def test_shared_prefix_forward_equals_the_plain_forward_with_gradients(one_pass,
     by_hand = token_logprobs(model(seq[:, :-1]), seq[:, 1:])[0, len(prompts[1]) - 1:]
     assert torch.allclose(ref[3, :6], by_hand.detach(), atol=1e-5)
     assert torch.allclose(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+    # rollouts sampled at temperature 2: the log-probs are of logits / 2, the policy that sampled them
+    hot, _ = completion_logprobs(model, x, shared_prefix=True, one_pass=one_pass, temperature=2.0)
+    assert torch.allclose(hot[3, :6].detach(), token_logprobs(model(seq[:, :-1]) / 2, seq[:, 1:])[0, len(prompts[1]) - 1:]
+                          .detach(), atol=1e-5)
 
 
 def test_dynamic_sampling_trains_only_on_groups_with_signal(tok):

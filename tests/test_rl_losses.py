@@ -51,8 +51,8 @@ def test_dr_grpo_constant_normalizer():
     logp, old, adv, mask = batch()
     loss, _ = policy_loss(logp, old, adv, mask, variant="dr_grpo", max_len=4)
     assert loss.item() == pytest.approx((-2.7 + 2.3) / (2 * 4))       # sum / (B * max_len) = -0.05
-    loss, _ = policy_loss(logp, old, adv, mask, variant="dr_grpo")    # max_len defaults to T = 3
-    assert loss.item() == pytest.approx(-0.4 / 6)
+    with pytest.raises(ValueError, match="dr_grpo needs max_len"):     # not the padded width T: it varies
+        policy_loss(logp, old, adv, mask, variant="dr_grpo")
 
 
 def test_gspo_sequence_ratio():
@@ -69,6 +69,12 @@ def test_gspo_sequence_ratio():
     # d s_0 / d logp_t = s_0 / |o_0|; loss = -s_0 / 2 -> each valid token of seq 0 gets -s_0 / 6.
     expect = torch.tensor([[-s0 / 6] * 3, [0.0, 0.0, 0.0]])
     assert torch.allclose(logp.grad, expect, atol=1e-6)
+    # a sequence with no valid token (overlong filtering masked it) adds 0, not -A (its s was exp(0) = 1)
+    empty = torch.zeros_like(mask)
+    empty[0] = mask[0]
+    loss, st = policy_loss(logp.detach(), old, adv, empty, variant="gspo")
+    assert loss.item() == pytest.approx(-s0 / 2) and st["ratio_mean"].item() == pytest.approx(s0)
+    assert st["clip_frac"].item() == 0.0
 
 
 def test_k3_kl_values():
@@ -80,8 +86,9 @@ def test_k3_kl_values():
 @pytest.mark.parametrize("variant", ["grpo", "dr_grpo", "dapo", "gspo"])
 def test_kl_term(variant):
     logp, old, adv, mask = batch()
-    base, _ = policy_loss(logp, old, adv, mask, variant=variant)
-    same, st = policy_loss(logp, old, adv, mask, variant=variant, ref_logp=logp.detach().clone(), beta=1.0)
+    base, _ = policy_loss(logp, old, adv, mask, variant=variant, max_len=4)
+    same, st = policy_loss(logp, old, adv, mask, variant=variant, ref_logp=logp.detach().clone(), beta=1.0,
+                           max_len=4)
     assert st["kl"].item() == 0.0 and same.item() == pytest.approx(base.item())
     # ref = logp + log 2 on every valid token: k3 = 0.306853 per token; beta 0.5.
     ref = logp.detach().clone() + math.log(2)

@@ -106,6 +106,7 @@ def test_reward_non_string(name, gsm_path):
     ("\\boxed{1,234} and then 7", "1234"), ("3-5", "5"), ("10 - 5", "5"), ("$ 18", "18"), ("x = -0", "0"),
     ("007", "7"), ("1, 2, 3", "3"), ("costs $1,000,000 total", "1000000"), ("no digits", None),
     ("١٨", None), ("", None), ("12345678901234567890123456789012345", "12345678901234567890123456789012345"),
+    (".5", "0.5"), ("it is -.25", "-0.25"), ("\u22125", "-5"), ("1.5", "1.5"),   # ".5" was read as 5, "\u22125" as 5
 ])
 def test_extract_number(text, want):
     assert extract_number(text) == want

@@ -301,7 +301,7 @@ def run_demo(args: argparse.Namespace) -> None:
 
     # --- 4. GRPO
     cfg = GRPOConfig(variant=G["variant"], group_size=G["group_size"], max_new_tokens=G["max_new_tokens"],
-                     seed=args.seed)
+                     seed=args.seed, temperature=G["temperature"])
     rl_optimizer = build_optimizer(model, "adamw", G["lr"], 0.0)
     trainer = GRPO(model, rl_optimizer, lambda ps: generate(ps, G["temperature"], G["max_new_tokens"]),
                    lambda c, ex: arithmetic.reward(c.text, ex), cfg, pad_id=tokenizer.pad_id, dtype=amp_dtype)

@@ -83,7 +83,9 @@ def parse_args(argv: list[str] | None, given_only: bool = False) -> argparse.Nam
     a("--steps", type=int, default=50, help="batches of rollouts")
     a("--max-new-tokens", type=int, default=64, help="completion length limit")
     a("--temperature", type=float, default=1.0)
-    a("--top-k", type=int, default=0, help="0: off (sample the policy's own distribution)")
+    a("--top-k", type=int, default=0, help="0: off (sample the policy's own distribution). The update's log-probs are "
+                                            "of logits / --temperature over the whole vocabulary, as TRL's: top-k's "
+                                            "cut is not in the ratio")
     a("--lr", type=float, default=1e-4, help="learning rate (tiny models from scratch like 1e-4..1e-3; "
                                              "R1-size ones 1e-6)")
     a("--warmup", type=int, default=0, help="linear warmup steps; constant lr after")
@@ -208,7 +210,8 @@ def main(argv: list[str] | None = None) -> None:
                          minibatches=args.minibatches, micro_batch=args.micro_batch, eps_low=args.eps_low,
                          eps_high=args.eps_high, beta=args.beta, dynamic_sampling=args.dynamic_sampling,
                          overlong_filter=args.overlong_filter, max_new_tokens=args.max_new_tokens,
-                         clip_grad=args.clip, seed=args.seed, skip_zero_advantage=args.skip_zero_advantage)
+                         clip_grad=args.clip, seed=args.seed, skip_zero_advantage=args.skip_zero_advantage,
+                         temperature=args.temperature)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"nanoseek grpo: {e}") from None
     ref_model = None

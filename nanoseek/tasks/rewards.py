@@ -108,7 +108,10 @@ def last_boxed(text: str) -> str | None:
 # "1, 2, 3" ends in 3. A trailing "." is not a decimal point ("18." -> 18). The sign binds only to what
 # follows it directly ("-5", "-$5"): in "10 - 5" the "-" is an operator and the answer 5 (a space may
 # follow a "$" only, as in "$ 18").
-_NUMBER = re.compile(r"(?<![0-9])(-?)(?:\$\s?)?((?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?)", re.ASCII)
+# a number: optional sign (ASCII or U+2212 minus) right before it, optional "$", digits with optional thousands
+# commas and decimals, or decimals alone (".5" is 0.5); never the tail of another number ("1.5" is not "5")
+_NUMBER = re.compile(r"(?<![0-9.])([-\u2212]?)(?:\$\s?)?((?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?|\.[0-9]+)",
+                     re.ASCII)
 
 
 def canonical_number(s: str) -> str | None:
@@ -133,7 +136,7 @@ def canonical_number(s: str) -> str | None:
 def extract_number(text: str | None) -> str | None:
     r"""The final numeric answer in `text`, canonical; \boxed{} content is preferred when present.
 
-    Handles "1,234", "$18", "18 dollars", "18.", "-5", "18.0" (== "18"), "\boxed{18}".
+    Handles "1,234", "$18", "18 dollars", "18.", "-5" and "−5", "18.0" (== "18"), ".5" (== "0.5"), "\boxed{18}".
     """
     if not isinstance(text, str):
         return None
@@ -144,7 +147,7 @@ def extract_number(text: str | None) -> str | None:
     if not matches:
         return None
     sign, digits = matches[-1]
-    return canonical_number(sign + digits)
+    return canonical_number(("-" if sign else "") + ("0" + digits if digits.startswith(".") else digits))
 
 
 # --- reward

@@ -83,6 +83,8 @@ class GRPOConfig:
     max_sampling_rounds: int = 4          # generation rounds per step at most, with dynamic sampling
     overlong_filter: bool = False         # DAPO: truncated completions get no loss
     max_new_tokens: int = 256             # Dr. GRPO's constant normalizer L
+    temperature: float = 1.0              # the rollouts' sampling temperature: the log-probs of the ratio (and of
+                                          # the KL) are of logits / temperature, the policy that sampled (as TRL)
     clip_grad: float = 1.0                # max gradient norm (0: off)
     skip_zero_advantage: bool = True      # beta = 0: no forward/backward for groups whose advantages are all 0
     seed: int = 0                         # minibatch shuffling
@@ -95,6 +97,8 @@ class GRPOConfig:
                 raise ValueError(f"GRPOConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.beta < 0 or self.micro_batch < 0 or self.split < 0:
             raise ValueError("GRPOConfig: beta, micro_batch and split must be >= 0")
+        if not self.temperature > 0:
+            raise ValueError(f"GRPOConfig: temperature must be > 0 (the rollouts sample), got {self.temperature}")
 
     @property
     def scale_rewards(self) -> str:
@@ -244,9 +248,10 @@ ONE_PASS_MAX_PAD = 1.15      # one forward for prompts and completions while it 
 
 
 def completion_logprobs(model: nn.Module, x: Packed, shared_prefix: bool = True,
-                        one_pass: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                        one_pass: bool | None = None, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(completion token t | prompt, completion tokens < t) and the policy's entropy there:
-    -> logp (B, Tc) with gradient, entropy (B, Tc) detached.
+    -> logp (B, Tc) with gradient, entropy (B, Tc) detached. temperature: of the policy that sampled
+    (log_softmax(logits / temperature)).
 
     shared_prefix=True runs each group's prompt once and its G completions against it
     (a group shares one prompt, so this saves G - 1 prompt passes per group);
@@ -267,7 +272,7 @@ def completion_logprobs(model: nn.Module, x: Packed, shared_prefix: bool = True,
         cols = plens[:, None] + torch.arange(Tc, device=dev)           # (B, Tc) where each completion goes
         ids = ids.scatter(1, cols, x.completions)
         h = model(ids[:, :Lp + Tc - 1], logits_at=cols - 1, head=False)   # (B, Tc, dim) only where a target is
-        return linear_logprobs(h, head, x.completions)
+        return linear_logprobs(h if temperature == 1.0 else h / temperature, head, x.completions)
     Lp = x.prompts.shape[1]
     plens = x.prompt_lens.repeat_interleave(G)                         # (B,)
     P, T = x.prompts.shape[0], Tc - 1                                  # the last token is a target only
@@ -287,7 +292,7 @@ def completion_logprobs(model: nn.Module, x: Packed, shared_prefix: bool = True,
                   head=False)                                          # (P + B, W, dim)
         first = h[torch.arange(P, device=dev), x.prompt_lens - 1].repeat_interleave(G, 0)   # (B, dim) -> token 0
         h = torch.cat([first[:, None], h[P:, :T]], dim=1)                # (B, Tc, dim)
-        return linear_logprobs(h, head, x.completions)
+        return linear_logprobs(h if temperature == 1.0 else h / temperature, head, x.completions)
     cache = _SharedPrefix(G)
     causal = torch.ones(Lp, Lp, dtype=torch.bool, device=dev).tril()[None]                # (1, Lp, Lp)
     h = model(x.prompts, cache=cache, positions=torch.arange(Lp, device=dev)[None], mask=causal, absorb=False,
@@ -298,7 +303,7 @@ def completion_logprobs(model: nn.Module, x: Packed, shared_prefix: bool = True,
         mask = _prefix_mask(plens, Lp, T)                              # (B, T, Lp+T)
         h_c = model(x.completions[:, :T], cache=cache, positions=pos, mask=mask, absorb=False, head=False)
         h = torch.cat([h, h_c], dim=1)                                 # (B, Tc, dim)
-    return linear_logprobs(h, head, x.completions)
+    return linear_logprobs(h if temperature == 1.0 else h / temperature, head, x.completions)
 
 
 # --- the trainer
@@ -440,7 +445,7 @@ class GRPO:
                         part, rows = x.take(groups), x.rows(groups)
                         Tc = part.mask.shape[1]
                         with autocast(self.device, self.dtype):
-                            logp, entropy = completion_logprobs(model, part)
+                            logp, entropy = completion_logprobs(model, part, temperature=cfg.temperature)
                         # (a zero-advantage group run only for its zero gradient has no old log-probs)
                         old = logp.detach() if old_logp is None or not signal[groups].all() else old_logp[rows, :Tc]
                         loss, st = policy_loss(logp, old, adv[rows], part.mask, variant=cfg.variant,
@@ -480,7 +485,8 @@ class GRPO:
         for g in groups.split(micro) if len(groups) else ():
             part = x.take(g)
             with autocast(self.device, self.dtype):
-                out[x.rows(g), :part.mask.shape[1]] = completion_logprobs(model, part)[0].float()
+                out[x.rows(g), :part.mask.shape[1]] = completion_logprobs(
+                    model, part, temperature=self.cfg.temperature)[0].float()
         return out
 
     def step(self, next_prompts: Callable[[], tuple[list[list[int]], list]]) -> dict[str, float]:

@@ -280,16 +280,17 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     Per token, r_t = exp(logp - old_logp) and L_t = -min(r_t A, clip(r_t, 1 - eps_low, 1 + eps_high) A),
     plus beta * k3 KL to `ref_logp` when given. Then, by variant:
       grpo:    mean over each sequence's tokens, then mean over sequences (GRPO eq. 3: 1/G sum_i 1/|o_i| sum_t)
-      dr_grpo: sum over all tokens / (B * max_len), a constant (Dr. GRPO; max_len defaults to T)
+      dr_grpo: sum over all tokens / (B * max_len), a constant (Dr. GRPO; max_len, the generation budget, is
+               required: the padded width T would vary from batch to batch)
       dapo:    sum over all tokens / total tokens in the batch (DAPO eq. 8, token-level), clip-higher
       gspo:    sequence ratio s_i = exp(mean_t(logp - old_logp)) (GSPO eq. 7), clipped per sequence,
                L_i = -min(s_i A_i, clip(s_i) A_i), mean over sequences; the KL term is averaged as in grpo.
     eps_low/eps_high default to DEFAULT_EPS[variant] (GSPO: 3e-4/4e-4, DAPO: 0.2/0.28).
 
     Stats are detached 0-dim tensors (no device sync here; call .item() when logging):
-      clip_frac  fraction of tokens (gspo: sequences) where the clipped term is the active one
+      clip_frac  fraction of tokens (gspo: sequences with a valid token) where the clipped term is the active one
       kl         mean k3 KL per valid token (0 without ref_logp)
-      ratio_mean mean ratio over valid tokens (gspo: mean s_i)
+      ratio_mean mean ratio over valid tokens (gspo: mean s_i over sequences with a valid token)
     A sequence with no valid tokens contributes 0 (denominators are clamped to 1).
     """
     if variant not in RL_VARIANTS:
@@ -308,10 +309,12 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     if variant == "gspo":
         s = torch.exp(log_ratio.sum(dim=1, keepdim=True) / n_tok.unsqueeze(1))     # (B, 1) sequence ratio
         s_clip = s.clamp(1 - eps_low, 1 + eps_high)
-        seq_loss = -torch.min(s * adv, s_clip * adv).squeeze(1)        # (B,)
-        clipped = ((s_clip * adv) < (s * adv)).float().squeeze(1)      # (B,) the clipped term won the min
+        some = valid.any(dim=1)                                        # (B,) a sequence with no valid token: 0
+        seq_loss = torch.where(some, -torch.min(s * adv, s_clip * adv).squeeze(1), 0.0)   # (B,)
+        clipped = ((s_clip * adv) < (s * adv)).squeeze(1) & some       # (B,) the clipped term won the min
         loss = seq_loss.mean()
-        clip_frac, ratio_mean = clipped.mean(), s.mean()
+        n_seq = some.sum().clamp(min=1)
+        clip_frac, ratio_mean = clipped.float().sum() / n_seq, torch.where(some, s.squeeze(1), 0.0).sum() / n_seq
         kl_agg = "seq_mean"
     else:
         ratio = torch.exp(log_ratio)                                   # (B, T)
@@ -341,15 +344,18 @@ def _aggregate(tok: torch.Tensor, mask: torch.Tensor, variant: str, max_len: int
     if variant == "grpo":
         return (tok.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
     if variant == "dr_grpo":
-        L = tok.shape[1] if max_len is None else max_len
-        return tok.sum() / (tok.shape[0] * L)
+        if max_len is None:     # the padded width would bring back a batch-dependent length scale
+            raise ValueError("dr_grpo needs max_len (the generation budget): its normalizer is a constant")
+        return tok.sum() / (tok.shape[0] * max_len)
     return tok.sum() / mask.sum().clamp(min=1)                        # dapo: token level
 
 
 def dynamic_sampling_mask(rewards: torch.Tensor) -> torch.Tensor:
-    """DAPO dynamic sampling: rewards (num_groups, G) -> bool (num_groups,), True for groups whose
-    rewards are not all equal (0 < #correct < G). The others have zero advantage and only dilute
-    the batch; the trainer drops them and samples more prompts."""
+    """DAPO dynamic sampling: rewards (num_groups, G) -> bool (num_groups,), True for groups whose total
+    rewards are not all equal. The others have zero advantage and only dilute the batch; the trainer drops
+    them and samples more prompts. With DAPO's 0/1 accuracy reward this is its 0 < #correct < G; with a
+    format or length term in the reward a group whose answers are all right (or all wrong) but differ in
+    form is kept, as it has an advantage to learn from."""
     return rewards.amax(dim=1) != rewards.amin(dim=1)
 
 
