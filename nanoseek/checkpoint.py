@@ -314,10 +314,11 @@ def hf_state_dict(model: Transformer) -> dict[str, torch.Tensor]:
                 out[hf] = t[j].contiguous()
         else:
             out[hf_names[0]] = t.contiguous()
+    shared = dict(model.named_parameters(remove_duplicate=False))     # a tied head.weight is embed.weight
     for k in range(cfg.num_nextn_predict_layers):
         i = cfg.num_hidden_layers + k
         for hf, ours in MTP_SHARED.items():
-            out[f"model.layers.{i}.{hf}"] = tensors[ours].detach().clone()
+            out[f"model.layers.{i}.{hf}"] = shared[ours].detach().clone()
     return out
 
 

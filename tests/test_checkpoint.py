@@ -247,3 +247,24 @@ def test_quantization_config_and_dtype_of_the_wrong_kind_name_the_file(tmp_path)
             Transformer.from_pretrained(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({**good, "quantization_config": {"weight_block_size": None}}))
     Transformer.from_pretrained(tmp_path)          # null (was a TypeError too): the default 128 x 128
+
+
+def test_tied_embeddings_with_mtp_save_and_reload(tmp_path):
+    """The MTP layer repeats the shared embedding and head: with tie_word_embeddings the head is the embedding
+    (named once among the parameters), and saving one such model was a KeyError after its training."""
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(tie_word_embeddings=True, num_nextn_predict_layers=1))
+    m.init_weights()
+    m.save_pretrained(tmp_path)
+    back = Transformer.from_pretrained(tmp_path)
+    x = torch.randint(0, 512, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(m(x), back(x))
+        assert torch.equal(m(x, return_mtp=True)["mtp_logits"][0], back(x, return_mtp=True)["mtp_logits"][0])
+
+
+def test_config_with_rotate_half_rope_is_refused_and_a_bare_model_is_finite():
+    with pytest.raises(ValueError, match="rope_interleave: false"):
+        ModelConfig.from_dict({**ModelConfig().to_hf_dict(), "rope_interleave": False})
+    bare = Transformer(ModelConfig())        # before init_weights: no uninitialized memory in the experts or gate
+    assert all(torch.isfinite(p).all() for p in bare.parameters())

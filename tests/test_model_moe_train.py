@@ -46,3 +46,19 @@ def test_grouped_train_equals_loop(autocast):
     for a, b in zip(g, g_ref):
         assert a.dtype == b.dtype
         assert (a - b).abs().max() <= tol * b.abs().max()
+
+
+def test_router_runs_in_fp32_under_bf16_autocast():
+    """Gate logits and scores in fp32 (DeepSeek's and HF's rule): autocast ran F.linear in bf16 despite the
+    fp32 inputs, which flipped the experts of ~1% of tokens."""
+    from nanoseek.model import Transformer
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig())
+    m.init_weights()
+    gate = next(b.ffn.gate for b in m.layers if isinstance(b.ffn, MoE))
+    x = torch.randn(4096, m.config.hidden_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = gate(x)
+    ref = gate(x)
+    assert r.weights.dtype == torch.float32
+    assert torch.equal(r.weights, ref.weights) and torch.equal(r.indices, ref.indices) and r.scores.dtype == torch.float32

@@ -186,3 +186,22 @@ def test_one_row_step_on_scattered_cache_blocks():
                 logits.append(one.step(tok, 7 + t, cache))
             ref = m(torch.cat([prompt, torch.tensor([[21, 4, 30, 2]])], 1))[0, 7:]
         assert (torch.cat(logits) - ref).abs().max() < 1e-4
+
+
+def test_a_query_without_a_non_rope_part_decodes_on_the_model_path():
+    """qk_nope_head_dim = 0 (a valid config) has nothing to fold W_UK into: the lean one-row step does not take
+    it (it crashed in its packing) and batch 1 decodes on the model's path, as the model's own greedy."""
+    from nanoseek.infer.engine import Engine, SamplingParams
+    from nanoseek.model import ModelConfig, Transformer
+    torch.manual_seed(0)
+    m = Transformer(ModelConfig(qk_nope_head_dim=0))
+    m.init_weights()
+    m.eval()
+    eng = Engine(m)
+    assert eng.one_row is None
+    out = eng.generate([[5, 9, 3]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))[0].token_ids
+    seq = [5, 9, 3]
+    with torch.no_grad():
+        for _ in range(4):
+            seq.append(int(m(torch.tensor([seq]))[0, -1].argmax()))
+    assert out == seq[3:]

@@ -66,11 +66,13 @@ class OneRowDecoder:
 
     @staticmethod
     def supports(model, cache_dtype: torch.dtype) -> bool:
-        """CPU, fp32 or bf16 weights (bf16 needs FBGEMM), an fp32 latent cache, no attention biases, and
-        packed copies within layers.DERIVED_MAX_BYTES."""
+        """CPU, fp32 or bf16 weights (bf16 needs FBGEMM), an fp32 latent cache, no attention biases, a
+        non-rope part in the query (qk_nope_head_dim > 0: the packing folds W_UK into it), and packed
+        copies within layers.DERIVED_MAX_BYTES."""
         p = next(model.parameters())
         size = sum(q.numel() * q.element_size() for q in model.parameters())
         return (p.device.type == "cpu" and cache_dtype == torch.float32 and not model.config.attention_bias
+                and model.config.qk_nope_head_dim > 0
                 and (p.dtype == torch.float32 or (p.dtype == torch.bfloat16 and layers._FP16_GEMV))
                 and size <= layers.DERIVED_MAX_BYTES)
 

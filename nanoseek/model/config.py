@@ -216,6 +216,11 @@ class ModelConfig:
             d["n_shared_experts"] = 0
         if d.get("num_nextn_predict_layers") is None:
             d["num_nextn_predict_layers"] = d.get("num_mtp_layers", 0) or 0
+        if d.get("rope_interleave", True) is False:
+            # transformers' flag for checkpoints whose rope rows are pre-permuted for rotate-half RoPE; DeepSeek's
+            # (and ours) rotate adjacent pairs, the only layout this model computes: refused, not misread
+            raise ValueError("ModelConfig.rope_interleave: false (rotate-half RoPE on permuted weights) is not supported; "
+                             "nanoseek rotates adjacent pairs, as DeepSeek's checkpoints are laid out")
         kwargs = {k: v for k, v in d.items() if k in known}
         return cls(**kwargs)
 

@@ -32,7 +32,9 @@ class Gate(nn.Module):
         self.scoring_func = cfg.scoring_func
         self.norm_topk_prob = cfg.norm_topk_prob
         self.route_scale = cfg.routed_scaling_factor
-        self.weight = nn.Parameter(torch.empty(self.E, cfg.hidden_size))
+        # zeros until Transformer.init_weights (or a checkpoint) sets it: finite, and no draw from the global RNG
+        # (a seeded model's init stays what it was)
+        self.weight = nn.Parameter(torch.zeros(self.E, cfg.hidden_size))
         # V3's aux-loss-free selection bias: chooses experts, never weights them; fp32, no gradient
         # (updated by the trainer: b_i += gamma * sign(mean load - load_i)).
         if cfg.use_selection_bias:
@@ -52,7 +54,11 @@ class Gate(nn.Module):
         w = self.weight
         if x.dtype != torch.float32 or w.dtype != torch.float32:
             x, w = x.float(), w.float()
-        logits = F.linear(x, w)                                           # (N, E), fp32 even under bf16
+        if torch.is_autocast_enabled(x.device.type):      # autocast would run the product in bf16: keep it fp32
+            with torch.autocast(x.device.type, enabled=False):
+                logits = F.linear(x, w)
+        else:
+            logits = F.linear(x, w)                                       # (N, E), fp32 even under bf16
         scores = logits.sigmoid() if self.scoring_func == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if self.bias is None else scores + self.bias      # biased: selection only
         if self.n_group > 1 and self.topk_group < self.n_group and self.topk_method != "greedy":
@@ -77,9 +83,11 @@ class Experts(nn.Module):
 
     def __init__(self, n: int, dim: int, inter: int):
         super().__init__()
-        self.w1 = nn.Parameter(torch.empty(n, inter, dim))
-        self.w2 = nn.Parameter(torch.empty(n, dim, inter))
-        self.w3 = nn.Parameter(torch.empty(n, inter, dim))
+        # zeros until Transformer.init_weights (or a checkpoint) sets them: a bare Transformer(cfg) held
+        # uninitialized memory here (values up to 1e15); zeros draw nothing from the global RNG
+        self.w1 = nn.Parameter(torch.zeros(n, inter, dim))
+        self.w2 = nn.Parameter(torch.zeros(n, dim, inter))
+        self.w3 = nn.Parameter(torch.zeros(n, inter, dim))
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """w1, w2, w3 (E, ., .), cast once to the autocast dtype under autocast (autocast would cast

@@ -5,7 +5,8 @@
 - `Muon`: Newton-Schulz-orthogonalized momentum for hidden matrices (Keller Jordan's Muon; the
   update-RMS matching of Kimi's Moonlight so one lr serves both), AdamW for everything else,
   in one optimizer object so one state dict and one schedule cover both.
-- `lr_at`: linear warmup, then cosine decay or WSD (warmup-stable-decay, as DeepSeek-V3 trains).
+- `lr_at`: linear warmup, then cosine decay or WSD (warmup-stable-decay, with a linear decay; DeepSeek-V3's
+  schedule is a constant stage then a cosine decay then constant steps).
 """
 
 from __future__ import annotations
