@@ -112,6 +112,15 @@ def test_fp8_checkpoint_loads_dequantized(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     loaded = Transformer.from_pretrained(tmp_path)
     assert torch.equal(loaded.layers[0].attn.wq_b.weight, dequant_fp8(q, s, (128, 128), torch.float32))
+    # the scales in another shard than their weight, as the index says: found there
+    scales = {name + "_scale_inv": sd.pop(name + "_scale_inv")}
+    save_file(sd, tmp_path / "model-00001-of-00002.safetensors")
+    save_file(scales, tmp_path / "model-00002-of-00002.safetensors")
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        **dict.fromkeys(sd, "model-00001-of-00002.safetensors"), **dict.fromkeys(scales, "model-00002-of-00002.safetensors")}}))
+    split = Transformer.from_pretrained(tmp_path)
+    assert torch.equal(split.layers[0].attn.wq_b.weight, loaded.layers[0].attn.wq_b.weight)
 
 
 # --- errors name the tensor or file
