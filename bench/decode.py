@@ -142,7 +142,7 @@ def train_mtp_model(steps: int, device, seed: int = 0) -> tuple[Transformer, tor
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="small")
     p.add_argument("--batches", default="1,16")
     p.add_argument("--prompt-len", type=int, default=32)

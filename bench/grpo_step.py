@@ -225,7 +225,7 @@ def summarize(rows: list[dict], completions: int) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny")
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--prompts", type=int, default=8, help="prompts per step")

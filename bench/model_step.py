@@ -81,7 +81,7 @@ def step_fn(model, ids, hf: bool, autocast, split: int = 1):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="small")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=512)

@@ -95,7 +95,7 @@ def nanoseek_bpc(ckpt: Path, text: str, seq_len: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("nanogpt", type=Path, help="path of a karpathy/nanoGPT checkout")
     p.add_argument("--text", type=Path, default=REPO / "data" / "tinyshakespeare" / "input.txt")
     p.add_argument("--work", type=Path, default=Path("/tmp/vs_nanogpt"))

@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--input", nargs="+", required=True, help="files or directories (searched recursively)")
     p.add_argument("--tokenizer", required=True, help="directory with tokenizer.json (e.g. from `nanoseek tokenizer`)")
     p.add_argument("--out", required=True, help="output directory (old shards in it are replaced)")
-    p.add_argument("--val-fraction", type=float, default=0.005, help="share of documents (or tail tokens) held out")
+    p.add_argument("--val-fraction", type=float, default=0.005, help="share of documents (or, for one document, of its tail tokens) held out "
+                                                                 "(default 0.005; `pretrain` on a raw text file holds out 0.1)")
     p.add_argument("--text-field", default="text", help="jsonl field / parquet column holding the text")
     p.add_argument("--split-lines", action="store_true", help=".txt: each non-blank line is a document")
     p.add_argument("--shard-tokens", type=int, default=1 << 27, help="tokens per shard file")
@@ -48,5 +49,6 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{len(meta['sources'])} file(s), tokenizer vocab {meta['vocab_size']}, {meta['dtype']}, "
           f"split by {meta['split_by']}")
     for name, s in meta["splits"].items():
-        print(f"{name:>5}: {s['tokens']:>12,} tokens  {s['documents']:>9,} documents  {len(s['shards'])} shard(s)")
+        docs = f"  {s['documents']:>9,} documents" if meta["split_by"] == "document" else ""   # a tail split: one text
+        print(f"{name:>5}: {s['tokens']:>12,} tokens{docs}  {len(s['shards'])} shard(s)")
     print(f"{time.time() - t0:.1f}s -> {args.out}/meta.json")

@@ -40,9 +40,12 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import random
 import re
 import shlex
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -101,6 +104,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", help="cuda | cpu | cuda:N (default: cuda if present)")
     p.add_argument("--dtype", help="fp32 or bf16 autocast for training (default fp32 on CPU, bf16 on CUDA)")
     return p.parse_args(argv)
+
+
+def _command_name() -> str:
+    """How to call nanoseek from here: `nanoseek` when it is on PATH, else the script beside this Python
+    (`make demo` runs .venv/bin/python, whose bin folder a new shell has not on its PATH)."""
+    if shutil.which("nanoseek"):
+        return "nanoseek"
+    script = Path(sys.executable).parent / "nanoseek"
+    if script.is_file():
+        try:
+            return shlex.quote(os.path.relpath(script))
+        except ValueError:      # another drive (Windows)
+            return shlex.quote(str(script))
+    return f"{shlex.quote(sys.executable)} -m nanoseek"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -392,9 +409,10 @@ def run_demo(args: argparse.Namespace) -> None:
           f"{before['greedy']['accuracy']:.1%} -> {after['greedy']['accuracy']:.1%} "
           f"(gain {100 * gain['mean']:+.1f} points, 95% CI [{100 * gain['lo']:+.1f}, {100 * gain['hi']:+.1f}]); "
           f"{total / 60:.1f} min wall, {summary['cpu_s']['total'] / 60:.1f} min CPU")
-    print(f"\nchat with it (ask what it was trained on):\n  nanoseek chat --model {final_dir}\n"
+    cmd = _command_name()
+    print(f"\nchat with it (ask what it was trained on):\n  {cmd} chat --model {final_dir}\n"
           f"  > What is 7*8-5? {INSTRUCTION}\n"
-          f"serve it (OpenAI API, chat page at http://127.0.0.1:8000):\n  nanoseek serve --model {final_dir}")
+          f"serve it (OpenAI API, chat page at http://127.0.0.1:8000):\n  {cmd} serve --model {final_dir}")
 
 
 # --- helpers: statistics, plots, report

@@ -451,6 +451,9 @@ def export_gguf(model_dir: str | Path, out: str | Path, dtype: str = "f32",
                 data = load().detach().to(torch.float32).cpu().numpy()
                 w.write_tensor_data(gguf.quants.quantize(data, t))
         w.close()
+        umask = os.umask(0)             # mkstemp made it 0600: give it the mode a plain new file gets
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, out)
     except BaseException:
         w.close()
