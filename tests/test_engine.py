@@ -751,3 +751,28 @@ def test_32_concurrent_streams_some_disconnect():
         assert not eng.has_work() and eng.cache.num_free == 39
     finally:
         eng.stop()
+
+
+def test_a_one_token_prompt_prefilled_alone_writes_its_own_slot():
+    """bind_one's fast path left the previous general bind's write slots in place, and the lean batched prefill
+    of a lone one-token prompt wrote its latent there: into another request's cache (both answers went wrong)."""
+    m = tiny()
+    G = lambda n: SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)   # noqa: E731
+    a, b = prompts(4, 3)
+    ref_a = Engine(m).generate([a], G(12))[0].token_ids
+    ref_c = Engine(m).generate([[7]], G(6))[0].token_ids
+    eng = Engine(m, block_size=2, max_batch=4)
+    assert eng.batch_rows is not None
+    ra = eng.add_request(a, G(12))
+    eng.step()
+    rb = eng.add_request(b, G(20))
+    eng.step()                                  # B takes the next blocks; A grows past them: not consecutive
+    for _ in range(2):
+        eng.step()
+    rb.cancel()
+    eng.step()                                  # A decodes alone through the general bind
+    rc = eng.add_request([7], G(6))             # a one-token prompt, prefilled alone
+    while eng.step():
+        pass
+    assert ra.result().token_ids == ref_a and rc.result().token_ids == ref_c
+    assert eng.cache.num_free == eng.cache.num_blocks - 1

@@ -208,6 +208,9 @@ class PagedCache:
             return False
         first = t0 * bs
         self._span, self._shape = (first, first + start, start + 1), (1, start + 1)
+        # the slots of the last general bind are not this forward's: no reader may take them (BatchDecoder's
+        # prefill wrote a one-token prompt into them, another request's slot)
+        self._write = self._read = None
         return True
 
     def update(self, layer: int, kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
