@@ -776,3 +776,55 @@ def test_a_one_token_prompt_prefilled_alone_writes_its_own_slot():
         pass
     assert ra.result().token_ids == ref_a and rc.result().token_ids == ref_c
     assert eng.cache.num_free == eng.cache.num_blocks - 1
+
+
+def test_stop_with_streams_in_flight_fails_them_and_frees_their_blocks():
+    """stop() ended the background thread and left stream() consumers waiting for events forever, their blocks
+    held; a stop() racing a start() joined the new thread and hung, leaving two engine threads."""
+    eng = Engine(tiny())
+
+    async def main():
+        async def consume():
+            async for _ in eng.stream(prompts(5)[0], SamplingParams(max_tokens=300, ignore_eos=True)):
+                pass
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.2)
+        await asyncio.to_thread(eng.stop)
+        with pytest.raises(RuntimeError, match="engine was stopped"):
+            await asyncio.wait_for(task, 5)
+
+    asyncio.run(main())
+    assert eng.cache.num_free == eng.cache.num_blocks - 1 and not eng.has_work()
+    for _ in range(10):
+        e = Engine(tiny())
+        e.start()
+        e.add_request(prompts(5)[0], SamplingParams(max_tokens=5))
+        stopper = threading.Thread(target=e.stop)
+        stopper.start()
+        e.start()
+        stopper.join(5)
+        assert not stopper.is_alive()
+        e.stop()
+    assert not [t for t in threading.enumerate() if t.name == "nanoseek-engine" and t.is_alive()]
+
+
+def test_an_error_in_a_step_driven_by_the_caller_fails_the_requests_in_flight(monkeypatch):
+    """Only the background loop aborted the requests of a failed step: a foreground generate() left them in
+    the engine (blocks held, stepped again by the next call, failing it too)."""
+    eng = Engine(tiny())
+    real = eng._decode
+    calls = []
+
+    def once(seqs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return real(seqs)
+
+    monkeypatch.setattr(eng, "_decode", once)
+    p = prompts(5)[0]
+    with pytest.raises(RuntimeError, match="boom"):
+        eng.generate([p, p], SamplingParams(max_tokens=6, ignore_eos=True))
+    assert not eng.has_work() and eng.cache.num_free == eng.cache.num_blocks - 1
+    out = eng.generate([p], SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True))[0]
+    assert len(out.token_ids) == 3

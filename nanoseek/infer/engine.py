@@ -189,8 +189,14 @@ class Request:
         if eng.running_in_background:
             with eng._cv:
                 eng._cv.wait_for(lambda: ready() or not eng.running_in_background, timeout=0.5)
-        elif not eng.step() and not ready():
-            raise RuntimeError(f"request {self.id}: the engine has no work left but the request is not done")
+        else:
+            try:
+                more = eng.step()
+            except Exception as e:      # as the background loop does: the requests in flight fail with it
+                eng._abort_all(e)
+                raise
+            if not more and not ready():
+                raise RuntimeError(f"request {self.id}: the engine has no work left but the request is not done")
 
     def _emit(self, ev: StreamEvent) -> None:
         if self._keep:
@@ -471,13 +477,20 @@ class Engine:
             _BACKGROUND.add(self)
 
     def stop(self) -> None:
+        """End the background thread. Requests still in flight then fail (their stream() consumers would
+        wait for events nobody makes), unless a start() from another thread took over meanwhile."""
         with self._cv:
+            thread, self._thread = self._thread, None    # a thread that is no longer self._thread ends (_loop)
             self._stopping = True
             self._cv.notify_all()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join()
-        self._thread = None
-        _BACKGROUND.discard(self)
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        with self._cv:
+            stopped = self._thread is None
+        if stopped:
+            _BACKGROUND.discard(self)
+            if self.has_work():
+                self._abort_all(RuntimeError("the engine was stopped with this request in flight"))
 
     def has_work(self) -> bool:
         return bool(self._inbox or self.waiting or self.running)
@@ -518,11 +531,12 @@ class Engine:
             self._cv.notify_all()
 
     def _loop(self) -> None:
+        me = threading.current_thread()
         while True:
             with self._cv:
                 idle = not self.has_work()
-                self._cv.wait_for(lambda: self._stopping or self.has_work())
-                if self._stopping:
+                self._cv.wait_for(lambda: self._stopping or self._thread is not me or self.has_work())
+                if self._stopping or self._thread is not me:    # stopped, or a later start() replaced it
                     return
             if idle:
                 # woken from idle by the first request of what is often a burst (a server request's n
