@@ -261,22 +261,27 @@ def test_cancel_frees_blocks():
     assert events[-1].finished and events[-1].finish_reason == "abort"
 
 
-def test_an_engine_error_fails_its_requests_and_the_engine_goes_on(monkeypatch, capsys):
-    """A step that raises ends the requests in flight in that error (not in a normal-looking "abort" event),
-    for iterators, result() and async streams alike; the background thread keeps serving."""
-    import asyncio
-
-    m = tiny()
-    eng = Engine(m)
+def decode_fails_once(eng: Engine, monkeypatch, error: Exception) -> list:
+    """The engine's second decode step raises `error`; returns the call list (clear it to fail again)."""
     real, calls = eng._decode, []
 
     def broken_once(seqs):
         calls.append(1)
         if len(calls) == 2:
-            raise IndexError("boom")
+            raise error
         return real(seqs)
 
     monkeypatch.setattr(eng, "_decode", broken_once)
+    return calls
+
+
+def test_an_engine_error_fails_its_requests_and_the_engine_goes_on(monkeypatch, capsys):
+    """A step that raises ends the requests in flight in that error (not in a normal-looking "abort" event),
+    for iterators, result() and async streams alike; the background thread keeps serving."""
+    import asyncio
+
+    eng = Engine(tiny())
+    calls = decode_fails_once(eng, monkeypatch, IndexError("boom"))
     p = prompts(5)[0]
     eng.start()
     try:
@@ -812,16 +817,7 @@ def test_an_error_in_a_step_driven_by_the_caller_fails_the_requests_in_flight(mo
     """Only the background loop aborted the requests of a failed step: a foreground generate() left them in
     the engine (blocks held, stepped again by the next call, failing it too)."""
     eng = Engine(tiny())
-    real = eng._decode
-    calls = []
-
-    def once(seqs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("boom")
-        return real(seqs)
-
-    monkeypatch.setattr(eng, "_decode", once)
+    decode_fails_once(eng, monkeypatch, RuntimeError("boom"))
     p = prompts(5)[0]
     with pytest.raises(RuntimeError, match="boom"):
         eng.generate([p, p], SamplingParams(max_tokens=6, ignore_eos=True))
