@@ -397,6 +397,7 @@ def test_config_reads_both_rope_shapes_and_v2():
                                "original_max_position_embeddings": 4096}}
     a, b = ModelConfig.from_dict(ds), ModelConfig.from_dict(hf5)
     assert a.rope_scaling == b.rope_scaling and a.softmax_scale == b.softmax_scale
+    assert ModelConfig.from_dict({**hf5, "rope_scaling": None}).rope_scaling == a.rope_scaling   # null beside it
     v2 = ModelConfig.from_dict({"model_type": "deepseek_v2", "n_group": None, "topk_group": None,
                                 "q_lora_rank": None})
     assert (v2.scoring_func, v2.topk_method, v2.use_selection_bias, v2.q_lora_rank) == ("softmax", "greedy", False, None)

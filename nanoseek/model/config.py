@@ -196,7 +196,8 @@ class ModelConfig:
             rp = dict(rp)
             if "rope_theta" in rp:
                 d.setdefault("rope_theta", rp.pop("rope_theta"))
-            if rp.get("rope_type", rp.get("type", "default")) not in ("default", None) and "rope_scaling" not in d:
+            if rp.get("rope_type", rp.get("type", "default")) not in ("default", None) and d.get("rope_scaling") is None:
+                # (a null rope_scaling beside it, as some writers leave it, is no scaling: the parameters say)
                 d["rope_scaling"] = _normalize_rope_scaling(rp, "rope_parameters")   # its errors name the field
         if model_type == "deepseek_v2":
             # V2: softmax gate, greedy / group_limited_greedy, no selection bias, no MTP.
