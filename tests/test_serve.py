@@ -381,6 +381,7 @@ GOOD = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_t
 BAD = [  # (name, path, body: dict -> JSON, bytes -> raw, status, param)
     ("malformed json", "/v1/chat/completions", b'{"model": "tiny", "messages": [', 400, None),
     ("body not an object", "/v1/chat/completions", [1, 2], 400, None),
+    ("body a JSON string", "/v1/completions", b'"s"', 400, None),
     ("unknown model", "/v1/chat/completions", {**GOOD, "model": "gpt-17"}, 404, "model"),
     ("missing model", "/v1/chat/completions", {"messages": GOOD["messages"]}, 400, "model"),
     ("missing messages", "/v1/chat/completions", {"model": "tiny"}, 400, "messages"),
@@ -470,6 +471,8 @@ def test_bad_requests_get_openai_errors_while_others_are_served(server):
             assert err["type"] == "invalid_request_error" and err["message"], name
             assert err["param"] == param, (name, err)
             assert http.get("/health").status_code == 200
+        r = http.post("/v1/completions", content=b'"{}"', headers={"Content-Type": "application/json"})
+        assert r.json()["error"]["message"] == "the request body must be a JSON object"   # not "not valid JSON"
         r = http.post("/v1/chat/completions", content=json.dumps(GOOD))          # no Content-Type header
         assert r.status_code == 400 and "Content-Type" in r.json()["error"]["message"]
         r = http.get("/v1/nothing-here")

@@ -88,7 +88,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     elif param is None and err["type"] in ("model_attributes_type", "model_type", "dict_type"):
         # FastAPI parses JSON only under Content-Type: application/json; otherwise the body arrives as bytes
         raw = exc.body
-        if isinstance(raw, (bytes, str)):
+        if isinstance(raw, bytes):      # (a str is a body that parsed: a JSON string, not an object)
             try:
                 json.loads(raw)
                 msg = "send the JSON body with the header 'Content-Type: application/json'"

@@ -64,9 +64,9 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     # vLLM-style extras (the openai client sends them with extra_body=...)
-    top_k: int = Field(0, ge=0)
+    top_k: int = Field(0, ge=0, lt=2**31)                   # the engine's limits, stated where clients read them
     min_p: float = Field(0.0, ge=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    repetition_penalty: float = Field(1.0, ge=1e-6, le=10.0)
     ignore_eos: bool = False
 
     _stop = field_validator("stop", mode="before")(_check_stop)
