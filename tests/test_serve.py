@@ -694,3 +694,16 @@ def test_serve_command(server, tok, tmp_path):
             out, _ = proc.communicate()
     assert proc.returncode == 0, out
     assert f"127.0.0.1:{port}" in out
+
+
+def test_openapi_spec_states_the_errors_and_the_stream(server):
+    """The spec listed 200 and FastAPI's 422 alone: the server answers 400/401/404/500 as OpenAI-style errors
+    and streams text/event-stream (a schemathesis run flagged each)."""
+    with httpx.Client(base_url=server.base, timeout=30) as http:
+        spec = http.get("/openapi.json").json()
+    for path, body in (("/v1/chat/completions", "ChatCompletion"), ("/v1/completions", "Completion")):
+        r = spec["paths"][path]["post"]["responses"]
+        assert r["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/" + body)
+        assert "text/event-stream" in r["200"]["content"]
+        for code in ("400", "401", "404", "500"):
+            assert r[code]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse"), (path, code)

@@ -51,6 +51,17 @@ from nanoseek.serve.schemas import (
 )
 
 STATIC = Path(__file__).parent / "static"
+
+
+def _responses(body: type) -> dict:
+    """What a generation route answers, for the OpenAPI spec: the body (JSON, or an SSE stream with stream=true)
+    and the OpenAI-style errors (validation errors are 400s, not FastAPI's 422)."""
+    err = {"model": ErrorResponse}
+    return {200: {"model": body, "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+            400: {**err, "description": "invalid request"}, 401: {**err, "description": "missing or wrong API key"},
+            404: {**err, "description": "unknown model"}, 422: {"description": "not used: an invalid request is a 400"},
+            500: {**err, "description": "the engine failed this request"}}
+
 # The most choices (prompts x n) one completions request may ask for: each is a sequence the engine
 # queues and a task the server runs; past this a request is refused before anything is tokenized.
 MAX_CHOICES = 1024
@@ -426,7 +437,7 @@ def create_app(engine: Any, tokenizer: Any, model_name: str, api_key: str | None
         check_model(model_id)
         return ModelCard(id=model_name, max_model_len=engine.max_seq_len)
 
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post("/v1/chat/completions", response_model=None, responses=_responses(ChatCompletion))
     async def chat(req: ChatCompletionRequest, request: Request) -> Response:
         check_model(req.model)
         think = req.chat_template_kwargs.get("think", True)
@@ -495,7 +506,7 @@ def create_app(engine: Any, tokenizer: Any, model_name: str, api_key: str | None
 
         return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
-    @app.post("/v1/completions", response_model=None)
+    @app.post("/v1/completions", response_model=None, responses=_responses(Completion))
     async def completions(req: CompletionRequest, request: Request) -> Response:
         check_model(req.model)
         given = req.prompts()
