@@ -153,28 +153,28 @@ def dequant_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int,
 
 
 # --- loading
-def _fp8_scale(f, keys: set[str], key: str, shard: Path, path: Path, elsewhere: dict) -> torch.Tensor:
-    """The block scales of FP8 tensor `key`: beside it in its shard, or in the shard the index names for them
-    (DeepSeek's own fp8_cast_bf16.py looks them up across files too). `elsewhere`: the caller's cache, the
-    index's weight_map (read once) and the other shards opened so far."""
+def _fp8_scale(f, keys: set[str], key: str, shard: Path, path: Path, weight_map: dict[str, str],
+               opened: dict) -> torch.Tensor:
+    """The block scales of FP8 tensor `key`: beside it in its shard, or in the shard the index's `weight_map`
+    names for them (DeepSeek's own fp8_cast_bf16.py looks them up across files too). `opened`: the caller's
+    other shards opened so far."""
     sk = key + "_scale_inv"
     if sk in keys:
         return f.get_tensor(sk)
-    if "map" not in elsewhere:
-        index = path / "model.safetensors.index.json"
-        elsewhere["map"] = read_json_object(index, CheckpointError)["weight_map"] if index.exists() else {}
-    other = elsewhere["map"].get(sk)
+    other = weight_map.get(sk)
     if other is None:
         raise CheckpointError(f"{shard}: FP8 tensor {key!r} has no {sk!r}")
     try:
-        if other not in elsewhere:
-            elsewhere[other] = safe_open(str(path / other), framework="pt", device="cpu")
-        return elsewhere[other].get_tensor(sk)
+        if other not in opened:
+            opened[other] = safe_open(str(path / other), framework="pt", device="cpu")
+        return opened[other].get_tensor(sk)
     except Exception as e:      # the index names a shard or tensor that is not there
         raise CheckpointError(f"{path / other}: the scales {sk!r} of FP8 tensor {key!r} cannot be read ({e})") from None
 
 
-def _shard_files(path: Path) -> list[Path]:
+def _shard_files(path: Path) -> tuple[list[Path], dict[str, str]]:
+    """The model's safetensors files, and the index's tensor -> file map ({} without an index)."""
+    weight_map: dict[str, str] = {}
     index = path / "model.safetensors.index.json"
     if index.exists():
         weight_map = read_json_object(index, CheckpointError).get("weight_map")
@@ -196,7 +196,7 @@ def _shard_files(path: Path) -> list[Path]:
         if not p.exists():
             raise CheckpointError(f"{p}: shard listed in the index is missing")
         out.append(p)
-    return out
+    return out, weight_map
 
 
 def _all_keys(shards: list[Path]) -> list[str]:
@@ -249,7 +249,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
     if dtype is None:
         dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(saved_dtype, torch.float32)
     device = torch.device(device or "cpu")
-    shards = _shard_files(path)
+    shards, weight_map = _shard_files(path)
     if cfg.num_nextn_predict_layers:
         # transformers saves DeepseekV3 without its MTP layer (it drops model.layers.61.*): load such a
         # directory as a model without MTP rather than failing. A partly present MTP layer still fails below.
@@ -264,7 +264,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
     params = dict(model.named_parameters())
     params.update({n: b for n, b in model.named_buffers() if n.endswith("gate.bias")})
     filled: dict[str, int] = {}   # name -> number of expert slices (or 1) written
-    elsewhere: dict = {}          # FP8 scales kept in another shard than their weight (_fp8_scale)
+    opened: dict = {}             # shards holding FP8 scales of another shard's weights (_fp8_scale)
     for shard in shards:
         try:
             f = safe_open(str(shard), framework="pt", device="cpu")
@@ -290,7 +290,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None,
                 except Exception as e:
                     raise CheckpointError(f"{shard}: tensor {key!r} cannot be read ({e})") from None
                 if t.dtype == torch.float8_e4m3fn:
-                    t = dequant_fp8(t, _fp8_scale(f, keys, key, shard, path, elsewhere), block, torch.float32)
+                    t = dequant_fp8(t, _fp8_scale(f, keys, key, shard, path, weight_map, opened), block, torch.float32)
                 dst = params[name]
                 if j is not None and j >= dst.shape[0]:       # expert j of a config with fewer experts
                     raise CheckpointError(f"unexpected tensor {key!r}: expert {j} is beyond the config's "

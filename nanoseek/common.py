@@ -43,6 +43,21 @@ def read_json_object(path: str | Path, error: type[Exception] = ValueError, hint
     return obj
 
 
+def missing_folders(path: str | Path) -> list[Path]:
+    """The folders `Path(path).mkdir(parents=True)` would make, deepest first."""
+    path = Path(path)
+    return [d for d in (path, *path.parents) if not d.exists()]
+
+
+def remove_empty(folders: list[Path]) -> None:
+    """Remove `folders` (deepest first, as missing_folders gives them) while they are empty: what a failed
+    command made, and nothing it did not."""
+    for d in folders:
+        if not d.is_dir() or any(d.iterdir()):
+            break
+        d.rmdir()
+
+
 def check_writable(path: str | Path, flag: str = "--out") -> None:
     """`path` (a file or folder, made later) can be written: its nearest existing folder takes a new file
     (checked by making and removing one; nothing is left behind). A ValueError names `flag` otherwise."""

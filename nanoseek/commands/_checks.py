@@ -19,6 +19,16 @@ def fail(prog: str, message: str):
     raise SystemExit(f"nanoseek {prog}: {message}")
 
 
+def utf8(prog: str, value: str, message: str) -> str:
+    """A command-line string that UTF-8 can hold, else `message` in one line: bytes the terminal's encoding
+    could not decode arrive as surrogate escapes, which tokenizers and file writes reject with a traceback."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        fail(prog, message)
+    return value
+
+
 def under_folders(prog: str, path: str | Path, flag: str = "--out") -> Path:
     """A path whose existing ancestors are all folders (one under a file cannot be made)."""
     path = Path(path)
@@ -31,10 +41,7 @@ def under_folders(prog: str, path: str | Path, flag: str = "--out") -> Path:
 def out_folder(prog: str, out: str | Path) -> Path:
     """--out as a folder that can exist or be made, and written in: not a file, not under one."""
     run = under_folders(prog, out)
-    try:
-        str(run).encode("utf-8")
-    except UnicodeEncodeError:          # bytes the terminal's encoding could not decode (surrogate escapes)
-        fail(prog, "--out is not a valid UTF-8 path; the run's files name it")
+    utf8(prog, str(run), "--out is not a valid UTF-8 path; the run's files name it")
     if run.exists() and not run.is_dir():
         fail(prog, f"--out {run} is a file; give a folder for the run")
     writable(prog, run)

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+from nanoseek.commands import _checks as checks
 from nanoseek.common import pick_device, pick_dtype
 
 
@@ -75,10 +76,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # --- prompt
     if args.prompt is not None:
-        try:
-            args.prompt.encode("utf-8")
-        except UnicodeEncodeError:          # bytes the terminal's encoding could not decode (surrogate escapes)
-            raise SystemExit("nanoseek generate: --prompt is not valid UTF-8") from None
+        checks.utf8("generate", args.prompt, "--prompt is not valid UTF-8")
         ids = tokenizer.encode(args.prompt, add_bos=not args.no_bos)
     else:
         ids = parse_ids(args.prompt_ids)

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from nanoseek.commands import _checks as checks
-from nanoseek.common import pick_device, pick_dtype, print0, seed_everything
+from nanoseek.common import missing_folders, pick_device, pick_dtype, print0, remove_empty, seed_everything
 from nanoseek.data.pretrain import PretrainLoader, build_shards, check_tokenizer, find_inputs, read_documents
 from nanoseek.model import PRESETS, Transformer, count_parameters, preset
 from nanoseek.tokenizer import Tokenizer
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
         if data.is_dir() and not (data / "meta.json").is_file():
             raise SystemExit(f"nanoseek pretrain: --data {data} is a folder without meta.json: give a text file, "
                              f"or shards made by `nanoseek data --input {data} --tokenizer DIR --out DIR`")
-    made = [d for d in (run, *run.parents) if not d.exists()]      # the folders mkdir makes, deepest first
+    made = missing_folders(run)
     if dist.is_main:
         run.mkdir(parents=True, exist_ok=True)
     parallel.barrier()
@@ -203,10 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     def data_error(message: str) -> SystemExit:
         """A data mistake found by reading it: the folders this command made are removed while empty."""
         if dist.is_main:
-            for d in made:
-                if not d.is_dir() or any(d.iterdir()):
-                    break
-                d.rmdir()
+            remove_empty(made)
         return SystemExit(f"nanoseek pretrain: {message}")
 
     # --- data: tokenizer + shards (a raw text file is tokenized into the run folder once)

@@ -49,10 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_chars is not None and args.max_chars < 1:
         raise SystemExit(f"nanoseek tokenizer: --max-chars must be >= 1, got {args.max_chars}")
     if args.encode is not None:
-        try:
-            args.encode.encode("utf-8")
-        except UnicodeEncodeError:          # bytes the terminal's encoding could not decode (surrogate escapes)
-            raise SystemExit("nanoseek tokenizer: --encode is not valid UTF-8") from None
+        checks.utf8("tokenizer", args.encode, "--encode is not valid UTF-8")
     if args.out and not args.load:
         if args.vocab_size > MAX_VOCAB:
             raise SystemExit(f"nanoseek tokenizer: --vocab-size must be at most {MAX_VOCAB}, got {args.vocab_size}")

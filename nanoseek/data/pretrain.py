@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from nanoseek.common import read_json_object
+from nanoseek.common import missing_folders, read_json_object, remove_empty
 from nanoseek.tokenizer import Tokenizer
 
 SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -225,7 +225,7 @@ def write_shards(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str | 
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file; give a folder for the shards")
     _check_replaceable(out)
-    made = [d for d in (out, *out.parents) if not d.exists()]       # the folders made here, deepest first
+    made = missing_folders(out)
     stage = out / ".staging"
     shutil.rmtree(stage, ignore_errors=True)
     stage.mkdir(parents=True)
@@ -233,10 +233,7 @@ def write_shards(documents: Iterable[str], tokenizer: Tokenizer, out_dir: str | 
         meta = _write_shards(documents, tokenizer, stage, val_fraction, shard_tokens, sources, batch_docs)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
-        for d in made:          # nothing of this run is left: the folders it made go while empty
-            if not d.is_dir() or any(d.iterdir()):
-                break
-            d.rmdir()
+        remove_empty(made)      # nothing of this run is left: the folders it made go while empty
         raise
     # swap: old shards out, new ones in, meta.json last (a reader without meta.json refuses the folder)
     for old in [out / "meta.json", *out.glob("train_*.bin"), *out.glob("val_*.bin")]:
@@ -255,8 +252,8 @@ def _check_replaceable(out: Path) -> None:
     ours = False
     if meta.exists():
         try:
-            ours = meta.is_file() and json.loads(meta.read_bytes()).get("version") == FORMAT_VERSION
-        except (ValueError, AttributeError, OSError):
+            ours = read_json_object(meta).get("version") == FORMAT_VERSION
+        except ValueError:      # not JSON, not an object, not readable (a folder)
             ours = False
         if not ours:
             raise ValueError(f"{out} holds a meta.json that `nanoseek data` did not write; choose another --out")

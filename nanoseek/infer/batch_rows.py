@@ -254,8 +254,7 @@ class BatchDecoder:
         it), on the latents (absorbed) as the decode step."""
         B, T = ids.shape
         N = B * T
-        if (N > 4 * self.max_rows() or getattr(cache, "_span", None) is not None
-                or getattr(cache, "_write", None) is None or cache._write.numel() != N):
+        if N > 4 * self.max_rows() or getattr(cache, "_write", None) is None or cache._write.numel() != N:
             return None
         if not self._ready():
             return None
